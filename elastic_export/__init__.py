@@ -1,0 +1,12 @@
+"""elastic-export: one elastic hybrid Mamba2-Attention model in, every deployable size out."""
+
+from .config import ModelConfig, preset
+from .elastic import LayerWidths, Subnet, full_subnet
+from .errors import BudgetError, CheckpointError, ConfigError, ElasticExportError
+from .hf_io import load, load_config
+from .model import NemotronHForCausalLM, build_model
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelConfig", "preset", "LayerWidths", "Subnet", "full_subnet", "ElasticExportError", "ConfigError",
+           "CheckpointError", "BudgetError", "load", "load_config", "NemotronHForCausalLM", "build_model"]

@@ -1,0 +1,54 @@
+"""Greedy and sampled generation with caches (prefill once, then one token per step)."""
+
+from __future__ import annotations
+
+import torch
+
+from .elastic import Subnet
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, subnet: Subnet | None = None,
+             attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | None = None,
+             generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+    """Return [B, L + new] token ids. Sequences that emit ``eos_token_id`` are padded with it.
+
+    ``callback(step, tokens [B])`` is called after each new token (progress displays).
+    """
+    cache = model.new_cache()
+    logits = model(input_ids, subnet=subnet, cache=cache, attention_mask=attention_mask, last_only=True)
+    out = [input_ids]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        out.append(nxt[:, None])
+        if callback is not None:
+            callback(step, nxt)
+        if eos_token_id is not None and bool(done.all()):
+            break
+        if step + 1 < max_new_tokens:
+            logits = model(nxt[:, None], subnet=subnet, cache=cache)
+    return torch.cat(out, dim=1)

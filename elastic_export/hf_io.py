@@ -1,0 +1,228 @@
+"""Read and write Hugging Face `nemotron_h` checkpoints: config.json + safetensors (single or sharded).
+
+Weights load only through safetensors. Every problem is reported as a CheckpointError or ConfigError
+naming the file, the tensor and the fix. Writes go to a temporary directory that is renamed into
+place, so a failed save leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}", field="dtype", fix=f"use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Validate that ``path`` is a checkpoint directory (config.json present)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("does not exist", path=path, fix="give the path of a checkpoint directory")
+    if path.is_file():
+        if path.name == "config.json":
+            return path.parent
+        raise CheckpointError("is a file, not a checkpoint directory", path=path,
+                              fix="give the directory that holds config.json")
+    if not (path / "config.json").is_file():
+        raise CheckpointError("is not a checkpoint: config.json is missing", path=path,
+                              fix="give a directory with config.json and *.safetensors")
+    return path
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return ModelConfig.from_file(checkpoint_dir(path) / "config.json")
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    if (path / INDEX).is_file():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"is not a valid safetensors index ({e})", path=path / INDEX) from None
+        files = {}
+        for name, fname in weight_map.items():
+            f = path / fname
+            if not f.is_file():
+                raise CheckpointError(f"names shard {fname!r} for {name!r}, which is missing", path=path / INDEX)
+            files[name] = f
+        return files
+    if (path / SINGLE).is_file():
+        return {name: path / SINGLE for name in _keys(path / SINGLE)}
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError("holds no weights (no *.safetensors)", path=path,
+                              fix="add model.safetensors, or use a config-only command such as inspect")
+    return {name: f for f in shards for name in _keys(f)}
+
+
+def _keys(f: Path) -> list[str]:
+    try:
+        with safe_open(f, "pt") as sf:
+            return list(sf.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"is not a readable safetensors file ({e})", path=f,
+                              fix="the file is truncated or corrupt; copy it again") from None
+
+
+def _canonical(name: str) -> str:
+    """Accept transformers' in-memory prefix ``model.`` as well as the on-disk ``backbone.``."""
+    return "backbone." + name[len("model."):] if name.startswith("model.") else name
+
+
+def read_tensors(path: Path, names_needed: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    files = weight_files(path)
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        try:
+            with safe_open(f, "pt") as sf:
+                for name in names:
+                    out[_canonical(name)] = sf.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"could not be read ({e})", path=f,
+                                  fix="the file is truncated or corrupt; copy it again") from None
+    return out
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load an HF `nemotron_h` checkpoint (or our sliced checkpoints) as a NemotronHForCausalLM."""
+    from .model import NemotronHForCausalLM
+
+    path = checkpoint_dir(path)
+    cfg = load_config(path)
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors = read_tensors(path)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"tensor {name!r} is missing", path=path,
+                                  fix="the weights do not match config.json; re-export the checkpoint")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json implies "
+                                  f"{tuple(shape)}", path=path, fix="the weights do not match config.json")
+    unexpected = sorted(set(tensors) - set(expected) - {n for n in tensors if n.startswith("mtp.")})
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}",
+                              path=path, fix="the weights do not match config.json (layer types or count)")
+    state = {}
+    for name in expected:
+        t = tensors[name]
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t.to(device)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write config.json and safetensors (sharded above ``max_shard_bytes``) atomically."""
+    path = Path(path)
+    cfg = model.config
+    state = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t.contiguous().cpu()
+    saved_dtype = next(iter(state.values())).dtype
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(dtype_name(saved_dtype)), indent=2) + "\n")
+        write_safetensors(state, tmp, max_shard_bytes)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return path
+
+
+def write_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None) -> None:
+    meta = {"format": "pt"}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(state, str(directory / SINGLE), metadata=meta)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2) + "\n")
+
+
+class atomic_dir:
+    """``with atomic_dir(final) as tmp:`` write into tmp; on success tmp replaces final."""
+
+    def __init__(self, final: str | Path, overwrite: bool = True):
+        self.final = Path(final)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.final.exists() and not self.overwrite:
+            raise CheckpointError("already exists", path=self.final, fix="choose another path or pass --overwrite")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+        return False
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

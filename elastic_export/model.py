@@ -1,0 +1,375 @@
+"""The NemotronH hybrid Mamba2-Attention model, elastic by construction.
+
+Module and parameter names match the HF `nemotron_h` checkpoint keys (``backbone.layers.{i}.mixer.*``)
+so the state dict loads as is. Every forward takes an optional ``subnet`` (a budget): each module
+computes with views of its weights given by the rule in :mod:`elastic_export.elastic`, so the full
+model and every nested budget run the same code and no weight is copied.
+
+Block: h = h + mixer(rmsnorm(h)); final norm_f; lm_head. Mixers:
+- Mamba2: in_proj [z | x | B | C | dt], depthwise causal conv over xBC then SiLU, SSD scan with
+  D skip, gated RMSNorm (y * silu(z), RMS over the channels of each group), out_proj.
+- Attention: GQA, no positional encoding, no biases by default.
+- MLP: down(relu(up(x))^2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import elastic
+from .cache import InferenceCache
+from .config import ModelConfig
+from .elastic import LayerWidths, Subnet, full_subnet
+from .ssd import group_heads, ssd_scan, ssd_step, ungroup_heads
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * xf).to(x.dtype)
+
+
+def _linear3(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x [..., d] times a per-head weight view W [h, p, d] -> [..., h, p], without copying W."""
+    h, p, d = W.shape
+    if W.stride(0) == p * W.stride(1):  # the [h, p] grid is one run of rows: a plain 2-D view
+        return F.linear(x, W.view(h * p, d) if W.is_contiguous() else W.flatten(0, 1)).unflatten(-1, (h, p))
+    return torch.einsum("...d,hpd->...hp", x, W)
+
+
+def _out3(y: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """y [..., h, p] times W [d, h, p] -> [..., d]."""
+    d, h, p = W.shape
+    if W.stride(1) == p * W.stride(2):
+        return F.linear(y.flatten(-2), W.flatten(1, 2))
+    return torch.einsum("...hp,dhp->...d", y, W)
+
+
+def _causal_conv(seq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l: int) -> torch.Tensor:
+    """Depthwise causal conv. seq [b, K-1+l, *C] (past inputs first), weight [*C, K] -> [b, l, *C]."""
+    K = weight.shape[-1]
+    out = seq[:, 0:l] * weight[..., 0]
+    for k in range(1, K):
+        out = out + seq[:, k:k + l] * weight[..., k]
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dims: dict, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = dims["mamba_num_heads"], dims["mamba_head_dim"]
+        self.n_groups, self.ssm_state_size = cfg.n_groups, cfg.ssm_state_size
+        self.conv_kernel, self.chunk_size = cfg.conv_kernel, cfg.chunk_size
+        self.eps, self.head_order = cfg.layer_norm_epsilon, cfg.head_order
+        self.dt_min, self.dt_max = max(cfg.time_step_min, cfg.time_step_limit[0]), cfg.time_step_limit[1]
+        I, GN = self.num_heads * self.head_dim, cfg.n_groups * cfg.ssm_state_size
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * I + 2 * GN + self.num_heads, bias=cfg.use_bias)
+        self.conv1d = nn.Module()
+        self.conv1d.weight = nn.Parameter(torch.empty(I + 2 * GN, 1, cfg.conv_kernel))
+        self.conv1d.bias = nn.Parameter(torch.zeros(I + 2 * GN)) if cfg.use_conv_bias else None
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(I)
+        self.out_proj = nn.Linear(I, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, hs: torch.Tensor, v: elastic.MambaViews, cache: InferenceCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        b, l, _ = hs.shape
+        dtype = hs.dtype
+        G, K = self.n_groups, self.conv_kernel
+        h, p = v.Wz.shape[0], v.Wz.shape[1]
+        if mask is not None:  # padded positions contribute nothing to the conv or SSM state
+            hs = hs * mask[..., None].to(dtype)
+
+        # 1. Input projection  # [z | x | B | C | dt]
+        if v.fused is not None:
+            zxbcdt = F.linear(hs, v.fused, self.in_proj.bias)
+            z, x, B, C, dt = zxbcdt.split([h * p, h * p, v.WB.shape[0], v.WC.shape[0], h], dim=-1)
+            z, x = z.unflatten(-1, (h, p)), x.unflatten(-1, (h, p))  # [b, l, h, p]
+        else:
+            z, x = _linear3(hs, v.Wz), _linear3(hs, v.Wx)
+            B, C, dt = F.linear(hs, v.WB), F.linear(hs, v.WC), F.linear(hs, v.Wdt)
+            if v.bias is not None:
+                z, x, B, C, dt = (t + bb for t, bb in zip((z, x, B, C, dt), v.bias))
+        BC = torch.cat([B, C], dim=-1)  # [b, l, 2GN]
+
+        # 2. Depthwise causal conv over xBC (past inputs from the cache), then SiLU.
+        if cache is not None and cache.conv[self.layer_idx] is not None:
+            past = cache.conv[self.layer_idx].transpose(1, 2)  # [b, K-1, C]
+        else:
+            past = hs.new_zeros(b, K - 1, h * p + BC.shape[-1])
+        x_seq = torch.cat([past[..., :h * p].unflatten(-1, (h, p)), x], dim=1)  # [b, K-1+l, h, p]
+        bc_seq = torch.cat([past[..., h * p:], BC], dim=1)  # [b, K-1+l, 2GN]
+        if cache is not None:
+            tail = torch.cat([x_seq[:, -(K - 1):].flatten(2), bc_seq[:, -(K - 1):]], dim=-1)
+            cache.conv[self.layer_idx] = tail.transpose(1, 2).contiguous()  # [b, C, K-1]
+        x = F.silu(_causal_conv(x_seq, v.conv_x, v.conv_bias_x, l))
+        BC = F.silu(_causal_conv(bc_seq, v.conv_bc, v.conv_bias_bc, l))
+        if mask is not None:
+            x, BC = x * mask[..., None, None].to(dtype), BC * mask[..., None].to(dtype)
+        B, C = BC.unflatten(-1, (2 * G, -1)).chunk(2, dim=2)  # [b, l, G, N] each
+
+        # 3. SSD scan (float32), D skip.
+        A = -torch.exp(v.A_log.float())
+        dt = F.softplus(dt.float() + v.dt_bias.float()).clamp(self.dt_min, self.dt_max)  # [b, l, h]
+        state = cache.ssm[self.layer_idx] if cache is not None else None
+        if state is not None and l == 1:
+            y, state = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
+            y = y[:, None]
+        else:
+            y, state = ssd_scan(x, dt, A, B, C, self.chunk_size, state, self.head_order)
+        if cache is not None:
+            cache.ssm[self.layer_idx] = state
+        y = y + x.float() * v.D.float()[:, None]  # [b, l, h, p]
+
+        # 4. Gated RMSNorm over the channels of each group, then out_proj.
+        y = y * F.silu(z.float())
+        yg = group_heads(y, G, self.head_order, 2)  # [b, l, G, h/G, p]
+        yg = yg * torch.rsqrt(yg.pow(2).mean(dim=(-1, -2), keepdim=True) + self.eps)
+        y = ungroup_heads(yg, self.head_order, 2) * v.norm.float()
+        out = _out3(y.to(dtype), v.Wout)
+        return out if v.bout is None else out + v.bout
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dims: dict, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = dims["num_attention_heads"], cfg.num_key_value_heads, \
+            cfg.head_dim
+        self.head_order = cfg.head_order
+        D, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, self.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, D, bias=cfg.attention_bias)
+
+    def forward(self, hs: torch.Tensor, v: elastic.AttentionViews, cache: InferenceCache | None,
+                key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, l, _ = hs.shape
+        hd, nkv = self.head_dim, self.num_kv_heads
+        bq, bk, bv, bo = v.biases if v.biases is not None else (None,) * 4
+        q = F.linear(hs, v.Wq, bq).unflatten(-1, (-1, hd))  # [b, l, h, hd]
+        k = F.linear(hs, v.Wk, bk).unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, l, hd]
+        val = F.linear(hs, v.Wv, bv).unflatten(-1, (nkv, hd)).transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.kv[self.layer_idx].length
+            k, val = cache.kv[self.layer_idx].append(k, val)
+        h = q.shape[2]
+        # SDPA's GQA maps query head i to KV head i // (h/nkv): reorder rank-major heads to that.
+        q = group_heads(q, nkv, self.head_order, 2).flatten(2, 3).transpose(1, 2)  # [b, h, l, hd]
+        T = past + l
+        if key_mask is None and past == 0:
+            attn_mask, causal = None, l > 1
+        elif key_mask is None and l == 1:
+            attn_mask, causal = None, False
+        else:
+            qpos = torch.arange(past, T, device=hs.device)
+            kpos = torch.arange(T, device=hs.device)
+            attn_mask = (kpos[None, :] <= qpos[:, None])[None, None]  # [1, 1, l, T]
+            if key_mask is not None:
+                # a padded query sees only itself, so its softmax stays finite (its output is unused)
+                attn_mask = attn_mask & key_mask[:, None, None, :] | (kpos[None, :] == qpos[:, None])
+            causal = False
+        o = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask, is_causal=causal,
+                                           scale=hd ** -0.5, enable_gqa=nkv != h)
+        o = o.transpose(1, 2).unflatten(2, (nkv, h // nkv))  # [b, l, nkv, h/nkv, hd]
+        o = ungroup_heads(o.transpose(2, 3), "rank_major", 2) if self.head_order == "rank_major" \
+            else o.flatten(2, 3)
+        return F.linear(o.flatten(2), v.Wo, bo)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dims: dict, layer_idx: int):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.hidden_size, dims["intermediate_size"], bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(dims["intermediate_size"], cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, hs: torch.Tensor, v: elastic.MLPViews) -> torch.Tensor:
+        bu, bd = v.biases if v.biases is not None else (None, None)
+        return F.linear(torch.relu(F.linear(hs, v.Wup, bu)).square(), v.Wdown, bd)
+
+
+MIXERS = {"linear_attention": Mamba2Mixer, "full_attention": Attention, "mlp": MLP}
+VIEWS = {"linear_attention": elastic.mamba_views, "full_attention": elastic.attention_views,
+         "mlp": elastic.mlp_views}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.block_type = cfg.layers_block_type[layer_idx]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mixer = MIXERS[self.block_type](cfg, cfg.layer_dims(layer_idx), layer_idx)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+
+
+class NemotronHForCausalLM(nn.Module):
+    """``model(input_ids)`` -> float32 logits [B, L, V]. ``subnet`` selects a nested budget."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._views: dict[Subnet, list] = {}
+
+    # ---- weights -------------------------------------------------------------------------------
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        self._views.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._views.clear()
+        return super().load_state_dict(*args, **kwargs)
+
+    def layer_views(self, subnet: Subnet | None) -> tuple[Subnet, list]:
+        """Per-layer weight views of a budget (cached while gradients are off)."""
+        subnet = subnet or full_subnet(self.config)
+        if not torch.is_grad_enabled() and subnet in self._views:
+            return subnet, self._views[subnet]
+        d = subnet.hidden
+        views = [VIEWS[blk.block_type](blk.mixer, w, d) if w.kept else None
+                 for blk, w in zip(self.backbone.layers, subnet.layers)]
+        if not torch.is_grad_enabled():
+            self._views[subnet] = views
+        return subnet, views
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- forward -------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
+                      cache: InferenceCache | None = None, attention_mask: torch.Tensor | None = None,
+                      skip_layer: int | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, L, d]. ``skip_layer`` drops one layer (depth importance)."""
+        subnet, views = self.layer_views(subnet)
+        d = subnet.hidden
+        b, l = input_ids.shape
+        if cache is not None:
+            key_mask = cache.extend_mask(attention_mask, b, l, input_ids.device)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        else:
+            key_mask = None
+        new_mask = None if key_mask is None else key_mask[:, -l:]
+        if new_mask is not None and bool(new_mask.all()):
+            new_mask = None
+        h = F.embedding(input_ids, elastic.embedding_view(self.backbone.embeddings.weight, d))
+        eps = self.config.layer_norm_epsilon
+        for i, (blk, w, v) in enumerate(zip(self.backbone.layers, subnet.layers, views)):
+            if v is None or i == skip_layer:
+                continue  # a skipped layer is the identity on the residual stream
+            x = rms_norm(h, elastic.norm_view(blk.norm, d), eps)
+            if blk.block_type == "linear_attention":
+                x = blk.mixer(x, v, cache, new_mask)
+            elif blk.block_type == "full_attention":
+                x = blk.mixer(x, v, cache, key_mask)
+            else:
+                x = blk.mixer(x, v)
+            h = h + x
+        if cache is not None:
+            cache.seen += l
+        return rms_norm(h, elastic.norm_view(self.backbone.norm_f, d), eps)
+
+    def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None, cache: InferenceCache | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False,
+                skip_layer: int | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, subnet, cache, attention_mask, skip_layer)
+        if last_only:
+            h = h[:, -1:]
+        d = h.shape[-1]
+        return F.linear(h, elastic.embedding_view(self.lm_head_weight, d)).float()
+
+    def new_cache(self) -> InferenceCache:
+        return InferenceCache(self.config.num_hidden_layers)
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+        from .hf_io import save_pretrained
+        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+    def generate(self, input_ids, max_new_tokens: int, **kwargs):
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+@torch.no_grad()
+def init_weights(model: NemotronHForCausalLM, seed: int | None = None) -> NemotronHForCausalLM:
+    """Initialize like the reference implementation (normal(0.02), S4D-real A, log-uniform dt)."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    std = cfg.initializer_range
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        if name.endswith("out_proj.weight") and cfg.rescale_prenorm_residual:
+            bound = 1 / math.sqrt(p.shape[1])
+            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound / math.sqrt(cfg.num_hidden_layers))
+        elif name.endswith(("proj.weight", "embeddings.weight", "lm_head.weight")):
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        elif name.endswith("conv1d.weight"):
+            bound = 1 / math.sqrt(p.shape[-1])
+            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+        elif name.endswith("bias") and not name.endswith("dt_bias"):
+            p.zero_()
+    for blk in model.backbone.layers:
+        if blk.block_type == "linear_attention":
+            m = blk.mixer
+            m.A_log.copy_(torch.log(torch.arange(1, m.num_heads + 1, dtype=torch.float32)))
+            m.D.fill_(1.0)
+            lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+            dt = torch.exp(torch.rand(m.num_heads, generator=gen) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+    return model
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = 0) -> NemotronHForCausalLM:
+    """A freshly initialized model (``device="meta"`` builds the structure without memory)."""
+    with torch.device(device):
+        model = NemotronHForCausalLM(cfg)
+    if str(device) != "meta":
+        init_weights(model, seed)
+    return model.to(dtype)

@@ -1,0 +1,1 @@
+"""validation package (see DESIGN.md)."""
