@@ -1,0 +1,80 @@
+"""`elastic-export inspect`: a layer table and parameter counts, from a config alone (meta device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, preset as make_preset
+from .errors import ConfigError
+
+TYPE_NAMES = {"linear_attention": "mamba2", "full_attention": "attention", "mlp": "mlp"}
+
+
+def resolve_config(path: str | None, preset: str | None) -> ModelConfig:
+    if preset:
+        return make_preset(preset)
+    if path is None:
+        raise ConfigError("give a checkpoint directory, a config.json, or --preset NAME", field="PATH")
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return ModelConfig.from_file(p / "config.json")
+        raise ConfigError("is not a checkpoint: config.json is missing", path=p,
+                          fix="give a directory with config.json, or the config.json itself")
+    return ModelConfig.from_file(p)
+
+
+def layer_parameter_counts(cfg: ModelConfig) -> tuple[int, list[int], int]:
+    """(embedding params, params per layer incl. its norm, final norm + lm_head) via the meta device."""
+    from .model import NemotronHForCausalLM
+
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(cfg)
+    emb = model.backbone.embeddings.weight.numel()
+    per_layer = [sum(p.numel() for p in blk.parameters()) for blk in model.backbone.layers]
+    head = model.backbone.norm_f.weight.numel() + (0 if model.lm_head is None else model.lm_head.weight.numel())
+    return emb, per_layer, head
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+def inspect_text(cfg: ModelConfig) -> str:
+    emb, per_layer, head = layer_parameter_counts(cfg)
+    total = emb + sum(per_layer) + head
+    lines = [f"NemotronH hybrid: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+             f"pattern {cfg.hybrid_override_pattern}", ""]
+    lines.append(f"{'layer':>5}  {'type':<9}  {'widths':<34}  {'params':>10}")
+    for i, (t, n) in enumerate(zip(cfg.layers_block_type, per_layer)):
+        d = cfg.layer_dims(i)
+        if t == "linear_attention":
+            w = f"{d['mamba_num_heads']} heads x {d['mamba_head_dim']}, {cfg.n_groups} groups, N={cfg.ssm_state_size}"
+        elif t == "full_attention":
+            w = f"{d['num_attention_heads']} heads / {cfg.num_key_value_heads} kv x {cfg.head_dim}"
+        else:
+            w = f"ffn {d['intermediate_size']}"
+        lines.append(f"{i:>5}  {TYPE_NAMES[t]:<9}  {w:<34}  {human(n):>10}")
+    lines.append("")
+    by_type: dict[str, tuple[int, int]] = {}
+    for t, n in zip(cfg.layers_block_type, per_layer):
+        c, s = by_type.get(t, (0, 0))
+        by_type[t] = (c + 1, s + n)
+    lines.append(f"{'component':<22} {'count':>5} {'params':>16}")
+    lines.append(f"{'embeddings':<22} {1:>5} {emb:>16,}")
+    for t, (c, s) in by_type.items():
+        lines.append(f"{TYPE_NAMES[t] + ' layers':<22} {c:>5} {s:>16,}")
+    lines.append(f"{'final norm + lm_head':<22} {1:>5} {head:>16,}" + ("  (tied)" if cfg.tie_word_embeddings else ""))
+    lines.append(f"{'total':<22} {'':>5} {total:>16,}  ({human(total)})")
+    lines.append("")
+    lines.append(f"weights: {gb(total * 2)} at BF16, {gb(total * 4)} at FP32")
+    return "\n".join(lines)
