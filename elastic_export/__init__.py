@@ -1,5 +1,6 @@
 """elastic-export: one elastic hybrid Mamba2-Attention model in, every deployable size out."""
 
+from .build import default_model_path
 from .config import ModelConfig, preset
 from .elastic import LayerWidths, Subnet, full_subnet
 from .errors import BudgetError, CheckpointError, ConfigError, ElasticExportError
@@ -9,4 +10,5 @@ from .model import NemotronHForCausalLM, build_model
 __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "preset", "LayerWidths", "Subnet", "full_subnet", "ElasticExportError", "ConfigError",
-           "CheckpointError", "BudgetError", "load", "load_config", "NemotronHForCausalLM", "build_model"]
+           "CheckpointError", "BudgetError", "load", "load_config", "NemotronHForCausalLM", "build_model",
+           "default_model_path"]
