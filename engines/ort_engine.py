@@ -56,8 +56,11 @@ class OrtEngine:
             if b not in names:
                 raise BudgetError(f"unknown budget {b!r}", field="budget", fix=f"use one of {names}")
         self._names = budgets or names
-        self.share, self.threads = share_weights, threads
-        self.buffer = np.fromfile(self.dir / self.manifest["weights"]["file"], dtype=np.uint8) if share_weights \
+        # bf16 builds: ORT on CPU upcasts every weight at load (Cast, constant-folded), so there is no
+        # stored buffer to share; each session holds its float32 copy.
+        self.share = share_weights and self.manifest["dtype"] == "float32"
+        self.threads = threads
+        self.buffer = np.fromfile(self.dir / self.manifest["weights"]["file"], dtype=np.uint8) if self.share \
             else None
         self._values = {}  # initializer name -> OrtValue view of the buffer (one per name for all sessions)
         self.sessions: dict[str, dict] = {}
