@@ -45,9 +45,10 @@ def main():
 @user_errors
 def inspect(path, preset):
     """Layer table, parameter counts and sizes of a checkpoint or a config.json (no weights needed)."""
-    from .inspect import inspect_text, resolve_config
+    from .inspect import inspect_text, resolve_config, weights_summary
 
-    click.echo(inspect_text(resolve_config(path, preset)))
+    cfg = resolve_config(path, preset)
+    click.echo(inspect_text(cfg, weights_summary(None if preset else path, cfg)))
 
 
 # ---- elastic core: rank, plan, nest, slice -----------------------------------------------------
