@@ -173,10 +173,10 @@ def nest(parent_sorted, budgets, mode, divisor, depth, out, dtype):
     from .search import plan_text
 
     model, importance, tok_dir = _load_parent(parent_sorted)
+    chosen = _plan(model.config, importance, budgets, mode, divisor, depth)
     if importance is None:
         click.echo("warning: the parent carries no importance scores (run `elastic-export rank` first); "
                    "budgets are prefixes of the weights as stored", err=True)
-    chosen = _plan(model.config, importance, budgets, mode, divisor, depth)
     save_nested(out, model, chosen, importance=importance, tokenizer=tok_dir, dtype=dtype)
     click.echo(plan_text(model.config, chosen))
     click.echo(f"wrote {out}")
