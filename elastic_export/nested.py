@@ -93,7 +93,7 @@ def _budget_entry(cfg: ModelConfig, name: str, s: Subnet) -> dict:
             "layers": [{"type": t, **w.to_dict()} for t, w in zip(cfg.layers_block_type, s.layers)]}
 
 
-def _check_budgets(cfg: ModelConfig, budgets: dict[str, Subnet]) -> dict[str, Subnet]:
+def check_budgets(cfg: ModelConfig, budgets: dict[str, Subnet]) -> dict[str, Subnet]:
     from .search import NAME_RE
 
     out = {}
@@ -122,7 +122,7 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
     """
     path = Path(path)
     cfg = model.config
-    budgets = _check_budgets(cfg, dict(budgets))
+    budgets = check_budgets(cfg, dict(budgets))
     dtype = parse_dtype(dtype)
     state = {}
     for name, t in model.state_dict().items():
