@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from core_helpers import calib_ids
 from elastic_export.errors import ConfigError
 from elastic_export.importance import compute_importance, depth_scores, load_calibration
-from elastic_export.model import rms_norm
 from helpers import random_model
 
 
