@@ -26,7 +26,8 @@ def family():
 def test_roundtrip(family, tmp_path):
     s, simp, budgets = family
     router = {"embed.weight": torch.randn(3, 4)}
-    out = ee.save_nested(tmp_path / "nested", s, budgets, router=router, importance=simp, tokenizer=ByteTokenizer())
+    out = ee.save_nested(tmp_path / "nested", s, budgets, router=router, importance=simp, tokenizer=ByteTokenizer(),
+                         extra={"fractions": {"mid": 0.6}, "training": {"steps": 3}, "params": {"mid": 1}})
     assert sorted(p.name for p in out.iterdir()) == ["elastic.json", "importance.safetensors", "model.safetensors",
                                                      "router.safetensors", "tokenizer"]
     ck = ee.load_nested(out)
@@ -41,6 +42,7 @@ def test_roundtrip(family, tmp_path):
     entry = next(b for b in mf["budgets"] if b["name"] == "mid")
     assert entry["params"] == count_params(s.config, budgets["mid"]) and entry["hidden"] == budgets["mid"].hidden
     assert [w["type"] for w in entry["layers"]] == s.config.layers_block_type
+    assert entry["fraction"] == 0.6 and mf["training"] == {"steps": 3}
     assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), ck.model.state_dict().values()))
     assert torch.equal(ck.router["embed.weight"], router["embed.weight"])
     assert torch.equal(ck.importance.hidden, simp.hidden) and ck.importance.depth_order == simp.depth_order
