@@ -42,48 +42,10 @@ def load_family(path: str | Path | None):
         hint = "the shipped default model is not installed; give a NESTED checkpoint path" \
             if path == default_model_path() else "give the path of a nested checkpoint"
         raise CheckpointError("does not exist", path=path, fix=hint)
-    try:
-        from .nested import load_nested  # verifies the manifest and the weights' SHA-256
-    except ImportError:  # issue 3 not merged yet: the stand-in format below
-        return _load_stand_in(path)
+    from .nested import load_nested  # verifies the manifest and every file's SHA-256
+
     nested = load_nested(path)
     return nested.model, dict(nested.budgets), Path(nested.path)
-
-
-STAND_IN = "budgets.json"
-
-
-def save_stand_in(path: str | Path, model, budgets: dict[str, Subnet]) -> Path:
-    """Until elastic_export.nested lands: an HF checkpoint plus budgets.json (subnets, weight SHA-256)."""
-    import hashlib
-
-    from .hf_io import SINGLE, save_pretrained
-
-    path = Path(path)
-    save_pretrained(model, path)
-    sha = hashlib.sha256((path / SINGLE).read_bytes()).hexdigest()
-    (path / STAND_IN).write_text(json.dumps({"budgets": {n: s.to_dict() for n, s in budgets.items()},
-                                             "sha256": {SINGLE: sha}}, indent=2) + "\n")
-    return path
-
-
-def _load_stand_in(path: Path):
-    import hashlib
-
-    from .hf_io import checkpoint_dir, load
-
-    path = checkpoint_dir(path)
-    mf = path / STAND_IN
-    if not mf.is_file():
-        raise CheckpointError("is not a nested checkpoint (no budgets manifest)", path=path,
-                              fix="give a nested checkpoint written by elastic-export nest")
-    raw = json.loads(mf.read_text())
-    for fname, want in raw.get("sha256", {}).items():
-        if hashlib.sha256((path / fname).read_bytes()).hexdigest() != want:
-            raise CheckpointError("fails its SHA-256 check", path=path / fname,
-                                  fix="the weights changed or are truncated; copy the checkpoint again")
-    model = load(path)
-    return model, {n: Subnet.from_dict(s) for n, s in raw["budgets"].items()}, path
 
 
 def select_budgets(budgets: dict[str, Subnet], names: list[str] | tuple[str, ...]) -> dict[str, Subnet]:

@@ -180,7 +180,7 @@ class ModelConfig:
         if raw.get("eos_token_id") is not None and isinstance(raw["eos_token_id"], list):
             raw["eos_token_id"] = raw["eos_token_id"][0] if raw["eos_token_id"] else None
         if "time_step_limit" in raw and raw["time_step_limit"] is not None:
-            raw["time_step_limit"] = tuple(float(v) for v in raw["time_step_limit"])
+            raw["time_step_limit"] = tuple(_json_float(v) for v in raw["time_step_limit"])
         elastic = raw.pop("elastic", None) or {}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: raw.pop(k) for k in list(raw) if k in names}
@@ -234,6 +234,13 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _json_float(v) -> float:
+    """A float from JSON, including transformers' encoding of infinities ({"__float__": "Infinity"})."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
 
 
 # ---- presets ------------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class TorchEngine:
         self.head = m.lm_head_weight[:, :d]
         self.norms = [blk.norm.weight[:d] for blk in m.backbone.layers]
         self.norm_f = m.backbone.norm_f.weight[:d]
+        with torch.no_grad():
+            self._plans = {i: self._mamba_plan(blk.mixer, v) for i, (blk, v) in enumerate(zip(m.backbone.layers,
+                                                                                                self.views))
+                           if v is not None and blk.block_type == "linear_attention"}
         self.cache = None
 
     def _threads(self):
@@ -111,10 +115,22 @@ class TorchEngine:
         self.cache.seen = self.pos
         return F.linear(_rms(h, self.norm_f, eps), self.head)
 
-    def _mamba(self, i, m, v, x):
-        G, order = m.n_groups, m.head_order
+    def _mamba_plan(self, m, v):
+        """Per-budget constants of one Mamba layer: weight views, plus the few tiny tensors a decode step
+        would otherwise rebuild every call (the conv kernel of the kept channels, A = -exp(A_log))."""
         h, p = v.Wz.shape[0], v.Wz.shape[1]
-        GN = v.WB.shape[0]
+        K = v.conv_bc.shape[-1]
+        conv_w = torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc])  # [C, K], ~0.1% of the layer's bytes
+        conv_b = None if v.conv_bias_x is None else torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc])
+        Wout = v.Wout.flatten(1, 2) if v.Wout.stride(1) == p * v.Wout.stride(2) else None
+        return dict(h=h, p=p, GN=v.WB.shape[0], G=m.n_groups, rank_major=m.head_order == "rank_major",
+                    conv_w=conv_w, conv_b=conv_b, A=-torch.exp(v.A_log.float()), D=v.D[:, None],
+                    norm=v.norm.reshape(-1), Wout=Wout, eps=m.eps, dt_min=m.dt_min, dt_max=m.dt_max)
+
+    def _mamba(self, i, m, v, x):
+        c = self._plans[i]
+        h, p, GN, G = c["h"], c["p"], c["GN"], c["G"]
+        b, r, n = x.shape[0], h // G, GN // G
         if v.fused is not None:
             z, xs, B, C, dt = F.linear(x, v.fused, m.in_proj.bias).split([h * p, h * p, GN, GN, h], dim=-1)
         else:
@@ -123,32 +139,29 @@ class TorchEngine:
             if v.bias is not None:
                 bz, bx, bB, bC, bdt = v.bias
                 z, xs, B, C, dt = z + bz.flatten(), xs + bx.flatten(), B + bB, C + bC, dt + bdt
-        # depthwise causal conv: state [b, C, K-1] holds the last K-1 inputs
-        st = self.cache.conv[i]
-        new = torch.cat([xs, B, C], dim=-1)  # [b, C]
-        cx, cbc = v.conv_x.reshape(h * p, -1) if v.conv_x.is_contiguous() else v.conv_x.flatten(0, 1), v.conv_bc
-        hp = h * p
-        xo = (st[:, :hp] * cx[:, :-1]).sum(-1) + xs * cx[:, -1]
-        bco = (st[:, hp:] * cbc[:, :-1]).sum(-1) + new[:, hp:] * cbc[:, -1]
-        if v.conv_bias_x is not None:
-            xo, bco = xo + v.conv_bias_x.flatten(), bco + v.conv_bias_bc
-        self.cache.conv[i] = torch.cat([st[:, :, 1:], new[:, :, None]], dim=2)
-        xs, BC = F.silu(xo), F.silu(bco)
-        B, C = BC.view(-1, 2, G, GN // G).unbind(1)  # [b, G, n]
-        # SSD step in place on the state, B and C broadcast over each group's heads
-        dt = F.softplus(dt + v.dt_bias).clamp(m.dt_min, m.dt_max)  # [b, h]
+        # depthwise causal conv over [state | new]; the state keeps the last K-1 inputs [b, C, K-1]
+        seq = torch.cat([self.cache.conv[i], torch.cat([xs, B, C], dim=-1)[:, :, None]], dim=2)  # [b, C, K]
+        self.cache.conv[i] = seq[:, :, 1:]
+        xbc = (seq * c["conv_w"]).sum(-1)
+        if c["conv_b"] is not None:
+            xbc = xbc + c["conv_b"]
+        xs, B, C = F.silu(xbc).split([h * p, GN, GN], dim=-1)
+        # SSD step in place: S = exp(dt A) S + dt x B^T, y = S C, B and C broadcast over their group's heads
+        dt = F.softplus(dt + v.dt_bias).clamp(c["dt_min"], c["dt_max"])  # [b, h]
         S = self.cache.ssm[i]  # [b, h, p, n]
-        Sg = group_heads(S, G, order, 1)  # [b, G, r, p, n] view
-        dA = group_heads(torch.exp(dt * -torch.exp(v.A_log)), G, order, 1)  # [b, G, r]
-        xh = xs.view(-1, h, p)
-        dtx = group_heads(dt[..., None] * xh, G, order, 1)  # [b, G, r, p]
-        Sg.mul_(dA[..., None, None]).add_(dtx[..., None] * B[:, :, None, None, :])
-        y = ungroup_heads((Sg @ C[:, :, None, :, None]).squeeze(-1), order, 1)  # [b, h, p]
-        y = (y + xh * v.D[:, None]) * F.silu(z.view(-1, h, p))
-        yg = group_heads(y, G, order, 1)
-        yg = yg * torch.rsqrt(yg.pow(2).mean(dim=(-1, -2), keepdim=True) + m.eps)
-        y = ungroup_heads(yg, order, 1) * v.norm
-        out = _out3(y, v.Wout)
+        if c["rank_major"]:  # head j*G + g: heads as [r, G]
+            hv, gv = (b, r, G), (b, 1, G)
+        else:  # head g*r + j: heads as [G, r]
+            hv, gv = (b, G, r), (b, G, 1)
+        S.mul_(torch.exp(dt * c["A"])[:, :, None, None])
+        xh = xs.view(b, h, p)
+        S.view(*hv, p, n).add_((dt[:, :, None] * xh).view(*hv, p, 1) * B.view(*gv, 1, n))
+        y = (S.view(*hv, p, n) @ C.view(*gv, n, 1)).view(b, h, p)
+        y = (y + xh * c["D"]) * F.silu(z.view(b, h, p))
+        yg = y.view(*hv, p)  # gated RMSNorm over each group's channels
+        axes = (1, 3) if c["rank_major"] else (2, 3)
+        y = (yg * torch.rsqrt(yg.pow(2).mean(dim=axes, keepdim=True) + c["eps"])).view(b, h * p) * c["norm"]
+        out = F.linear(y, c["Wout"]) if c["Wout"] is not None else _out3(y.view(b, h, p), v.Wout)
         return out if v.bout is None else out + v.bout
 
     def _attention(self, i, a, v, x):

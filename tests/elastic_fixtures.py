@@ -37,10 +37,7 @@ def family(cfg, seed: int = 0, n: int = 2) -> dict[str, Subnet]:
 
 
 def save_nested_fixture(path, model, budgets: dict[str, Subnet]):
-    """A nested checkpoint on disk: elastic_export.nested when present, else build's stand-in format."""
-    try:
-        from elastic_export.nested import save_nested
-    except ImportError:
-        from elastic_export.build import save_stand_in
-        return save_stand_in(path, model, budgets)
+    """A nested checkpoint on disk (budgets in the manifest's order: largest first)."""
+    from elastic_export.nested import save_nested
+
     return save_nested(path, model, budgets)
