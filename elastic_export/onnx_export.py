@@ -210,7 +210,8 @@ class _Budget:
         cw = g.inline(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]).unsqueeze(1), "conv_w")  # [C, 1, K]
         cb = None if v.conv_bias_x is None else g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]),
                                                          "conv_b")
-        out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K)
+        out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K,
+                                                      self.decode)
         out = g.op("Transpose", out, perm=[0, 2, 1])  # [b, l, C]
         if self.newmask3 is not None:
             out = g.op("Mul", out, self.newmask3)

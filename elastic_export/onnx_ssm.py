@@ -32,10 +32,18 @@ PLUGIN_VERSION = "1"
 # ---- depthwise causal conv -----------------------------------------------------------------------
 
 def conv(g: GraphBuilder, mode: str, xbc: str, weight: str, bias: str | None, past: str | None,
-         K: int) -> tuple[str, str]:
+         K: int, decode: bool = False) -> tuple[str, str]:
     """SiLU(causal depthwise conv) over xbc [b, C, l] with state [b, C, K-1]. Returns (out, present)."""
     if mode == "standard":
         return g.op("CausalConvWithState", xbc, weight, bias or "", past or "", n_out=2, activation="silu")
+    if decode:  # one token: a multiply-add over [past | new] beats a depthwise Conv node
+        seq = g.op("Concat", past, xbc, axis=2)  # [b, C, K]
+        w = g.inline_like(weight, "conv_w2d")  # [C, K]
+        out = g.op("ReduceSum", g.op("Mul", seq, w), g.const([2]), keepdims=1)  # [b, C, 1]
+        if bias:
+            out = g.op("Add", out, g.op("Unsqueeze", bias, g.const([1])))
+        present = g.op("Slice", seq, g.const([1]), g.const([K]), g.const([2]))
+        return g.op("Mul", out, g.op("Sigmoid", out)), present
     if past is None:  # zero history: [b, C, K-1]
         zero = g.op("Mul", g.op("Slice", xbc, g.const([0]), g.const([1]), g.const([2])), g.const(0.0, np.float32))
         past = g.op("Tile", zero, g.const([1, 1, K - 1]))

@@ -20,7 +20,7 @@ from .generation import generate
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    return F.rms_norm(x, w.shape, w, eps)  # one fused op: x * rsqrt(mean(x^2) + eps) * w
 
 
 class TorchEngine:
