@@ -64,7 +64,8 @@ def main():
         c = [numpy_helper.from_array(np.array(v, np.int64), n) for v, n in (([0, 0], "st"), ([o, i], "en"))]
         s_slice = session([helper.make_node("Slice", ["W", "st", "en"], ["w"]),
                            helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
-                          [helper.make_tensor_value_info("x", f, [1, i]), helper.make_tensor_value_info("W", f, [O, I])],
+                          [helper.make_tensor_value_info("x", f, [1, i]),
+                           helper.make_tensor_value_info("W", f, [O, I])],
                           c, args.threads)
         Wv = ort.OrtValue.ortvalue_from_numpy(W)
         # rows: a zero-copy row range of the shared buffer, input padded to I

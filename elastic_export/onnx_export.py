@@ -205,13 +205,29 @@ class _Budget:
             bz, bx, bB, bC, bdt = v.bias
             z, xs, B, C, dt = (self.bias(t, bb, "in_bias") for t, bb in zip((z, xs, B, C, dt), v.bias))
         xs = g.op("Reshape", xs, g.const([-1, h * p]))
+        if self.decode and self.mode != "standard":
+            y = self._mamba_step(i, m, v, z, xs, B, C, dt, h, p)
+        else:
+            y = self._mamba_seq(i, m, v, z, xs, B, C, dt, h, p)
+        if p < P:
+            y = g.op("Pad", y, g.const([0, 0, 0, 0, 0, 0, 0, P - p] if not self.decode or self.mode == "standard"
+                                       else [0, 0, 0, 0, 0, P - p]))
+        y = g.op("Reshape", y, g.const([-1, h * P]))
+        c0 = _col_start(v.Wout, m.out_proj.weight)
+        return self.bias(self.matmul_rows(y, f"backbone.layers.{i}.mixer.out_proj.weight", c0, c0 + h * P),
+                         v.bout, "out_bias")
+
+    def _mamba_seq(self, i, m, v, z, xs, B, C, dt, h, p) -> str:
+        """Conv, scan, D skip, gate and gated norm over [b, l] tokens -> y [b, l, h, p]."""
+        g, cfg = self.g, self.cfg
+        G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+        GN = G * N
         # 2. depthwise causal conv over xBC, SiLU
         xbc = g.op("Transpose", self.to3(g.op("Concat", xs, B, C, axis=1), h * p + 2 * GN), perm=[0, 2, 1])
         cw = g.inline(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]).unsqueeze(1), "conv_w")  # [C, 1, K]
         cb = None if v.conv_bias_x is None else g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]),
                                                          "conv_b")
-        out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K,
-                                                      self.decode)
+        out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K)
         out = g.op("Transpose", out, perm=[0, 2, 1])  # [b, l, C]
         if self.newmask3 is not None:
             out = g.op("Mul", out, self.newmask3)
@@ -224,7 +240,7 @@ class _Budget:
         hi = m.dt_max if np.isfinite(m.dt_max) else np.finfo(np.float32).max
         dt = g.op("Clip", dt, g.const(m.dt_min, np.float32), g.const(hi, np.float32))
         A = g.inline(-torch.exp(v.A_log.float()), "A")
-        y, self.presents[f"{i}.ssm"] = onnx_ssm.scan(g, self.mode, self.decode, xs, dt, A, B, C,
+        y, self.presents[f"{i}.ssm"] = onnx_ssm.scan(g, self.mode, xs, dt, A, B, C,
                                                      self.pasts.get(f"{i}.ssm"), h, p, G, N, m.chunk_size,
                                                      m.head_order)
         y = g.op("Add", y, g.op("Mul", xs, g.inline(v.D.float()[:, None], "D")))  # [b, l, h, p]
@@ -236,13 +252,41 @@ class _Budget:
         yg = g.op("Reshape", y, g.const(grouped))
         ms = g.op("ReduceMean", g.op("Mul", yg, yg), g.const(axes), keepdims=1)
         yg = g.op("Mul", yg, g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(m.eps, np.float32)))))
-        y = g.op("Mul", g.op("Reshape", yg, g.const([0, 0, h, p])), g.inline(v.norm, "gnorm"))
-        if p < P:
-            y = g.op("Pad", y, g.const([0, 0, 0, 0, 0, 0, 0, P - p]))
-        y = g.op("Reshape", y, g.const([-1, h * P]))
-        c0 = _col_start(v.Wout, m.out_proj.weight)
-        return self.bias(self.matmul_rows(y, f"backbone.layers.{i}.mixer.out_proj.weight", c0, c0 + h * P),
-                         v.bout, "out_bias")
+        return g.op("Mul", g.op("Reshape", yg, g.const([0, 0, h, p])), g.inline(v.norm, "gnorm"))
+
+    def _mamba_step(self, i, m, v, z, xs, B, C, dt, h, p) -> str:
+        """One token in plain ops, on [b, ...] tensors (no sequence axis) -> y [b, h, p]. Heads are
+        viewed as [r, G] (rank-major) or [G, r] so B and C broadcast over their group's heads."""
+        g, cfg = self.g, self.cfg
+        G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+        GN, r = G * N, h // G
+        new = g.op("Unsqueeze", g.op("Concat", xs, B, C, axis=1), g.const([2]))  # [b, C, 1]
+        seq = g.op("Concat", self.pasts[f"{i}.conv"], new, axis=2)  # [b, C, K]
+        self.presents[f"{i}.conv"] = g.op("Slice", seq, g.const([1]), g.const([K]), g.const([2]))
+        cw = g.inline(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]), "conv_w")  # [C, K]
+        out = g.op("ReduceSum", g.op("Mul", seq, cw), g.const([2]), keepdims=0)  # [b, C]
+        if v.conv_bias_x is not None:
+            out = g.op("Add", out, g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]), "conv_b"))
+        xs, B, C = g.op("Split", g.op("Mul", out, g.op("Sigmoid", out)), g.const([h * p, GN, GN]), axis=1, n_out=3)
+        hi = m.dt_max if np.isfinite(m.dt_max) else np.finfo(np.float32).max
+        dt = g.op("Softplus", g.op("Add", dt, g.inline(v.dt_bias, "dt_bias")))
+        dt = g.op("Clip", dt, g.const(m.dt_min, np.float32), g.const(hi, np.float32))  # [b, h]
+        rank_major = m.head_order == "rank_major"
+        hv, gv = ([-1, r, G], [-1, 1, G]) if rank_major else ([-1, G, r], [-1, G, 1])
+        S = g.op("Reshape", self.pasts[f"{i}.ssm"], g.const(hv + [p, N]))
+        dA = g.op("Reshape", g.op("Exp", g.op("Mul", dt, g.inline(-torch.exp(v.A_log.float()), "A"))),
+                  g.const(hv + [1, 1]))
+        x3 = g.op("Reshape", xs, g.const([-1, h, p]))
+        dtx = g.op("Reshape", g.op("Mul", x3, g.op("Unsqueeze", dt, g.const([2]))), g.const(hv + [p, 1]))
+        S = g.op("Add", g.op("Mul", S, dA), g.op("Mul", dtx, g.op("Reshape", B, g.const(gv + [1, N]))))
+        self.presents[f"{i}.ssm"] = g.op("Reshape", S, g.const([-1, h, p, N]))
+        y = g.op("Reshape", g.op("MatMul", S, g.op("Reshape", C, g.const(gv + [N, 1]))), g.const([-1, h, p]))
+        y = g.op("Add", y, g.op("Mul", x3, g.inline(v.D.float()[:, None], "D")))
+        y = g.op("Mul", y, g.op("Mul", z, g.op("Sigmoid", z)))  # z [b, h, p]
+        yg = g.op("Reshape", y, g.const(hv + [p]))
+        ms = g.op("ReduceMean", g.op("Mul", yg, yg), g.const([1, 3] if rank_major else [2, 3]), keepdims=1)
+        yg = g.op("Div", yg, g.op("Sqrt", g.op("Add", ms, g.const(m.eps, np.float32))))
+        return g.op("Mul", g.op("Reshape", yg, g.const([-1, h, p])), g.inline(v.norm, "gnorm"))
 
     def attention(self, i: int, a, w, v: elastic.AttentionViews, x2: str) -> str:
         g, cfg = self.g, self.cfg

@@ -117,13 +117,6 @@ class GraphBuilder:
         self.inits[name] = numpy_helper.from_array(t.detach().float().contiguous().cpu().numpy(), name)
         return name
 
-    def inline_like(self, name: str, hint: str) -> str:
-        """A 2-D copy [C, K] of an inline [C, 1, K] initializer (small: conv kernels)."""
-        arr = numpy_helper.to_array(self.inits[name])
-        new = self.fresh(hint)
-        self.inits[new] = numpy_helper.from_array(arr.reshape(arr.shape[0], -1), new)
-        return new
-
     def rows(self, name: str, r0: int, r1: int, as_float: bool = True) -> str:
         """Rows [r0, r1) of a stored tensor, read from the weight file with no copy."""
         key = f"{name}[{r0}:{r1}]"

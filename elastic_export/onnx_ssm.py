@@ -7,9 +7,11 @@ Shapes (b batch, l new tokens, h heads, p head dim, G groups, n state size, C co
 - ``standard``: opset 27 ``CausalConvWithState`` (silu) and ``LinearAttention`` (update_rule gated,
   q = C, k = B, v = dt * x, decay = dt * A per head, scale 1.0).
 - ``decomposed``: depthwise ``Conv`` over [past | new] and the chunked SSD of ssd.ssd_chunked in plain
-  ops (prefill), the single-step update of ssd.ssd_step (decode). Opset 18.
-- ``plugin``: the conv as in ``decomposed``; the prefill scan is one custom node (see plugin_node)
-  that the TensorRT ONNX parser maps to our SSM-scan plugin; decode uses the plain step.
+  ops. Opset 18.
+- ``plugin``: the conv as in ``decomposed``; the scan is one custom node (see plugin_node) that the
+  TensorRT ONNX parser maps to our SSM-scan plugin.
+The decode graphs of ``decomposed`` and ``plugin`` do not come here: one token is a multiply-add conv
+and the single-step update of ssd.ssd_step in plain ops (onnx_export._Budget._mamba_step).
 """
 
 from __future__ import annotations
@@ -32,18 +34,10 @@ PLUGIN_VERSION = "1"
 # ---- depthwise causal conv -----------------------------------------------------------------------
 
 def conv(g: GraphBuilder, mode: str, xbc: str, weight: str, bias: str | None, past: str | None,
-         K: int, decode: bool = False) -> tuple[str, str]:
+         K: int) -> tuple[str, str]:
     """SiLU(causal depthwise conv) over xbc [b, C, l] with state [b, C, K-1]. Returns (out, present)."""
     if mode == "standard":
         return g.op("CausalConvWithState", xbc, weight, bias or "", past or "", n_out=2, activation="silu")
-    if decode:  # one token: a multiply-add over [past | new] beats a depthwise Conv node
-        seq = g.op("Concat", past, xbc, axis=2)  # [b, C, K]
-        w = g.inline_like(weight, "conv_w2d")  # [C, K]
-        out = g.op("ReduceSum", g.op("Mul", seq, w), g.const([2]), keepdims=1)  # [b, C, 1]
-        if bias:
-            out = g.op("Add", out, g.op("Unsqueeze", bias, g.const([1])))
-        present = g.op("Slice", seq, g.const([1]), g.const([K]), g.const([2]))
-        return g.op("Mul", out, g.op("Sigmoid", out)), present
     if past is None:  # zero history: [b, C, K-1]
         zero = g.op("Mul", g.op("Slice", xbc, g.const([0]), g.const([1]), g.const([2])), g.const(0.0, np.float32))
         past = g.op("Tile", zero, g.const([1, 1, K - 1]))
@@ -69,7 +63,7 @@ def expand_groups(g: GraphBuilder, t: str, h: int, G: int, head_order: str) -> s
     return g.op("Reshape", t, g.const([0, 0, h, -1]))
 
 
-def scan(g: GraphBuilder, mode: str, decode: bool, x: str, dt: str, A: str, B: str, C: str, past: str | None,
+def scan(g: GraphBuilder, mode: str, x: str, dt: str, A: str, B: str, C: str, past: str | None,
          h: int, p: int, G: int, n: int, chunk_size: int, head_order: str) -> tuple[str, str]:
     """SSD scan. x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,G,n], past [b,h,p,n] or None -> (y, present)."""
     if mode == "standard":
@@ -82,8 +76,6 @@ def scan(g: GraphBuilder, mode: str, decode: bool, x: str, dt: str, A: str, B: s
         y, state = g.op("LinearAttention", q, k, v, st, decay, n_out=2, q_num_heads=h, kv_num_heads=h,
                         update_rule="gated", scale=1.0)
         return g.op("Reshape", y, g.const([0, 0, h, p])), g.op("Transpose", state, perm=[0, 1, 3, 2])
-    if decode:
-        return _step(g, x, dt, A, B, C, past, h, G, head_order)
     if mode == "plugin":
         return plugin_node(g, x, dt, A, B, C, past, h, p, n, chunk_size, head_order)
     return _chunked(g, x, dt, A, B, C, past, h, p, G, n, chunk_size, head_order)
@@ -105,19 +97,6 @@ def plugin_node(g: GraphBuilder, x, dt, A, B, C, past, h, p, n, chunk_size, head
 def _f32(v: float):
     from onnx import helper
     return helper.make_tensor("value", TensorProto.FLOAT, [1], [v])
-
-
-def _step(g, x, dt, A, B, C, past, h, G, head_order) -> tuple[str, str]:
-    """ssd.ssd_step: S = exp(dt A) S + (dt x) B^T;  y = S C.  l == 1."""
-    Bh = g.op("Squeeze", expand_groups(g, B, h, G, head_order), g.const([1]))  # [b, h, n]
-    Ch = g.op("Squeeze", expand_groups(g, C, h, G, head_order), g.const([1]))
-    xs = g.op("Squeeze", x, g.const([1]))  # [b, h, p]
-    dts = g.op("Squeeze", dt, g.const([1]))  # [b, h]
-    dA = g.op("Unsqueeze", g.op("Exp", g.op("Mul", dts, A)), g.const([2, 3]))  # [b, h, 1, 1]
-    dx = g.op("Unsqueeze", g.op("Mul", xs, g.op("Unsqueeze", dts, g.const([2]))), g.const([3]))  # [b, h, p, 1]
-    state = g.op("Add", g.op("Mul", past, dA), g.op("Mul", dx, g.op("Unsqueeze", Bh, g.const([2]))))
-    y = g.op("MatMul", state, g.op("Unsqueeze", Ch, g.const([3])))  # [b, h, p, 1]
-    return g.op("Unsqueeze", g.op("Squeeze", y, g.const([3])), g.const([1])), state
 
 
 def _segsum(g, a: str, T: str | int) -> str:

@@ -5,7 +5,8 @@ With ``share_weights`` (the default) the engine reads ``weights.bin`` once into 
 each session its weights as zero-copy ``OrtValue`` views (``SessionOptions.add_initializer``); the
 graphs only ever read row ranges of stored tensors, so every view is contiguous. MatMul weight
 prepacking is turned off in that mode, since a prepacked weight is a private copy per session, and
-all sessions allocate activations from one process-wide arena (docs/engines.md has the measurements). Without sharing, each session loads its own weights.
+all sessions allocate activations from one process-wide arena (docs/engines.md has the
+measurements). Without sharing, each session loads its own weights.
 States stay ``OrtValue`` between decode steps (no numpy round trip).
 """
 
