@@ -160,6 +160,7 @@ class _Budget:
         emb = g.op("Gather", g.rows("backbone.embeddings.weight", 0, V), ids, axis=0)  # [b, l, D]
         h = self.narrow(g.op("Reshape", emb, g.const([-1, self.D])))  # [b*l, d]
         self.presents: dict[str, str] = {}
+        self.keymask = None
         views = self.m.layer_views(self.s)[1]
         for i, (blk, w, v) in enumerate(zip(self.m.backbone.layers, self.s.layers, views)):
             if v is None:
@@ -301,13 +302,21 @@ class _Budget:
         q = self.bias(self.gemm_rows(xw, pre + "q_proj.weight", [(q0, q0 + rows)])[0], bq, "q_bias")
         k = self.bias(self.gemm_rows(xw, pre + "k_proj.weight", [(0, nkv * hd)])[0], bk, "k_bias")
         val = self.bias(self.gemm_rows(xw, pre + "v_proj.weight", [(0, nkv * hd)])[0], bv, "v_bias")
-        k, val = (g.op("Transpose", self.to3(t, nkv, hd), perm=[0, 2, 1, 3]) for t in (k, val))  # [b,nkv,l,hd]
+        rank_major = cfg.head_order == "rank_major"
         if self.decode:
-            k = g.op("Concat", self.pasts[f"{i}.key"], k, axis=2)
-            val = g.op("Concat", self.pasts[f"{i}.value"], val, axis=2)
+            o = self._attention_step(i, q, k, val, nkv, r, hd, rank_major)
+        else:
+            o = self._attention_seq(i, q, k, val, nkv, r, hd, rank_major)
+        o = g.op("Reshape", o, g.const([-1, rows]))
+        c0 = _col_start(v.Wo, a.o_proj.weight)
+        return self.bias(self.matmul_rows(o, pre + "o_proj.weight", c0, c0 + rows), bo, "o_bias")
+
+    def _attention_seq(self, i, q, k, val, nkv, r, hd, rank_major) -> str:
+        """GQA over the prompt's queries, causal and padding-masked -> [b, l, heads..., hd], heads in stored order."""
+        g = self.g
+        k, val = (g.op("Transpose", self.to3(t, nkv, hd), perm=[0, 2, 1, 3]) for t in (k, val))  # [b,nkv,l,hd]
         self.presents[f"{i}.key"], self.presents[f"{i}.value"] = k, val  # [b, nkv, T, hd]
         # query heads: rank-major head j*nkv + g (or group-contiguous g*r + j) -> [b, nkv, r, l, hd]
-        rank_major = cfg.head_order == "rank_major"
         q5 = self.to3(q, r, nkv, hd) if rank_major else self.to3(q, nkv, r, hd)
         q5 = g.op("Transpose", q5, perm=[0, 3, 2, 1, 4] if rank_major else [0, 2, 3, 1, 4])
         kT = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const([2]))  # [b,nkv,1,hd,T]
@@ -323,10 +332,26 @@ class _Budget:
         allowed = g.op("Or", g.op("And", causal, keymask), g.op("Equal", kpos, qpos))  # [b,1,1,l,T]
         scores = g.op("Where", allowed, scores, g.const(-np.inf, np.float32))
         o = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", val, g.const([2])))  # [b,nkv,r,l,hd]
-        o = g.op("Transpose", o, perm=[0, 3, 2, 1, 4] if rank_major else [0, 3, 1, 2, 4])
-        o = g.op("Reshape", o, g.const([-1, rows]))
-        c0 = _col_start(v.Wo, a.o_proj.weight)
-        return self.bias(self.matmul_rows(o, pre + "o_proj.weight", c0, c0 + rows), bo, "o_bias")
+        return g.op("Transpose", o, perm=[0, 3, 2, 1, 4] if rank_major else [0, 3, 1, 2, 4])
+
+    def _attention_step(self, i, q, k, val, nkv, r, hd, rank_major) -> str:
+        """One query token per sequence: [b, nkv, r, hd] queries against the T cached keys."""
+        g = self.g
+        k, val = (g.op("Reshape", t, g.const([-1, nkv, 1, hd])) for t in (k, val))
+        k = g.op("Concat", self.pasts[f"{i}.key"], k, axis=2)
+        val = g.op("Concat", self.pasts[f"{i}.value"], val, axis=2)
+        self.presents[f"{i}.key"], self.presents[f"{i}.value"] = k, val  # [b, nkv, T, hd]
+        if rank_major:  # query head j*nkv + g
+            q4 = g.op("Transpose", g.op("Reshape", q, g.const([-1, r, nkv, hd])), perm=[0, 2, 1, 3])
+        else:
+            q4 = g.op("Reshape", q, g.const([-1, nkv, r, hd]))
+        scores = g.op("Mul", g.op("MatMul", q4, g.op("Transpose", k, perm=[0, 1, 3, 2])),
+                      g.const(hd ** -0.5, np.float32))  # [b, nkv, r, T]
+        if self.keymask is None:  # [b, 1, 1, T]; the new token's own column is 1
+            self.keymask = g.op("Cast", g.op("Unsqueeze", self.maskf, g.const([1, 2])), to=TensorProto.BOOL)
+        scores = g.op("Where", self.keymask, scores, g.const(-np.inf, np.float32))
+        o = g.op("MatMul", g.op("Softmax", scores, axis=-1), val)  # [b, nkv, r, hd]
+        return g.op("Transpose", o, perm=[0, 2, 1, 3]) if rank_major else o
 
     def mlp(self, i: int, mlp, w, v: elastic.MLPViews, x2: str) -> str:
         g = self.g

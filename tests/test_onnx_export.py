@@ -158,3 +158,18 @@ def test_budget_graph_refuses_bad_subnet():
     bad = Subnet(model.config.hidden_size + 1, family(model.config)["full"].layers)
     with pytest.raises(BudgetError):
         budget_graph(model, bad, wf, "prefill")
+
+
+@pytest.mark.parametrize("mode", ["standard", "decomposed"])
+def test_group_contiguous_parent(tmp_path, mode):
+    """An HF-ordered (group-contiguous) parent exports too: its full budget and a depth/FFN budget."""
+    from elastic_export.elastic import LayerWidths, Subnet, full_subnet
+
+    model = random_model(2, head_order="group_contiguous").eval()
+    full = full_subnet(model.config)
+    shallow = Subnet(full.hidden, tuple(LayerWidths(**{**w.__dict__, "kept": i % 2 == 0,
+                                                       "ffn": w.ffn and max(1, w.ffn // 2)})
+                                        for i, w in enumerate(full.layers)))
+    budgets = {"full": full, "shallow": shallow}
+    export_family(model, budgets, tmp_path, ssm_op=mode)
+    _check(model, budgets, tmp_path, steps=3, b=2, l=19, padded=True)
