@@ -131,9 +131,11 @@ class _Budget:
         return y if b is None else self.g.op("Add", y, self.g.inline(b, hint))
 
     def rms_norm(self, x2: str, weight_name: str) -> str:
+        """x / sqrt(mean(x^2) + eps) * w, written as the pattern ONNX Runtime fuses into one
+        SimplifiedLayerNormalization kernel (Pow, ReduceMean, Add, Sqrt, Div, Mul)."""
         g, eps = self.g, self.cfg.layer_norm_epsilon
-        ms = g.op("ReduceMean", g.op("Mul", x2, x2), g.const([-1]), keepdims=1)
-        xn = g.op("Mul", x2, g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(eps, np.float32)))))
+        ms = g.op("ReduceMean", g.op("Pow", x2, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+        xn = g.op("Div", x2, g.op("Sqrt", g.op("Add", ms, g.const(eps, np.float32))))
         return g.op("Mul", xn, g.rows(weight_name, 0, self.d))
 
     # ---- graph -----------------------------------------------------------------------------------
@@ -273,21 +275,27 @@ class _Budget:
         dt = g.op("Softplus", g.op("Add", dt, g.inline(v.dt_bias, "dt_bias")))
         dt = g.op("Clip", dt, g.const(m.dt_min, np.float32), g.const(hi, np.float32))  # [b, h]
         rank_major = m.head_order == "rank_major"
-        hv, gv = ([-1, r, G], [-1, 1, G]) if rank_major else ([-1, G, r], [-1, G, 1])
+        hv, gv = ([-1, r, G], [-1, 1, G]) if rank_major else ([-1, G, r], [-1, G, 1])  # heads as 2 axes
+
+        def per_head(t: torch.Tensor) -> str:  # [h] -> [r, G, 1, 1] (or [G, r, 1, 1]), stored in the graph
+            return g.inline(t.float().reshape(*hv[1:], 1, 1), "per_head")
+
+        # everything below is [b, r, G, p, n]-shaped (rank-major); B and C broadcast over r
+        dt5 = g.op("Reshape", dt, g.const(hv + [1, 1]))
+        x5 = g.op("Reshape", xs, g.const(hv + [p, 1]))
         S = g.op("Reshape", self.pasts[f"{i}.ssm"], g.const(hv + [p, N]))
-        dA = g.op("Reshape", g.op("Exp", g.op("Mul", dt, g.inline(-torch.exp(v.A_log.float()), "A"))),
-                  g.const(hv + [1, 1]))
-        x3 = g.op("Reshape", xs, g.const([-1, h, p]))
-        dtx = g.op("Reshape", g.op("Mul", x3, g.op("Unsqueeze", dt, g.const([2]))), g.const(hv + [p, 1]))
-        S = g.op("Add", g.op("Mul", S, dA), g.op("Mul", dtx, g.op("Reshape", B, g.const(gv + [1, N]))))
+        dA = g.op("Exp", g.op("Mul", dt5, per_head(-torch.exp(v.A_log.float()))))
+        S = g.op("Add", g.op("Mul", S, dA),
+                 g.op("Mul", g.op("Mul", x5, dt5), g.op("Reshape", B, g.const(gv + [1, N]))))
         self.presents[f"{i}.ssm"] = g.op("Reshape", S, g.const([-1, h, p, N]))
-        y = g.op("Reshape", g.op("MatMul", S, g.op("Reshape", C, g.const(gv + [N, 1]))), g.const([-1, h, p]))
-        y = g.op("Add", y, g.op("Mul", x3, g.inline(v.D.float()[:, None], "D")))
-        y = g.op("Mul", y, g.op("Mul", z, g.op("Sigmoid", z)))  # z [b, h, p]
-        yg = g.op("Reshape", y, g.const(hv + [p]))
-        ms = g.op("ReduceMean", g.op("Mul", yg, yg), g.const([1, 3] if rank_major else [2, 3]), keepdims=1)
-        yg = g.op("Div", yg, g.op("Sqrt", g.op("Add", ms, g.const(m.eps, np.float32))))
-        return g.op("Mul", g.op("Reshape", yg, g.const([-1, h, p])), g.inline(v.norm, "gnorm"))
+        y = g.op("MatMul", S, g.op("Reshape", C, g.const(gv + [N, 1])))  # [b, r, G, p, 1]
+        y = g.op("Add", y, g.op("Mul", x5, per_head(v.D)))
+        z5 = g.op("Reshape", z, g.const(hv + [p, 1]))
+        y = g.op("Mul", y, g.op("Mul", z5, g.op("Sigmoid", z5)))
+        ms = g.op("ReduceMean", g.op("Pow", y, g.const(2.0, np.float32)), g.const([1, 3] if rank_major else [2, 3]),
+                  keepdims=1)
+        y = g.op("Div", y, g.op("Sqrt", g.op("Add", ms, g.const(m.eps, np.float32))))
+        return g.op("Mul", g.op("Reshape", y, g.const([-1, h, p])), g.inline(v.norm, "gnorm"))
 
     def attention(self, i: int, a, w, v: elastic.AttentionViews, x2: str) -> str:
         g, cfg = self.g, self.cfg

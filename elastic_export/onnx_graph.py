@@ -141,8 +141,16 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem: int, shape) -> str:
+        """Expose ``value`` as graph output ``name``: rename it in place (no Identity node) unless it is
+        a graph input or already an output under another name."""
         if value != name:
-            self.op("Identity", value, out=[name])
+            taken = {i.name for i in self.inputs} | {o.name for o in self.outputs} | set(self.inits)
+            if value in taken:
+                self.op("Identity", value, out=[name])
+            else:
+                for n in self.nodes:
+                    n.input[:] = [name if x == value else x for x in n.input]
+                    n.output[:] = [name if x == value else x for x in n.output]
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
 
