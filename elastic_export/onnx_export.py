@@ -201,20 +201,17 @@ class _Budget:
                 (_row_start(v.WB, W), _row_start(v.WB, W) + GN), (_row_start(v.WC, W), _row_start(v.WC, W) + GN),
                 (_row_start(v.Wdt, W), _row_start(v.Wdt, W) + h)]
         z, xs, B, C, dt = self.gemm_rows(self.widen(x2), name, runs)
-        z, xs = (g.op("Reshape", t, g.const([-1, h, P])) for t in (z, xs))  # [b*l, h, P]
-        if p < P:
-            z, xs = (g.op("Slice", t, g.const([0]), g.const([p]), g.const([2])) for t in (z, xs))
+        if p < P:  # keep p of the P channels computed per head: [b*l, h*P] -> [b*l, h*p]
+            z, xs = (g.op("Reshape", g.op("Slice", g.op("Reshape", t, g.const([-1, h, P])), g.const([0]), g.const([p]),
+                                          g.const([2])), g.const([-1, h * p])) for t in (z, xs))
         if v.bias is not None:
-            bz, bx, bB, bC, bdt = v.bias
-            z, xs, B, C, dt = (self.bias(t, bb, "in_bias") for t, bb in zip((z, xs, B, C, dt), v.bias))
-        xs = g.op("Reshape", xs, g.const([-1, h * p]))
+            z, xs, B, C, dt = (self.bias(t, bb.reshape(-1), "in_bias") for t, bb in zip((z, xs, B, C, dt), v.bias))
         if self.decode and self.mode != "standard":
             y = self._mamba_step(i, m, v, z, xs, B, C, dt, h, p)
         else:
             y = self._mamba_seq(i, m, v, z, xs, B, C, dt, h, p)
-        if p < P:
-            y = g.op("Pad", y, g.const([0, 0, 0, 0, 0, 0, 0, P - p] if not self.decode or self.mode == "standard"
-                                       else [0, 0, 0, 0, 0, P - p]))
+        if p < P:  # zero channels for the rows of out_proj this budget lacks
+            y = g.op("Pad", g.op("Reshape", y, g.const([-1, h, p])), g.const([0, 0, 0, 0, 0, P - p]))
         y = g.op("Reshape", y, g.const([-1, h * P]))
         c0 = _col_start(v.Wout, m.out_proj.weight)
         return self.bias(self.matmul_rows(y, f"backbone.layers.{i}.mixer.out_proj.weight", c0, c0 + h * P),
@@ -295,7 +292,7 @@ class _Budget:
         ms = g.op("ReduceMean", g.op("Pow", y, g.const(2.0, np.float32)), g.const([1, 3] if rank_major else [2, 3]),
                   keepdims=1)
         y = g.op("Div", y, g.op("Sqrt", g.op("Add", ms, g.const(m.eps, np.float32))))
-        return g.op("Mul", g.op("Reshape", y, g.const([-1, h, p])), g.inline(v.norm, "gnorm"))
+        return g.op("Mul", g.op("Reshape", y, g.const([-1, h * p])), g.inline(v.norm.reshape(-1), "gnorm"))
 
     def attention(self, i: int, a, w, v: elastic.AttentionViews, x2: str) -> str:
         g, cfg = self.g, self.cfg

@@ -173,3 +173,9 @@ def test_group_contiguous_parent(tmp_path, mode):
     budgets = {"full": full, "shallow": shallow}
     export_family(model, budgets, tmp_path, ssm_op=mode)
     _check(model, budgets, tmp_path, steps=3, b=2, l=19, padded=True)
+
+
+@pytest.mark.parametrize("mode", ["standard", "decomposed"])
+def test_projection_biases(tmp_path, mode):
+    model, budgets = _export(tmp_path, 4, mode, n=3, use_bias=True, attention_bias=True, mlp_bias=True)
+    _check(model, budgets, tmp_path, steps=2, b=2, l=11)
