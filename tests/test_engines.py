@@ -21,6 +21,7 @@ def built(tmp_path_factory):
     budgets = family(model.config, 7, 3)
     save_nested_fixture(d / "nested", model, budgets)
     build(d / "nested", d / "build", target="onnx")
+    build(d / "nested", d / "build_decomposed", target="onnx", ssm_op="decomposed")
     return model, budgets, d / "build"
 
 
@@ -58,12 +59,13 @@ def test_torch_engine_budgets_are_views_of_one_copy(built):
         eng.set_budget("nope")
 
 
-def test_generation_same_32_tokens_torch_and_ort(built):
+@pytest.mark.parametrize("build_name", ["build", "build_decomposed"])
+def test_generation_same_32_tokens_torch_and_ort(built, build_name):
     from engines.ort_engine import OrtEngine
 
     model, budgets, bdir = built
     te = TorchEngine(model, budgets)
-    oe = OrtEngine(bdir, threads=1)
+    oe = OrtEngine(bdir.parent / build_name, threads=1)
     assert oe.budgets == te.budgets == list(budgets)
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     for name, s in budgets.items():
