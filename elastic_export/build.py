@@ -9,6 +9,10 @@ Layout of an ONNX build (every budget reads the one weight file; nothing else ho
     tokenizer/                  copied from the nested checkpoint when it has one
 
 The directory is written to a temporary sibling and renamed into place, so a failure leaves nothing.
+
+``--target trt`` delegates to ``engines.trt``: ``availability() -> (ok, reason)`` (or a bool) says
+whether TensorRT and a CUDA GPU are present; ``build(model, budgets, out_dir, ssm_op=, dtype=,
+opset=, source=)`` writes its build into ``out_dir`` (a temporary directory renamed on success).
 """
 
 from __future__ import annotations
