@@ -140,7 +140,7 @@ class _Budget:
 
     # ---- graph -----------------------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
-        g, cfg, d = self.g, self.cfg, self.d
+        g, cfg = self.g, self.cfg
         V = cfg.vocab_size
         ids = g.input("input_ids", INT64, ["batch", 1 if self.decode else "seq"])
         mask = g.input("attention_mask", INT64, ["batch", "total" if self.decode else "seq"])
@@ -148,13 +148,13 @@ class _Budget:
         if self.decode:
             for sp in state_specs(cfg, self.s):
                 self.pasts[sp.name] = g.input(f"past.{sp.name}", FLOAT, list(sp.shape))
-        shape = g.op("Shape", ids)
-        self.b = g.op("Slice", shape, g.const([0]), g.const([1]))  # [1]
-        self.l = g.op("Slice", shape, g.const([1]), g.const([2]))
         self.maskf = g.op("Cast", mask, to=FLOAT)  # [b, T]
         if self.decode:  # the new token is real (padding only ever precedes a prompt): no Mamba masking
             self.newmask2 = self.newmask3 = None
         else:
+            shape = g.op("Shape", ids)
+            self.b = g.op("Slice", shape, g.const([0]), g.const([1]))  # [1]
+            self.l = g.op("Slice", shape, g.const([1]), g.const([2]))
             newmask = g.op("Slice", self.maskf, g.op("Neg", self.l), g.const([np.iinfo(np.int64).max]), g.const([1]))
             self.newmask2 = g.op("Reshape", newmask, g.const([-1, 1]))  # [b*l, 1]
             self.newmask3 = g.op("Unsqueeze", newmask, g.const([2]))  # [b, l, 1]
@@ -188,9 +188,9 @@ class _Budget:
 
     def mamba(self, i: int, m, w, v: elastic.MambaViews, x2: str) -> str:
         g, cfg = self.g, self.cfg
-        G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+        G, N = cfg.n_groups, cfg.ssm_state_size
         W = m.in_proj.weight
-        H, P = m.num_heads, m.head_dim
+        P = m.head_dim
         h, p = v.Wz.shape[0], v.Wz.shape[1]
         GN = G * N
         name = f"backbone.layers.{i}.mixer.in_proj.weight"
