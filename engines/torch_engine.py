@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from elastic_export.elastic import Subnet, validate_subnet
 from elastic_export.errors import BudgetError
 from elastic_export.model import _linear3, _out3
-from elastic_export.ssd import group_heads, ungroup_heads
 
 from .generation import generate
 
@@ -123,51 +122,53 @@ class TorchEngine:
         conv_w = torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc])  # [C, K], ~0.1% of the layer's bytes
         conv_b = None if v.conv_bias_x is None else torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc])
         Wout = v.Wout.flatten(1, 2) if v.Wout.stride(1) == p * v.Wout.stride(2) else None
-        return dict(h=h, p=p, GN=v.WB.shape[0], G=m.n_groups, rank_major=m.head_order == "rank_major",
-                    conv_w=conv_w, conv_b=conv_b, A=-torch.exp(v.A_log.float()), D=v.D[:, None],
-                    norm=v.norm.reshape(-1), Wout=Wout, eps=m.eps, dt_min=m.dt_min, dt_max=m.dt_max)
+        G = m.n_groups
+        r = h // G
+        rank_major = m.head_order == "rank_major"
+        hv, gv = ((-1, r, G), (-1, 1, G)) if rank_major else ((-1, G, r), (-1, G, 1))  # heads as 2 axes
+        return dict(h=h, p=p, GN=v.WB.shape[0], G=G, hv=hv, gv=gv, axes=(1, 3) if rank_major else (2, 3),
+                    conv_w=conv_w, conv_b=conv_b, A=-torch.exp(v.A_log.float()).view(hv[1:] + (1, 1)),
+                    D=v.D.view(hv[1:] + (1, 1)), norm=v.norm.reshape(-1), Wout=Wout, eps=m.eps,
+                    dt_min=m.dt_min, dt_max=m.dt_max)
 
     def _mamba(self, i, m, v, x):
         c = self._plans[i]
-        h, p, GN, G = c["h"], c["p"], c["GN"], c["G"]
-        b, r, n = x.shape[0], h // G, GN // G
-        if v.fused is not None:
-            z, xs, B, C, dt = F.linear(x, v.fused, m.in_proj.bias).split([h * p, h * p, GN, GN, h], dim=-1)
+        h, p, GN, hv, gv = c["h"], c["p"], c["GN"], c["hv"], c["gv"]
+        b, n = x.shape[0], GN // c["G"]
+        if v.fused is not None:  # x | B | C are adjacent rows: the conv input needs no concatenation
+            z, xBC, dt = F.linear(x, v.fused, m.in_proj.bias).split([h * p, h * p + 2 * GN, h], dim=-1)
         else:
             z, xs = _linear3(x, v.Wz).flatten(1), _linear3(x, v.Wx).flatten(1)
             B, C, dt = F.linear(x, v.WB), F.linear(x, v.WC), F.linear(x, v.Wdt)
             if v.bias is not None:
                 bz, bx, bB, bC, bdt = v.bias
                 z, xs, B, C, dt = z + bz.flatten(), xs + bx.flatten(), B + bB, C + bC, dt + bdt
+            xBC = torch.cat([xs, B, C], dim=-1)
         # depthwise causal conv over [state | new]; the state keeps the last K-1 inputs [b, C, K-1]
-        seq = torch.cat([self.cache.conv[i], torch.cat([xs, B, C], dim=-1)[:, :, None]], dim=2)  # [b, C, K]
+        seq = torch.cat([self.cache.conv[i], xBC[:, :, None]], dim=2)  # [b, C, K]
         self.cache.conv[i] = seq[:, :, 1:]
         xbc = (seq * c["conv_w"]).sum(-1)
         if c["conv_b"] is not None:
             xbc = xbc + c["conv_b"]
         xs, B, C = F.silu(xbc).split([h * p, GN, GN], dim=-1)
-        # SSD step in place: S = exp(dt A) S + dt x B^T, y = S C, B and C broadcast over their group's heads
-        dt = F.softplus(dt + v.dt_bias).clamp(c["dt_min"], c["dt_max"])  # [b, h]
-        S = self.cache.ssm[i]  # [b, h, p, n]
-        if c["rank_major"]:  # head j*G + g: heads as [r, G]
-            hv, gv = (b, r, G), (b, 1, G)
-        else:  # head g*r + j: heads as [G, r]
-            hv, gv = (b, G, r), (b, G, 1)
-        S.mul_(torch.exp(dt * c["A"])[:, :, None, None])
-        xh = xs.view(b, h, p)
-        S.view(*hv, p, n).add_((dt[:, :, None] * xh).view(*hv, p, 1) * B.view(*gv, 1, n))
-        y = (S.view(*hv, p, n) @ C.view(*gv, n, 1)).view(b, h, p)
-        y = (y + xh * c["D"]) * F.silu(z.view(b, h, p))
-        yg = y.view(*hv, p)  # gated RMSNorm over each group's channels
-        axes = (1, 3) if c["rank_major"] else (2, 3)
-        y = (yg * torch.rsqrt(yg.pow(2).mean(dim=axes, keepdim=True) + c["eps"])).view(b, h * p) * c["norm"]
+        # SSD step in place on [b, r, G, p, n] (rank-major heads; [b, G, r, ...] otherwise): B and C
+        # broadcast over their group's heads. S = exp(dt A) S + dt x B^T, y = S C.
+        dt = F.softplus(dt + v.dt_bias).clamp(c["dt_min"], c["dt_max"]).view(*hv, 1, 1)
+        x5 = xs.view(*hv, p, 1)
+        S = self.cache.ssm[i].view(*hv, p, n)
+        S.mul_(torch.exp(dt * c["A"])).addcmul_(x5 * dt, B.view(*gv, 1, n))
+        y = torch.addcmul(S @ C.view(*gv, n, 1), x5, c["D"])  # [b, r, G, p, 1]
+        y = y * F.silu(z.view(*hv, p, 1))
+        y = y * torch.rsqrt(y.pow(2).mean(dim=c["axes"], keepdim=True) + c["eps"])  # gated RMSNorm per group
+        y = y.view(b, h * p) * c["norm"]
         out = F.linear(y, c["Wout"]) if c["Wout"] is not None else _out3(y.view(b, h, p), v.Wout)
         return out if v.bout is None else out + v.bout
 
     def _attention(self, i, a, v, x):
         nkv, hd = a.num_kv_heads, a.head_dim
         bq, bk, bv, bo = v.biases if v.biases is not None else (None,) * 4
-        q = F.linear(x, v.Wq, bq).view(-1, 1, v.Wq.shape[0] // hd, hd)  # [b, 1, h, hd]
+        rows = v.Wq.shape[0]
+        r = rows // hd // nkv
         k = F.linear(x, v.Wk, bk).view(-1, nkv, 1, hd)
         val = F.linear(x, v.Wv, bv).view(-1, nkv, 1, hd)
         kv = self.kv[i]
@@ -179,14 +180,15 @@ class TorchEngine:
                 kv[j][:, :, :self.pos] = old[:, :, :self.pos]
         kv[0][:, :, self.pos:T] = k
         kv[1][:, :, self.pos:T] = val
-        hq = q.shape[2]
-        q = group_heads(q, nkv, a.head_order, 2).flatten(2, 3).transpose(1, 2)  # [b, h, 1, hd]
-        mask = None if self.key_mask is None else self.key_mask[:, None, None, :T]
-        o = F.scaled_dot_product_attention(q, kv[0][:, :, :T], kv[1][:, :, :T], attn_mask=mask,
-                                           scale=hd ** -0.5, enable_gqa=nkv != hq)
-        o = o.transpose(1, 2).unflatten(2, (nkv, hq // nkv))  # [b, 1, nkv, r, hd]
-        o = ungroup_heads(o, "rank_major", 2) if a.head_order == "rank_major" else o.flatten(2, 3)
-        return F.linear(o.flatten(1), v.Wo, bo)
+        rank_major = a.head_order == "rank_major"  # query head j*nkv + g (else g*r + j)
+        q = F.linear(x, v.Wq, bq)
+        q = q.view(-1, r, nkv, hd).transpose(1, 2) if rank_major else q.view(-1, nkv, r, hd)  # [b, nkv, r, hd]
+        scores = (q @ kv[0][:, :, :T].transpose(2, 3)) * hd ** -0.5  # [b, nkv, r, T]
+        if self.key_mask is not None:
+            scores = scores.masked_fill(~self.key_mask[:, None, None, :T], float("-inf"))
+        o = scores.softmax(-1) @ kv[1][:, :, :T]  # [b, nkv, r, hd]
+        o = o.transpose(1, 2) if rank_major else o
+        return F.linear(o.reshape(-1, rows), v.Wo, bo)
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, input_ids, max_new_tokens, **kwargs)
