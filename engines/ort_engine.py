@@ -119,6 +119,8 @@ class OrtEngine:
         self.prefill_sess, self.decode_sess = s["prefill"], s["decode"]
         self.out_names = [o.name for o in self.decode_sess.get_outputs()]
         self.state_names = [n.removeprefix("present.") for n in self.out_names if n.startswith("present.")]
+        self._state_index = {n: self.out_names.index(f"present.{n}") for n in self.state_names}
+        self._logits_index = self.out_names.index("logits")
         self.states = None
 
     def prefill(self, input_ids, attention_mask=None, last_only: bool = False) -> torch.Tensor:
@@ -131,7 +133,7 @@ class OrtEngine:
              "attention_mask": self.ort.OrtValue.ortvalue_from_numpy(mask)})
         names = [o.name for o in self.prefill_sess.get_outputs()]
         vals = dict(zip(names, outs))
-        self.states = {n: vals[f"present.{n}"] for n in self.state_names}
+        self.states = {n: vals[f"present.{n}"]._ortvalue for n in self.state_names}
         self.mask = mask
         logits = torch.from_numpy(vals["logits"].numpy())
         return logits[:, -1] if last_only else logits
@@ -141,14 +143,14 @@ class OrtEngine:
             raise BudgetError("decode before prefill", field="decode", fix="call prefill(prompt) first")
         tok = np.ascontiguousarray(torch.as_tensor(tokens).reshape(-1, 1).numpy(), dtype=np.int64)
         self.mask = np.concatenate([self.mask, np.ones((tok.shape[0], 1), np.int64)], axis=1)
-        feed = {"input_ids": self.ort.OrtValue.ortvalue_from_numpy(tok),
-                "attention_mask": self.ort.OrtValue.ortvalue_from_numpy(self.mask)}
+        # the binding's own run call: states stay C-level OrtValues, fed straight back next step
+        C = self.ort.OrtValue.ortvalue_from_numpy
+        feed = {"input_ids": C(tok)._ortvalue, "attention_mask": C(self.mask)._ortvalue}
         for n, v in self.states.items():
             feed[f"past.{n}"] = v
-        outs = self.decode_sess.run_with_ort_values(self.out_names, feed)
-        vals = dict(zip(self.out_names, outs))
-        self.states = {n: vals[f"present.{n}"] for n in self.state_names}
-        return torch.from_numpy(vals["logits"].numpy()[:, -1])
+        outs = self.decode_sess._sess.run_with_ort_values(feed, self.out_names, None)
+        self.states = {n: outs[j] for n, j in self._state_index.items()}
+        return torch.from_numpy(outs[self._logits_index].numpy()[:, -1])
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, input_ids, max_new_tokens, **kwargs)
