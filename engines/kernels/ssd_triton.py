@@ -195,13 +195,22 @@ def _check(x, B, head_order):
         raise ValueError(f"{h} heads are not divisible by {g} groups")
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: str = "group_contiguous"):
-    """Triton chunked SSD scan. Returns (y [b, l, h, p] float32, final_state [b, h, p, n] float32)."""
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: str = "group_contiguous",
+                out=None):
+    """Triton chunked SSD scan. Returns (y [b, l, h, p] float32, final_state [b, h, p, n] float32).
+
+    ``out=(y, final)``: contiguous float32 tensors to write into (the TensorRT JIT plugin's outputs).
+    """
     _check(x, B, head_order)
     b, l, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
-    y = torch.empty(b, l, h, p, device=x.device, dtype=torch.float32)
-    final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
+    if out is None:
+        y = torch.empty(b, l, h, p, device=x.device, dtype=torch.float32)
+        final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
+    else:
+        y, final = out
+        if not (y.is_contiguous() and final.is_contiguous() and y.dtype == final.dtype == torch.float32):
+            raise ValueError("out tensors must be contiguous float32")
     if b == 0 or h == 0:
         return y, final
     A = A.float().contiguous()
