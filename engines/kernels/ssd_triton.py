@@ -196,10 +196,11 @@ def _check(x, B, head_order):
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: str = "group_contiguous",
-                out=None):
+                out=None, *, config: tuple[int, int, int] | None = None):
     """Triton chunked SSD scan. Returns (y [b, l, h, p] float32, final_state [b, h, p, n] float32).
 
     ``out=(y, final)``: contiguous float32 tensors to write into (the TensorRT JIT plugin's outputs).
+    ``config=(block_l, block_p, num_warps)`` overrides the launch choices (benchmarks tune with it).
     """
     _check(x, B, head_order)
     b, l, h, p = x.shape
@@ -217,6 +218,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order:
     has_init = initial_state is not None
     s0 = initial_state if has_init else final  # dummy pointer when absent (never read)
     bl, bp, bn = block_l(chunk_size), block_p(p), block_n(n)
+    warps = num_warps(bl, bp, bn)
+    if config is not None:
+        bl, bp, warps = config
     ieee = x.dtype == torch.float32 or not x.is_cuda
     grid = (triton.cdiv(p, bp), b * h)
     ssd_scan_kernel[grid](
@@ -225,7 +229,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order:
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *s0.stride(),
         y, final,
         HAS_INIT=has_init, RANK_MAJOR=head_order == "rank_major", IEEE=ieee,
-        BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn, num_warps=num_warps(bl, bp, bn),
+        BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
     )
     return y, final
 
