@@ -71,22 +71,36 @@ def test_state_pairs():
 triton = pytest.importorskip("triton")
 
 
-def _sm90():
-    from triton.backends.compiler import GPUTarget
-    return GPUTarget("cuda", 90, 32)
+_AOT_SNIPPET = """
+import json, re, sys
+from triton.backends.compiler import GPUTarget
+from engines.trt.aot import MAX_STATIC_SHARED, compile_scan
+dtype, p, n, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ck = compile_scan(dtype, p, n, chunk, "rank_major", target=GPUTarget("cuda", 90, 32))
+entry = re.search(r"\\.entry\\s+" + ck.name + r"\\s*\\((.*?)\\)", ck.ptx, flags=re.S).group(1)
+print(json.dumps(dict(params=entry.count(".param"), n_params=ck.n_params, shared=ck.shared, limit=MAX_STATIC_SHARED,
+                      warps=ck.num_warps, block_p=ck.block_p, block_n=ck.block_n, name=ck.name)))
+"""
 
 
 @pytest.mark.parametrize("dtype,p,n,chunk", [("bfloat16", 80, 128, 128), ("float32", 6, 12, 16)])
 def test_aot_ptx_has_exactly_the_parameters_tensorrt_passes(dtype, p, n, chunk):
-    import re
+    """Compiled in a subprocess: the AOT path needs compiled (not interpreted) Triton functions."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
 
-    from engines.trt.aot import MAX_STATIC_SHARED, compile_scan
-
-    ck = compile_scan(dtype, p, n, chunk, "rank_major", target=_sm90())
-    entry = re.search(r"\.entry\s+" + ck.name + r"\s*\((.*?)\)", ck.ptx, flags=re.S).group(1)
-    assert entry.count(".param") == ck.n_params == 6 + 24 + 2  # inputs, scalars, outputs
-    assert ck.shared <= MAX_STATIC_SHARED and ck.num_warps in (4, 8)
-    assert ck.block_p == (16 if p == 80 else 16) and ck.block_n == max(16, triton.next_power_of_2(n))
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(root), TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, "-c", _AOT_SNIPPET, dtype, str(p), str(n), str(chunk)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ck["params"] == ck["n_params"] == 6 + 24 + 2  # inputs, scalars, outputs
+    assert ck["shared"] <= ck["limit"] and ck["warps"] in (4, 8)
+    assert ck["block_p"] == 16 and ck["block_n"] == max(16, 1 << (n - 1).bit_length())
 
 
 def test_strip_refuses_a_hidden_parameter_that_is_read():
@@ -150,10 +164,16 @@ def _stub_tensorrt(monkeypatch):
 def test_plugin_definitions_with_a_stand_in(monkeypatch):
     from engines.trt import aot, plugin
 
+    from engines.kernels import ssd_triton as K
+
     reg = _stub_tensorrt(monkeypatch)
     monkeypatch.setattr(plugin, "_registered", False)
-    orig = aot.compile_scan
-    monkeypatch.setattr(aot, "compile_scan", lambda *a, **k: orig(*a, **k, target=_sm90()))
+
+    def fake_compile(dtype, p, n, chunk, order):  # the real one is checked above, in a subprocess
+        bp, bn = K.block_p(p), K.block_n(n)
+        return aot.CompiledScan("ssd_scan_kernel", ".entry ssd_scan_kernel(\n)", 4, 0, 32, bp, bn, 32)
+
+    monkeypatch.setattr(aot, "compile_scan", fake_compile)
     plugin.register()
     assert {k for k, _ in reg} == {"register", "autotune", "impl", "aot_impl"}
     assert all(pid == spec.PLUGIN_ID for _, pid in reg)
