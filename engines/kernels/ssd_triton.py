@@ -81,8 +81,9 @@ def ssd_scan_kernel(
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
     for t0 in range(0, seqlen, BLOCK_L):
-        t = t0 + offs_l
-        lmask = t < seqlen
+        t32 = t0 + offs_l
+        lmask = t32 < seqlen
+        t = t32.to(tl.int64)  # l * h * p may pass 2^31 on long prompts
         dt = tl.load(dt_base + t * sdt_l, mask=lmask, other=0.0).to(tl.float32)  # [L]
         acum = tl.cumsum(dt * A, axis=0)  # [L], non-increasing, flat past the end
         x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p,

@@ -33,11 +33,21 @@ def _const(expr, what: str) -> int:
 
 
 def _as_torch(t):
-    """A torch view of a tensorrt.plugin Tensor (DLPack when offered, else the CUDA array interface)."""
+    """A torch view (no copy) of a tensorrt.plugin Tensor: DLPack when offered, else the CUDA array
+    interface, which has no bfloat16 (read such a buffer as int16 and view it as bfloat16)."""
+    import tensorrt as trt
     import torch
 
     if hasattr(t, "__dlpack__"):
-        return torch.from_dlpack(t)
+        try:
+            return torch.from_dlpack(t)
+        except Exception:
+            pass
+    if t.dtype == trt.bfloat16:
+        class _Raw:
+            __cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": "<i2", "version": 2,
+                                        "data": (int(t.data_ptr), False)}
+        return torch.as_tensor(_Raw(), device="cuda").view(torch.bfloat16)
     return torch.as_tensor(t, device="cuda")
 
 
