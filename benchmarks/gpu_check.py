@@ -296,20 +296,26 @@ def time_scan(R, dev, tiny, shape):
     floor_bytes = (x.numel() * 2 + dt.numel() * 4 + (B.numel() + C.numel()) * 2 + s0.numel() * 4
                    + x.numel() * 4 + s0.numel() * 4)  # read x, dt, B, C, s0; write y (fp32), final
     floor = floor_bytes / bw
-    default = (K.block_l(128), K.block_p(p), K.num_warps(K.block_l(128), K.block_p(p), K.block_n(n)))
-    configs = [default] if tiny else [default, (32, 16, 4), (64, 16, 4), (64, 16, 8), (32, 32, 4), (64, 32, 8),
-                                      (32, 128, 8), (64, 128, 8)]
+    default = (K.block_l(128), K.block_p(p), K.num_warps(K.block_l(128), K.block_p(p), K.block_n(n)), K.DOT_TF32)
+    low = K.DOT_LOW
+    configs = [default] if tiny else [default, (32, 16, 4, 1), (64, 16, 8, 1), (32, 32, 4, 1), (64, 32, 8, 1),
+                                      (64, 128, 8, 1), (32, 16, 4, low), (64, 16, 4, low), (64, 16, 8, low),
+                                      (64, 32, 8, low), (64, 128, 8, low)]
+    yr, fr = K.ssd_chunked(x.float(), dt, A, B.float(), C.float(), 128, s0, "group_contiguous")  # fp32 IEEE
     best, s_default = None, None
-    for cfg in dict.fromkeys(configs):  # (block_l, block_p, num_warps), default first
+    for cfg in dict.fromkeys(configs):  # (block_l, block_p, num_warps, dot), default first
         if R.over_budget():
             break
         try:
             s = bench(lambda: K.ssd_chunked(x, dt, A, B, C, 128, s0, "group_contiguous", config=cfg), dev, 2, 5)
+            y, f = K.ssd_chunked(x, dt, A, B, C, 128, s0, "group_contiguous", config=cfg)
+            err = max(rel_err(y, yr), rel_err(f, fr))
         except Exception as e:  # e.g. out of registers or shared memory for this config
             R.notes.append(f"scan config {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
             continue
         s_default = s if s_default is None else s_default
-        R.notes.append(f"scan config (block_l, block_p, warps)={cfg}: {ms(s)}")
+        R.notes.append(f"scan config (block_l, block_p, warps, dot {'tf32' if cfg[3] == 1 else 'low'})={cfg[:3]}: "
+                       f"{ms(s)}, rel err vs fp32 {err:.1e}")
         if best is None or s < best[0]:
             best = (s, cfg)
     hf_scan = getattr(hfm.mamba2_chunk_scan, "__wrapped__", hfm.mamba2_chunk_scan)

@@ -81,6 +81,18 @@ def test_scan_low_precision_inputs(dtype):
     close(final, fr, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_scan_low_precision_dots(dtype, tol):
+    """DOT_LOW: dot operands rounded to the input dtype (the fast mode); the state stays float32."""
+    if DEV == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter mis-computes bfloat16 tl.dot (checked on the GPU)")
+    args = inputs(2, 29, 6, 10, 2, 12, dtype=dtype, seed=3)
+    y, final = K.ssd_chunked(*args[:5], 16, args[5], "rank_major", config=(16, 16, 4, K.DOT_LOW))
+    yr, fr = reference(*args[:5], 16, args[5], "rank_major")
+    close(y, yr, tol)
+    close(final, fr, tol)
+
+
 def test_scan_strided_inputs_and_split_sequence():
     """Views with odd strides (as sliced from in_proj) and a prefill split in two equal one scan."""
     b, l, h, p, g, n = 2, 41, 6, 10, 3, 8

@@ -3,7 +3,8 @@
 The torch reference (:mod:`elastic_export.ssd`) defines the numerics; these kernels compute the
 same recurrence per head,  S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t,  and
 the wrappers have the reference's signatures (``ssd_chunked``, ``ssd_step``). State and outputs are
-float32; x, B, C may be float32, float16 or bfloat16 (loaded in their dtype, computed in float32).
+float32; x, B, C may be float32, float16 or bfloat16 (loaded in their dtype; dots accumulate in
+float32 with the operand precision of ``DOT_*`` below; everything else is float32).
 
 Prefill design: one program per (batch, head, block of head channels) walks the sequence chunk by
 chunk and keeps its [BLOCK_P, N] slice of the state in registers, so the inputs are read once,
@@ -14,6 +15,8 @@ the outputs written once and no per-chunk state ever goes to memory. Per chunk o
 The chunk length is a kernel parameter, not the model's: the chunked form is exact for any chunk
 length (only float rounding differs), so the wrapper takes ``chunk_size`` as a hint and clamps it to
 16..64 (tl.dot needs 16 rows; 64 keeps the [L, L] tile in registers).
+
+Offsets: batch and sequence offsets are 64-bit; head and channel offsets 32-bit.
 
 Heads map to groups as in the reference: ``group_contiguous`` g = h // (H/G), ``rank_major``
 g = h % G. Sequences need not be a multiple of the chunk (masked loads, dt = 0 on the tail).
@@ -26,11 +29,32 @@ Run on CPU with ``TRITON_INTERPRET=1`` set before triton is imported (the tests 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 HEAD_ORDER_CODES = {"group_contiguous": 0, "rank_major": 1}
+
+
+# Dot operand precision, always with float32 accumulation:
+#   DOT_IEEE  every dot in exact float32 (float32 inputs; the interpreter)
+#   DOT_TF32  C B^T in the inputs' own dtype (exact: C and B are already in it), the dots with float32
+#             operands (decay-weighted scores, the state) in TF32
+#   DOT_LOW   every dot's operands rounded to the inputs' dtype (mamba-ssm's choice; twice TF32's rate)
+# The carried state is float32 in registers in every mode.
+DOT_IEEE, DOT_TF32, DOT_LOW = 0, 1, 2
+
+
+@triton.jit
+def _mm(a, b, DOT: tl.constexpr, LOW: tl.constexpr):
+    if DOT == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a.to(LOW), b.to(LOW))
 
 
 @triton.jit
@@ -43,7 +67,7 @@ def ssd_scan_kernel(
     sC_b, sC_l, sC_g, sC_n,
     s0_b, s0_h, s0_p, s0_n,
     y_ptr, sf_ptr,
-    HAS_INIT: tl.constexpr, RANK_MAJOR: tl.constexpr, IEEE: tl.constexpr,
+    HAS_INIT: tl.constexpr, RANK_MAJOR: tl.constexpr, DOT: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -55,6 +79,7 @@ def ssd_scan_kernel(
     else:
         g = h // (nheads // ngroups)
     b64 = b.to(tl.int64)
+    LOW: tl.constexpr = x_ptr.dtype.element_ty
 
     offs_l = tl.arange(0, BLOCK_L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -89,34 +114,26 @@ def ssd_scan_kernel(
         x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p,
                     mask=lmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)  # [L, P]
         Bc = tl.load(B_base + t[:, None] * sB_l + offs_n[None, :] * sB_n,
-                     mask=lmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)  # [L, N]
+                     mask=lmask[:, None] & nmask[None, :], other=0.0)  # [L, N], input dtype
         Cc = tl.load(C_base + t[:, None] * sC_l + offs_n[None, :] * sC_n,
-                     mask=lmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)  # [L, N]
+                     mask=lmask[:, None] & nmask[None, :], other=0.0)  # [L, N], input dtype
 
         # 1. intra-chunk: (C B^T) masked by the causal decay, times dt_j, applied to x
-        if IEEE:
-            CB = tl.dot(Cc, tl.trans(Bc), input_precision="ieee")  # [L, L]
+        if DOT == 0:
+            CB = _mm(Cc, tl.trans(Bc), 0, LOW)  # [L, L]
         else:
-            CB = tl.dot(Cc, tl.trans(Bc))
+            CB = _mm(Cc, tl.trans(Bc), 2, LOW)  # exact products of the inputs' own precision
         decay = tl.exp(tl.where(causal, acum[:, None] - acum[None, :], float("-inf")))
         M = CB * decay * dt[None, :]
         # 2. the carried state's contribution, decayed to each step
-        if IEEE:
-            y = tl.dot(M, x, input_precision="ieee")
-            y += tl.dot(Cc, tl.trans(state), input_precision="ieee") * tl.exp(acum)[:, None]
-        else:
-            y = tl.dot(M, x)
-            y += tl.dot(Cc, tl.trans(state)) * tl.exp(acum)[:, None]
+        y = _mm(M, x, DOT, LOW) + _mm(Cc, tl.trans(state), DOT, LOW) * tl.exp(acum)[:, None]
         tl.store(y_base + t[:, None] * (nheads * headdim) + offs_p[None, :], y,
                  mask=lmask[:, None] & pmask[None, :])
 
-        # 3. state at the chunk's end
+        # 3. state at the chunk's end (the state itself stays float32 in registers)
         alast = tl.sum(tl.where(last, acum, 0.0), axis=0)
         w = tl.exp(alast - acum) * dt  # [L]
-        if IEEE:
-            inc = tl.dot(tl.trans(x * w[:, None]), Bc, input_precision="ieee")  # [P, N]
-        else:
-            inc = tl.dot(tl.trans(x * w[:, None]), Bc)
+        inc = _mm(tl.trans(x * w[:, None]), Bc, DOT, LOW)  # [P, N]
         state = state * tl.exp(alast) + inc
 
     tl.store(sf_base + offs_p[:, None] * dstate + offs_n[None, :], state, mask=ps_mask)
@@ -197,11 +214,14 @@ def _check(x, B, head_order):
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: str = "group_contiguous",
-                out=None, *, config: tuple[int, int, int] | None = None):
+                out=None, *, config: tuple[int, ...] | None = None):
     """Triton chunked SSD scan. Returns (y [b, l, h, p] float32, final_state [b, h, p, n] float32).
 
     ``out=(y, final)``: contiguous float32 tensors to write into (the TensorRT JIT plugin's outputs).
-    ``config=(block_l, block_p, num_warps)`` overrides the launch choices (benchmarks tune with it).
+    ``config=(block_l, block_p, num_warps[, dot])`` overrides the launch choices (benchmarks tune with
+    it). Dots: float32 inputs use exact float32 (DOT_IEEE); float16/bfloat16 inputs TF32 (DOT_TF32) by
+    default, or DOT_LOW, operands rounded to the input dtype as mamba-ssm does (twice the tensor-core
+    rate; the carried state stays float32 either way).
     """
     _check(x, B, head_order)
     b, l, h, p = x.shape
@@ -220,16 +240,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order:
     s0 = initial_state if has_init else final  # dummy pointer when absent (never read)
     bl, bp, bn = block_l(chunk_size), block_p(p), block_n(n)
     warps = num_warps(bl, bp, bn)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # its bfloat16 tl.dot is wrong; precision moot
+    dot = DOT_IEEE if x.dtype == torch.float32 or interpreted else DOT_TF32
     if config is not None:
-        bl, bp, warps = config
-    ieee = x.dtype == torch.float32 or not x.is_cuda
+        bl, bp, warps, dot = (*config, dot)[:4]
     grid = (triton.cdiv(p, bp), b * h)
     ssd_scan_kernel[grid](
         x, dt, A, B, C, s0,
         l, h, p, g, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *s0.stride(),
         y, final,
-        HAS_INIT=has_init, RANK_MAJOR=head_order == "rank_major", IEEE=ieee,
+        HAS_INIT=has_init, RANK_MAJOR=head_order == "rank_major", DOT=dot,
         BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
     )
     return y, final

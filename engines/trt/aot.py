@@ -85,7 +85,7 @@ def compile_scan(dtype: str, headdim: int, dstate: int, chunk_size: int, head_or
         if bl > K.block_l(chunk_size):
             continue
         warps = K.num_warps(bl, bp, bn)
-        constexprs = dict(HAS_INIT=True, RANK_MAJOR=head_order == "rank_major", IEEE=dtype == "float32",
+        constexprs = dict(HAS_INIT=True, RANK_MAJOR=head_order == "rank_major", DOT=K.DOT_IEEE if dtype == "float32" else K.DOT_TF32,
                           BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn)
         src = triton.compiler.ASTSource(fn=K.ssd_scan_kernel, signature=scan_signature(dtype),
                                         constexprs=constexprs)
