@@ -34,6 +34,10 @@ def test_availability_old_tensorrt_without_plugin_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     ok, reason = etrt.availability(need_gpu=False)
     assert not ok and "10.3.0" in reason and "decomposed" in reason
+    assert etrt.availability(need_gpu=False, need_plugin=False) == (True, "TensorRT 10.3.0")
+    mode, note = etrt.ssm_op_for_trt("plugin")
+    assert mode == "decomposed" and "10.3.0" in note
+    assert etrt.ssm_op_for_trt("standard") == ("standard", None)
 
 
 def _graph_with_dims(tmp_path):

@@ -24,9 +24,28 @@ def _version(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def availability(need_gpu: bool = True) -> tuple[bool, str]:
-    """(ok, reason). Checks, in order: the tensorrt package, its version and ``tensorrt.plugin``
-    (TensorRT >= 10.7), triton (the plugin's kernels), and a CUDA GPU for torch."""
+def plugin_support() -> tuple[bool, str]:
+    """(ok, reason): whether the installed TensorRT has ``tensorrt.plugin`` (>= 10.7) and triton is
+    there to compile the plugin's kernels. Assumes tensorrt imports."""
+    import tensorrt as trt
+
+    version = getattr(trt, "__version__", "0")
+    if _version(version) < MIN_TRT_FOR_PLUGIN:
+        return False, f"TensorRT {version} has no tensorrt.plugin (needs >= 10.7; JetPack 6 ships 10.3)"
+    try:
+        import tensorrt.plugin  # noqa: F401
+    except Exception as e:
+        return False, f"TensorRT {version} is installed but tensorrt.plugin does not import ({type(e).__name__}: {e})"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    return True, f"TensorRT {version} with tensorrt.plugin"
+
+
+def availability(need_gpu: bool = True, need_plugin: bool = True) -> tuple[bool, str]:
+    """(ok, reason). Checks, in order: the tensorrt package, ``tensorrt.plugin`` and triton (when
+    ``need_plugin``: the `plugin` SSM mode), and a CUDA GPU for torch."""
     try:
         import tensorrt as trt
     except Exception as e:
@@ -34,18 +53,10 @@ def availability(need_gpu: bool = True) -> tuple[bool, str]:
                        "TensorRT >= 10.7 from NVIDIA (PyPI's tensorrt wheels fetch the libraries from "
                        "NVIDIA's index)")
     version = getattr(trt, "__version__", "0")
-    if _version(version) < MIN_TRT_FOR_PLUGIN:
-        return False, (f"TensorRT {version} has no tensorrt.plugin (needs >= 10.7, e.g. JetPack 6 ships 10.3); "
-                       "build with --ssm-op decomposed instead")
-    try:
-        import tensorrt.plugin  # noqa: F401
-    except Exception as e:
-        return False, (f"TensorRT {version} is installed but tensorrt.plugin does not import "
-                       f"({type(e).__name__}: {e}); build with --ssm-op decomposed instead")
-    try:
-        import triton  # noqa: F401
-    except Exception as e:
-        return False, f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    if need_plugin:
+        ok, reason = plugin_support()
+        if not ok:
+            return False, reason + "; build with --ssm-op decomposed instead"
     if need_gpu:
         import torch
 
@@ -54,9 +65,24 @@ def availability(need_gpu: bool = True) -> tuple[bool, str]:
     return True, f"TensorRT {version}"
 
 
-def require(need_gpu: bool = True) -> str:
-    """Raise TrtUnavailable naming what is missing; return a description of TensorRT when fine."""
-    ok, reason = availability(need_gpu)
+def require(need_gpu: bool = True, need_plugin: bool = True) -> str:
+    """Raise TrtUnavailable naming what is missing; return a description of TensorRT when fine.
+    ``build --target trt`` calls this before it writes anything."""
+    ok, reason = availability(need_gpu, need_plugin)
     if not ok:
         raise TrtUnavailable(reason, field="--target trt", fix="use --target onnx or --target auto")
     return reason
+
+
+def ssm_op_for_trt(requested: str | None = None) -> tuple[str, str | None]:
+    """The SSM mode a TensorRT build uses, and a note to print when it is not the one asked for.
+
+    ``plugin`` where tensorrt.plugin exists; otherwise ``decomposed`` (plain ONNX ops TensorRT parses
+    natively), saying so. An explicit ``decomposed`` or ``standard`` request is kept as is.
+    """
+    if requested not in (None, "plugin"):
+        return requested, None
+    ok, reason = plugin_support()
+    if ok:
+        return "plugin", None
+    return "decomposed", f"{reason}: building the SSM scan in the decomposed mode instead of the plugin"
