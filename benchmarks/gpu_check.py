@@ -298,8 +298,9 @@ def time_scan(R, dev, tiny, shape):
     floor = floor_bytes / bw
     default = (K.block_l(128), K.block_p(p), K.num_warps(K.block_l(128), K.block_p(p), K.block_n(n)), K.DOT_TF32)
     low = K.DOT_LOW
-    configs = [default] if tiny else [default, (32, 16, 4, 1), (64, 16, 8, 1), (32, 32, 4, 1), (64, 32, 8, 1),
-                                      (64, 128, 8, 1), (32, 16, 4, low), (64, 16, 4, low), (64, 16, 8, low),
+    configs = [default] if tiny else [default, (16, 16, 4, 1), (32, 16, 4, 1), (64, 16, 8, 1), (32, 32, 4, 1),
+                                      (64, 32, 8, 1), (32, 64, 8, 1), (64, 128, 8, 1), (16, 16, 4, low),
+                                      (32, 16, 4, low), (64, 16, 4, low), (64, 16, 8, low), (32, 32, 4, low),
                                       (64, 32, 8, low), (64, 128, 8, low)]
     yr, fr = K.ssd_chunked(x.float(), dt, A, B.float(), C.float(), 128, s0, "group_contiguous")  # fp32 IEEE
     best, s_default = None, None
