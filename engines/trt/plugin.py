@@ -74,8 +74,9 @@ def register() -> None:
     @trtp.autotune(spec.PLUGIN_ID)
     def ssd_scan_autotune(x, dt, A, B, C, initial_state, outputs) -> list:
         # x, B, C share one type T; dt, A, the states and y are float32. Linear formats only.
-        t = "FP32|FP16|BF16"
-        return [trtp.AutoTuneCombination(f"{t}, FP32, FP32, {t}, {t}, FP32, FP32, FP32", "LINEAR")]
+        # Dependent combinations ('|'), spelled out at every position: (T, FP32, FP32, T, T, FP32, FP32, FP32).
+        t, f = "FP32|FP16|BF16", "FP32|FP32|FP32"
+        return [trtp.AutoTuneCombination(f"{t}, {f}, {f}, {t}, {t}, {f}, {f}, {f}", "LINEAR")]
 
     @trtp.impl(spec.PLUGIN_ID)
     def ssd_scan_impl(x: trtp.Tensor, dt: trtp.Tensor, A: trtp.Tensor, B: trtp.Tensor, C: trtp.Tensor,
