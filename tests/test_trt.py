@@ -181,6 +181,11 @@ def test_plugin_definitions_with_a_stand_in(monkeypatch):
     plugin.register()
     assert {k for k, _ in reg} == {"register", "autotune", "impl", "aot_impl"}
     assert all(pid == spec.PLUGIN_ID for _, pid in reg)
+    import inspect
+    for kind in ("register", "impl", "aot_impl"):  # tensorrt.plugin reads annotations as objects
+        params = inspect.signature(reg[kind, spec.PLUGIN_ID]).parameters
+        assert not any(isinstance(p.annotation, str) for p in params.values()), kind
+        assert params["x"].annotation is not inspect.Parameter.empty and params["chunk_size"].annotation is int
 
     b, l, h, p, g, n = _Expr("b"), _Expr("l"), _Expr(6), _Expr(80), _Expr(2), _Expr(128)
     desc = lambda shape, dt="bf16": types.SimpleNamespace(shape_expr=shape, dtype=dt)  # noqa: E731

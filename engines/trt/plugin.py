@@ -16,7 +16,8 @@ the AOT kernel's block sizes are chosen from them at build time.
 before such an engine is deserialized.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
+# annotations (TensorDesc = input tensor, anything else = attribute) as objects, not strings.
 
 from elastic_export import plugin_spec as spec
 
