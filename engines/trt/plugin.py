@@ -25,8 +25,13 @@ _registered = False
 
 
 def _const(expr, what: str) -> int:
-    """The value of a build-time constant shape expression (TensorRT ShapeExpr)."""
-    if not getattr(expr, "is_constant", False):
+    """The value of a build-time constant shape expression (TensorRT ShapeExpr: ``is_constant`` is a
+    property, ``constant_value()`` a method)."""
+    try:
+        constant = bool(expr.is_constant)
+    except RuntimeError:  # a "fake" expression outside a shape context
+        constant = False
+    if not constant:
         raise ValueError(f"{spec.PLUGIN_ID}: {what} must be a static dimension in the network "
                          "(only batch and sequence may be dynamic)")
     value = expr.constant_value
@@ -101,8 +106,8 @@ def register() -> None:
         spec.check_attributes(int(chunk_size), head_order)
         b, l, h, p = (x.shape_expr[i] for i in range(4))
         g, n = B.shape_expr[2], B.shape_expr[3]
-        ck = compile_scan(dtype_names[x.dtype], _const(p, "head dim p"), _const(n, "state size n"),
-                          int(chunk_size), head_order)
+        P = _const(p, "head dim p")
+        ck = compile_scan(dtype_names[x.dtype], P, _const(n, "state size n"), int(chunk_size), head_order)
         _const(h, "heads h"), _const(g, "groups g")
         i32 = trtp.SymInt32
         # Scalars in the kernel's order: sizes, then strides of contiguous x, dt, B, C, initial_state.
@@ -114,7 +119,7 @@ def register() -> None:
                    h * p * n, p * n, n, 1]          # initial_state [b, h, p, n]
         extra = trtp.SymIntExprs.from_tuple([i32(e) for e in scalars])
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(p, ck.block_p)
+        launch.grid_x = -(-P // ck.block_p)  # head-channel blocks: a build-time constant
         launch.grid_y = b * h
         launch.block_x = ck.num_warps * 32
         launch.shared_mem = ck.shared
