@@ -24,7 +24,7 @@ from . import elastic
 from .cache import InferenceCache
 from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet
-from .ssd import group_heads, ssd_scan, ssd_step, ungroup_heads
+from .ssd import group_heads, ssd_scan, ssd_update, ungroup_heads
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -135,7 +135,7 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + v.dt_bias.float()).clamp(self.dt_min, self.dt_max)  # [b, l, h]
         state = cache.ssm[self.layer_idx] if cache is not None else None
         if state is not None and l == 1:
-            y, state = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
+            y, state = ssd_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
             y = y[:, None]
         else:
             y, state = ssd_scan(x, dt, A, B, C, self.chunk_size, state, self.head_order)
