@@ -104,8 +104,7 @@ class GraphDecoder:
         o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=hd ** -0.5,
                                            enable_gqa=nkv != h)
         o = o.transpose(1, 2).unflatten(2, (nkv, h // nkv))  # [b, 1, nkv, h/nkv, hd]
-        o = ungroup_heads(o.transpose(2, 3), "rank_major", 2) if mixer.head_order == "rank_major" \
-            else o.flatten(2, 3)
+        o = ungroup_heads(o, mixer.head_order, 2)
         return F.linear(o.flatten(2), v.Wo, bo)
 
     def _step(self):
