@@ -10,9 +10,9 @@ Layout of an ONNX build (every budget reads the one weight file; nothing else ho
 
 The directory is written to a temporary sibling and renamed into place, so a failure leaves nothing.
 
-``--target trt`` delegates to ``engines.trt``: ``availability() -> (ok, reason)`` (or a bool) says
-whether TensorRT and a CUDA GPU are present; ``build(model, budgets, out_dir, ssm_op=, dtype=,
-opset=, source=)`` writes its build into ``out_dir`` (a temporary directory renamed on success).
+``--target trt`` adds TensorRT engines built from those graphs by ``engines.trt`` (checked first with
+``engines.trt.availability()``: TensorRT and a CUDA GPU, else a one-line error and nothing written):
+``{budget}.{prefill,decode}.engine`` and ``trt_manifest.json``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def select_budgets(budgets: dict[str, Subnet], names: list[str] | tuple[str, ...
 
 
 def resolve_target(target: str) -> str:
-    """onnx | trt | auto -> onnx or trt; trt needs engines.trt and a GPU, else a clear error."""
+    """onnx | trt | auto -> onnx or trt; trt needs engines.trt, TensorRT and a GPU, else a clear error."""
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}", field="target", fix=f"use one of {TARGETS}")
     if target == "onnx":
@@ -84,43 +84,55 @@ def trt_availability() -> tuple[bool, str]:
         return False, f"engines.trt is not installed ({e.name or e})"
     if not hasattr(trt, "availability"):
         return False, "engines.trt has no availability() check"
-    res = trt.availability()
+    res = trt.availability(need_plugin=False)  # without tensorrt.plugin the scan is built decomposed
     if isinstance(res, tuple):
         return bool(res[0]), str(res[1])
     return bool(res), "" if res else "tensorrt or a CUDA GPU is missing"
 
 
-def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: str = "onnx",
-          ssm_op: str = "standard", dtype: str = "fp32", opset: int | None = None,
+def default_ssm_op(target: str) -> tuple[str, str | None]:
+    """The SSM mode when none is asked for: ``standard`` for ONNX Runtime; for TensorRT ``plugin``
+    where tensorrt.plugin exists, else ``decomposed`` (with a note saying why)."""
+    if target != "trt":
+        return "standard", None
+    from engines import trt
+
+    return trt.ssm_op_for_trt(None)
+
+
+def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: str = "auto",
+          ssm_op: str | None = None, dtype: str = "fp32", opset: int | None = None,
           overwrite: bool = False, progress=None) -> Path:
-    """Build ``out`` from a nested checkpoint (None: the shipped default model). Returns ``out``."""
+    """Build ``out`` from a nested checkpoint (None: the shipped default model). Returns ``out``.
+
+    ``target`` trt exports the ONNX graphs as for onnx, then builds one TensorRT engine per budget
+    and graph next to them (engines.trt.builder.build_family, its manifest trt_manifest.json)."""
     from .onnx_export import check_opset, export_family
 
     out = Path(out)
     torch_dtype = parse_dtype(dtype)
     if torch_dtype not in (torch.float32, torch.bfloat16):
         raise ConfigError(f"unsupported build dtype {dtype!r}", field="dtype", fix="use fp32 or bf16")
+    real_target = resolve_target(target)
+    note = None
+    if ssm_op is None:
+        ssm_op, note = default_ssm_op(real_target)
     opset = check_opset(ssm_op, opset)  # validate every option before touching the disk
     if out.exists() and not overwrite:
         raise CheckpointError("already exists", path=out, fix="choose another --out or pass --overwrite")
-    real_target = resolve_target(target)
     model, family, src = load_family(nested)
     chosen = select_budgets(family, list(budgets))
-    if real_target == "trt":
-        from engines import trt
-
-        with atomic_dir(out) as tmp:
-            trt.build(model, chosen, tmp, ssm_op=ssm_op, dtype=torch_dtype, opset=opset, source=src)
-        return out
     with atomic_dir(out) as tmp:
         if progress:
+            if note:
+                progress(note)
             progress(f"exporting {len(chosen)} budget(s) to ONNX ({ssm_op}, opset {opset}, {dtype_name(torch_dtype)})")
         info = export_family(model, chosen, tmp, ssm_op=ssm_op, dtype=torch_dtype, opset=opset)
         tok = src / "tokenizer"
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizer")
         manifest = {
-            "format": BUILD_FORMAT, "version": BUILD_VERSION, "target": "onnx", "ssm_op": ssm_op,
+            "format": BUILD_FORMAT, "version": BUILD_VERSION, "target": real_target, "ssm_op": ssm_op,
             "opset": info["opset"], "dtype": dtype_name(torch_dtype), "source": str(src),
             "config": model.config.to_dict(),
             "budgets": {n: {"subnet": s.to_dict(), "graphs": info["graphs"][n], "states": info["states"][n]}
@@ -129,6 +141,14 @@ def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: 
             "files": info["files"],
             "tokenizer": "tokenizer" if tok.is_dir() else None,
         }
+        if real_target == "trt":
+            from engines.trt.builder import MANIFEST, build_family
+
+            if progress:
+                progress(f"building TensorRT engines for {len(chosen)} budget(s)")
+            graphs = {n: {kind: tmp / f for kind, f in info["graphs"][n].items()} for n in chosen}
+            build_family(graphs, tmp)
+            manifest["trt_manifest"] = MANIFEST
         (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

@@ -224,8 +224,9 @@ def slice_cmd(nested, budget, out, dtype):
               help="Budget name(s) to build, or 'all'.")
 @click.option("--target", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True,
               help="auto: TensorRT where TensorRT and a CUDA GPU are present, else ONNX.")
-@click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default="standard",
-              show_default=True, help="How the SSM scan is expressed in ONNX.")
+@click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default=None,
+              help="How the SSM scan is expressed in ONNX (default: standard for ONNX Runtime; plugin for "
+                   "TensorRT, or decomposed where tensorrt.plugin is missing).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the lowest the SSM op allows).")
 @click.option("--out", required=True, type=click.Path(), help="Build directory to write.")
@@ -268,13 +269,16 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads):
         from .build import read_build
 
         m = read_build(p)
-        if m["target"] != "onnx":
-            from .errors import ConfigError
-            raise ConfigError(f"runs ONNX builds only; this one is {m['target']!r}", path=p / "build.json",
-                              field="target", fix="use the engines.trt runner for TensorRT builds")
-        from engines.ort_engine import OrtEngine
+        if m["target"] == "trt":
+            from engines import trt
+            from engines.trt.engine import TrtEngine
 
-        engine = OrtEngine(p, budgets=[budget] if budget else None, threads=threads)
+            trt.require(need_plugin=m["ssm_op"] == "plugin")
+            engine = TrtEngine(p)
+        else:
+            from engines.ort_engine import OrtEngine
+
+            engine = OrtEngine(p, budgets=[budget] if budget else None, threads=threads)
         tok_dir = p / m["tokenizer"] if m.get("tokenizer") else None
         eos = m["config"].get("eos_token_id")
     else:

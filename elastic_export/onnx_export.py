@@ -206,7 +206,7 @@ class _Budget:
                                           g.const([2])), g.const([-1, h * p])) for t in (z, xs))
         if v.bias is not None:
             z, xs, B, C, dt = (self.bias(t, bb.reshape(-1), "in_bias") for t, bb in zip((z, xs, B, C, dt), v.bias))
-        if self.decode and self.mode != "standard":
+        if self.decode and self.mode == "decomposed":
             y = self._mamba_step(i, m, v, z, xs, B, C, dt, h, p)
         else:
             y = self._mamba_seq(i, m, v, z, xs, B, C, dt, h, p)

@@ -8,10 +8,10 @@ Shapes (b batch, l new tokens, h heads, p head dim, G groups, n state size, C co
   q = C, k = B, v = dt * x, decay = dt * A per head, scale 1.0).
 - ``decomposed``: depthwise ``Conv`` over [past | new] and the chunked SSD of ssd.ssd_chunked in plain
   ops. Opset 18.
-- ``plugin``: the conv as in ``decomposed``; the scan is one custom node (see plugin_node) that the
-  TensorRT ONNX parser maps to our SSM-scan plugin.
-The decode graphs of ``decomposed`` and ``plugin`` do not come here: one token is a multiply-add conv
-and the single-step update of ssd.ssd_step in plain ops (onnx_export._Budget._mamba_step).
+- ``plugin``: the conv as in ``decomposed``; the scan, prefill and decode alike, is the custom node
+  of elastic_export.plugin_spec, which TensorRT's ONNX parser maps to our SSM-scan plugin.
+The decode graph of ``decomposed`` does not come here: one token is a multiply-add conv and the
+single-step update of ssd.ssd_step in plain ops (onnx_export._Budget._mamba_step).
 """
 
 from __future__ import annotations
@@ -19,16 +19,11 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from . import plugin_spec
 from .onnx_graph import GraphBuilder
 
 SSM_OPS = ("standard", "decomposed", "plugin")
 MIN_OPSET = {"standard": 27, "decomposed": 18, "plugin": 18}
-
-# The custom node of --ssm-op plugin. engines/trt registers a TensorRT plugin under this name.
-PLUGIN_OP_TYPE = "SsdScan"
-PLUGIN_DOMAIN = "elastic_export"
-PLUGIN_NAMESPACE = "elastic_export"
-PLUGIN_VERSION = "1"
 
 
 # ---- depthwise causal conv -----------------------------------------------------------------------
@@ -82,16 +77,17 @@ def scan(g: GraphBuilder, mode: str, x: str, dt: str, A: str, B: str, C: str, pa
 
 
 def plugin_node(g: GraphBuilder, x, dt, A, B, C, past, h, p, n, chunk_size, head_order) -> tuple[str, str]:
-    """One ``SsdScan`` node: inputs (x, dt, A, B, C, initial_state), outputs (y, final_state), float32,
-    shapes as in the module docstring; numerics are those of ssd.ssd_chunked (the torch reference)."""
+    """The SSM-scan plugin node of elastic_export.plugin_spec (the contract shared with the TensorRT
+    plugin and its ONNX Runtime stand-in): inputs (x, dt, A, B, C, initial_state), outputs
+    (y, final_state), float32; numerics those of ssd.ssd_chunked."""
     if past is None:
         shape = g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([1])), g.const([h, p, n]),
                      axis=0)
         past = g.op("ConstantOfShape", shape, value=_f32(0.0))
-    g.domains[PLUGIN_DOMAIN] = 1
-    return g.op(PLUGIN_OP_TYPE, x, dt, A, B, C, past, n_out=2, domain=PLUGIN_DOMAIN,
-                plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION, chunk_size=chunk_size,
-                head_order=head_order)
+    g.domains[plugin_spec.ONNX_DOMAIN] = plugin_spec.ONNX_DOMAIN_VERSION
+    outs = [g.fresh("ssd_y"), g.fresh("ssd_state")]
+    g.nodes.append(plugin_spec.make_node([x, dt, A, B, C, past], outs, chunk_size, head_order))
+    return outs[0], outs[1]
 
 
 def _f32(v: float):

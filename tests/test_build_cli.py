@@ -127,3 +127,16 @@ def test_missing_default_model(tmp_path, monkeypatch):
     monkeypatch.setattr(b, "default_model_path", lambda: tmp_path / "nothing")
     r = _run("build", "--target", "onnx", "--out", tmp_path / "b")
     assert r.exit_code == 2 and "default model" in r.output
+
+
+def test_trt_target_on_this_machine(nested, tmp_path):
+    """Where TensorRT or a GPU is missing (CPU CI), --target trt says which and writes nothing."""
+    from engines import trt
+
+    ok, why = trt.availability(need_plugin=False)
+    if ok:
+        pytest.skip("TensorRT and a GPU are present")
+    ck, _ = nested
+    r = _run("build", ck, "--target", "trt", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "TensorRT target is unavailable" in r.output and why in r.output
+    assert not (tmp_path / "b").exists() and _no_leftovers(tmp_path)

@@ -10,7 +10,7 @@ import torch
 from elastic_export.errors import ConfigError
 from elastic_export.onnx_export import budget_graph, check_opset, export_family, state_specs
 from elastic_export.onnx_graph import WeightFile
-from elastic_export.onnx_ssm import PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP_TYPE
+from elastic_export import plugin_spec
 from elastic_fixtures import family
 from helpers import random_model
 
@@ -83,39 +83,25 @@ def test_32_decode_steps_standard_and_decomposed(tmp_path):
 
 
 def test_plugin_node_runs_as_the_torch_reference(tmp_path):
-    """The plugin node's contract, run through a Python custom op implementing it with ssd_chunked."""
-    ext = pytest.importorskip("onnxruntime_extensions")
-    from elastic_export.ssd import ssd_chunked
-
-    @ext.onnx_op(op_type=PLUGIN_OP_TYPE, inputs=[ext.PyCustomOpDef.dt_float] * 6,
-                 outputs=[ext.PyCustomOpDef.dt_float] * 2,
-                 attrs={"chunk_size": ext.PyCustomOpDef.dt_int64, "head_order": ext.PyCustomOpDef.dt_string})
-    def ssd_scan(x, dt, A, B, C, state, **attrs):
-        y, s = ssd_chunked(*(torch.from_numpy(np.asarray(t)) for t in (x, dt, A, B, C)), int(attrs["chunk_size"]),
-                           torch.from_numpy(np.asarray(state)), attrs["head_order"])
-        return y.numpy(), s.numpy()
-
+    """`plugin` graphs hold the node of plugin_spec (prefill and decode) and, run with the plugin's
+    ONNX Runtime stand-in (engines.trt.ort_op: the torch reference behind the node), match torch."""
+    ort_op = pytest.importorskip("engines.trt.ort_op")
+    ok, why = ort_op.available()
+    if not ok:
+        pytest.skip(why)
     model, budgets = _export(tmp_path, 4, "plugin", n=2)
     for name in budgets:
-        m = onnx.load(str(tmp_path / f"{name}.prefill.onnx"), load_external_data=False)
-        nodes = [n for n in m.graph.node if n.op_type == PLUGIN_OP_TYPE]
-        assert nodes and all(n.domain == PLUGIN_DOMAIN for n in nodes)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-        assert attrs["plugin_namespace"] == PLUGIN_NAMESPACE.encode()
-        for n in nodes:  # onnxruntime-extensions runs Python ops from its own domain
-            n.domain = "ai.onnx.contrib"
-            del n.attribute[:]
-            n.attribute.extend([onnx.helper.make_attribute("chunk_size", attrs["chunk_size"]),
-                                onnx.helper.make_attribute("head_order", attrs["head_order"])])
-        for o in m.opset_import:
-            if o.domain == PLUGIN_DOMAIN:
-                o.domain = "ai.onnx.contrib"
-        onnx.save(m, str(tmp_path / f"{name}.prefill.onnx"))
+        for kind in ("prefill", "decode"):
+            m = onnx.load(str(tmp_path / f"{name}.{kind}.onnx"), load_external_data=False)
+            nodes = [n for n in m.graph.node if n.op_type == plugin_spec.PLUGIN_NAME]
+            assert nodes and all(n.domain == plugin_spec.ONNX_DOMAIN for n in nodes)
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+            assert attrs["plugin_namespace"] == plugin_spec.PLUGIN_NAMESPACE.encode()
+            assert attrs["head_order"] == b"rank_major" and attrs["chunk_size"] == model.config.chunk_size
 
     def session(path):
-        so = ort.SessionOptions()
+        so = ort_op.session_options()
         so.log_severity_level = 3
-        so.register_custom_ops_library(ext.get_library_path())
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     _check(model, budgets, tmp_path, steps=3, b=2, l=21, session=session)
