@@ -140,3 +140,32 @@ def test_trt_target_on_this_machine(nested, tmp_path):
     r = _run("build", ck, "--target", "trt", "--out", tmp_path / "b")
     assert r.exit_code == 2 and "TensorRT target is unavailable" in r.output and why in r.output
     assert not (tmp_path / "b").exists() and _no_leftovers(tmp_path)
+
+
+def test_shipped_model_build_and_parity(tmp_path):
+    """The README's main command on the shipped model: < 1 minute, then ORT == torch per budget."""
+    import time
+
+    import torch
+
+    from elastic_export import default_model_path
+    from elastic_export.build import load_family
+    from engines.ort_engine import OrtEngine
+    from engines.torch_engine import TorchEngine
+
+    if not default_model_path().exists():
+        pytest.skip("the default model is not shipped in this checkout")
+    t = time.perf_counter()
+    r = _run("build", "--budget", "all", "--target", "onnx", "--out", tmp_path / "b")
+    took = time.perf_counter() - t
+    assert r.exit_code == 0, r.output
+    print(f"build of the shipped model: {took:.1f} s")
+    assert took < 60
+    model, family, _ = load_family(None)
+    te, oe = TorchEngine(model, family), OrtEngine(tmp_path / "b", threads=1)
+    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    for name in family:
+        te.set_budget(name)
+        oe.set_budget(name)
+        torch.testing.assert_close(oe.prefill(ids), te.prefill(ids), atol=1e-4, rtol=0)
+        assert torch.equal(oe.generate(ids, 32), te.generate(ids, 32)), name
