@@ -266,9 +266,10 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads):
 
     p = Path(path)
     if (p / "build.json").is_file():
-        from .build import read_build
+        from .build import read_build, verify_build
 
         m = read_build(p)
+        verify_build(p)  # every file against its recorded SHA-256
         if m["target"] == "trt":
             from engines import trt
             from engines.trt.engine import TrtEngine

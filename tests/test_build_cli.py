@@ -169,3 +169,14 @@ def test_shipped_model_build_and_parity(tmp_path):
         oe.set_budget(name)
         torch.testing.assert_close(oe.prefill(ids), te.prefill(ids), atol=1e-4, rtol=0)
         assert torch.equal(oe.generate(ids, 32), te.generate(ids, 32)), name
+
+
+def test_run_refuses_a_modified_build(nested, tmp_path):
+    ck, _ = nested
+    out = tmp_path / "b"
+    assert _run("build", ck, "--budget", "b2", "--target", "onnx", "--out", out).exit_code == 0
+    with open(out / "weights.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x01\x02")
+    r = _run("run", out, "--prompt", "x", "--max-new-tokens", "2")
+    assert r.exit_code == 2 and "SHA-256" in r.output
