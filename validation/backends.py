@@ -1,0 +1,213 @@
+"""The backends that validation compares, behind one thin adapter.
+
+A :class:`Backend` has ``name``, ``precision`` ('fp32' or 'bf16'), ``budgets`` (names),
+``set_budget(name)``, ``prefill(ids, attention_mask=None) -> logits [B, L, V]``,
+``decode(ids [B, 1]) -> logits [B, 1, V]`` (state kept inside since the last prefill) and
+``generate(ids, max_new_tokens) -> ids [B, L + n]`` (greedy). Inputs and outputs are torch tensors
+(int64 ids, float32 logits) whatever the runtime speaks, so the rest of validation does not know
+the runtimes' details.
+
+- ``torch``: the elastic forward of the nested weights (:class:`TorchElastic`): the reference.
+- ``sliced``: each budget cut into a standalone model by ``elastic_export.slicing.slice_budget``
+  (:class:`Sliced`), run with no subnet.
+- ``ort-<mode>``, ``trt``: engines of the build package (``engines.*``: issue 5/6) wrapped by
+  :class:`EngineBackend`; numpy in and out is converted here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from elastic_export.elastic import Subnet
+from elastic_export.errors import BudgetError
+
+from .thresholds import precision_name
+
+
+@dataclass
+class Family:
+    """What validation runs on: the nested weights (as a torch model), the budgets and a tokenizer.
+
+    ``model`` holds the full weights; each budget is a subnet of it. ``precision`` is that of the
+    artefacts under test (a bf16 build is judged with the bf16 thresholds); the reference always
+    runs in float32. ``build`` is the build directory when one was given (ONNX / TensorRT).
+    """
+    model: torch.nn.Module
+    budgets: dict[str, Subnet]
+    tokenizer: object
+    precision: str = "fp32"
+    path: str | None = None
+    build: str | None = None
+    ssm_modes: list[str] = field(default_factory=list)  # SSM modes present in the build
+    engines: dict[str, Callable[[], object]] = field(default_factory=dict)  # backend name -> engine factory
+
+
+class Backend:
+    """Shared greedy ``generate`` on top of ``prefill``/``decode``; subclasses provide the rest."""
+    name = "backend"
+    precision = "fp32"
+    budgets: list[str] = []
+
+    def set_budget(self, name: str) -> None:
+        raise NotImplementedError
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        out = [ids]
+        logits = self.prefill(ids)[:, -1]
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)[:, None]
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self.decode(nxt)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def close(self) -> None:
+        pass
+
+    def _check(self, name: str) -> None:
+        if name not in self.budgets:
+            raise BudgetError(f"unknown budget {name!r} for backend {self.name}", field="budget",
+                              fix=f"use one of {self.budgets}")
+
+
+class TorchElastic(Backend):
+    """The elastic forward over views of the one weight copy (the reference when float32)."""
+
+    def __init__(self, model, budgets: dict[str, Subnet], name: str = "torch", dtype=torch.float32):
+        self.model = (model if model.dtype == dtype else copy.deepcopy(model).to(dtype)).eval()
+        self.subnets = dict(budgets)
+        self.budgets = list(budgets)
+        self.name = name
+        self.precision = precision_name(dtype)
+        self.subnet = None
+        self.cache = None
+
+    def set_budget(self, name: str) -> None:
+        self._check(name)
+        self.subnet = self.subnets[name]
+        self.cache = None
+
+    @torch.no_grad()
+    def prefill(self, ids, attention_mask=None):
+        self.cache = self.model.new_cache()
+        return self.model(ids, subnet=self.subnet, cache=self.cache, attention_mask=attention_mask).float()
+
+    @torch.no_grad()
+    def decode(self, ids):
+        return self.model(ids, subnet=self.subnet, cache=self.cache).float()
+
+
+class Sliced(TorchElastic):
+    """Each budget as a standalone checkpoint (``slice_fn(model, subnet)``), one held at a time."""
+
+    def __init__(self, model, budgets: dict[str, Subnet], slice_fn: Callable | None = None, name: str = "sliced",
+                 dtype=torch.float32):
+        super().__init__(model, budgets, name)  # the float32 parent; each slice is cast to dtype
+        if slice_fn is None:
+            from elastic_export.slicing import slice_budget as slice_fn
+        self.slice_fn = slice_fn
+        self.parent = self.model
+        self.dtype = dtype
+
+    def set_budget(self, name: str) -> None:
+        self._check(name)
+        self.model = self.slice_fn(self.parent, self.subnets[name]).to(self.dtype).eval()
+        self.subnet = None
+        self.cache = None
+
+
+class EngineBackend(Backend):
+    """An engine of the build package (ONNX Runtime, TensorRT, torch engine) seen through torch tensors.
+
+    The engine interface (issue 5): ``budgets``, ``set_budget(name)``, ``prefill(input_ids,
+    attention_mask=None)``, ``decode(token_ids)``, ``generate(ids, max_new_tokens)``; arrays may be
+    numpy or torch.
+    """
+
+    def __init__(self, engine, name: str, precision: str = "fp32"):
+        self.engine = engine
+        self.name = name
+        self.precision = precision
+        self.budgets = list(engine.budgets)
+
+    def set_budget(self, name: str) -> None:
+        self._check(name)
+        self.engine.set_budget(name)
+
+    @staticmethod
+    def _out(x) -> torch.Tensor:
+        return (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).float().cpu()
+
+    @staticmethod
+    def _in(x: torch.Tensor | None):
+        return None if x is None else x.cpu().numpy()
+
+    def prefill(self, ids, attention_mask=None):
+        return self._out(self.engine.prefill(self._in(ids), attention_mask=self._in(attention_mask)))
+
+    def decode(self, ids):
+        return self._out(self.engine.decode(self._in(ids)))
+
+    def generate(self, ids, max_new_tokens):
+        gen = getattr(self.engine, "generate", None)
+        if gen is None:
+            return super().generate(ids, max_new_tokens)
+        out = gen(self._in(ids), max_new_tokens)
+        out = out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
+        return out.long().cpu()
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+
+# ---- which backends exist here -------------------------------------------------------------------
+
+def slicing_available() -> bool:
+    try:
+        from elastic_export.slicing import slice_budget  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def available(family: Family) -> list[str]:
+    """Backend names that can run on this machine for this family, in comparison order."""
+    names = ["torch"]
+    if slicing_available():
+        names.append("sliced")
+    names += list(family.engines)
+    return names
+
+
+def make_backend(name: str, family: Family) -> Backend:
+    """Construct one backend by name (see :func:`available`)."""
+    if name == "torch":
+        return TorchElastic(family.model, family.budgets, dtype=torch.float32 if family.precision == "fp32"
+                            else torch.bfloat16)
+    if name == "sliced":
+        if not slicing_available():
+            raise BudgetError("the sliced backend needs elastic_export.slicing (not installed)", field="--backends")
+        return Sliced(family.model, family.budgets)
+    if name in family.engines:
+        engine = family.engines[name]()
+        return EngineBackend(engine, name, family.precision)
+    raise BudgetError(f"backend {name!r} is not available here", field="--backends",
+                      fix=f"use some of {available(family)}")
+
+
+def reference(family: Family) -> TorchElastic:
+    """The float32 elastic forward of the nested weights: what every backend is compared with."""
+    return TorchElastic(family.model, family.budgets, name="reference", dtype=torch.float32)
