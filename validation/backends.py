@@ -131,8 +131,9 @@ class EngineBackend(Backend):
     """An engine of the build package (ONNX Runtime, TensorRT, torch engine) seen through torch tensors.
 
     The engine interface (issue 5): ``budgets``, ``set_budget(name)``, ``prefill(input_ids,
-    attention_mask=None)``, ``decode(token_ids)``, ``generate(ids, max_new_tokens)``; arrays may be
-    numpy or torch.
+    attention_mask=None)``, ``decode(token_ids)`` (logits [B, V] or [B, 1, V]),
+    ``generate(ids, max_new_tokens)``. Torch tensors go in (engines take them through
+    ``torch.as_tensor`` / ``np.asarray``); numpy or torch may come out.
     """
 
     def __init__(self, engine, name: str, precision: str = "fp32"):
@@ -147,25 +148,20 @@ class EngineBackend(Backend):
 
     @staticmethod
     def _out(x) -> torch.Tensor:
-        return (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).float().cpu()
-
-    @staticmethod
-    def _in(x: torch.Tensor | None):
-        return None if x is None else x.cpu().numpy()
+        return torch.as_tensor(x).float().cpu()
 
     def prefill(self, ids, attention_mask=None):
-        return self._out(self.engine.prefill(self._in(ids), attention_mask=self._in(attention_mask)))
+        return self._out(self.engine.prefill(ids, attention_mask=attention_mask))
 
     def decode(self, ids):
-        return self._out(self.engine.decode(self._in(ids)))
+        out = self._out(self.engine.decode(ids))
+        return out[:, None] if out.dim() == 2 else out  # engines return [B, V] or [B, 1, V]
 
     def generate(self, ids, max_new_tokens):
         gen = getattr(self.engine, "generate", None)
         if gen is None:
             return super().generate(ids, max_new_tokens)
-        out = gen(self._in(ids), max_new_tokens)
-        out = out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
-        return out.long().cpu()
+        return torch.as_tensor(gen(ids, max_new_tokens)).long().cpu()
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)

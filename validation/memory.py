@@ -36,6 +36,11 @@ def tensor_bytes(model) -> int:
     return total
 
 
+# What holds weights on disk: a nested checkpoint's model.safetensors (not its router or importance
+# scores), a build's weight file, its graphs and engines.
+WEIGHT_FILES = ("model.safetensors", "weights.bin", "*.onnx", "*.onnx.data", "*.engine", "*.plan")
+
+
 def dir_bytes(path: str | Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in Path(path).rglob(pattern) if f.is_file())
 
@@ -56,8 +61,7 @@ def weight_bytes(model, budgets: dict, dtype: torch.dtype = torch.float32, neste
            "memory": {"nested": count_params(cfg) * nb, "separate": sum(per.values()), "per_budget": per,
                       "loaded": tensor_bytes(model) * nb // model.dtype.itemsize}}
     if nested_dir is not None:
-        out["disk"] = {"nested": dir_bytes(nested_dir, "*.safetensors") + dir_bytes(nested_dir, "*.data")
-                       + dir_bytes(nested_dir, "*.bin")}
+        out["disk"] = {"nested": sum(dir_bytes(nested_dir, p) for p in WEIGHT_FILES)}
         if slices_dir is not None:
             per_disk = {n: dir_bytes(Path(slices_dir) / n, "*.safetensors") for n in budgets}
             out["disk"].update({"separate": sum(per_disk.values()), "per_budget": per_disk})
@@ -75,11 +79,10 @@ def write_slices(model, budgets: dict, out_dir: str | Path, dtype: torch.dtype =
 
 
 def write_family(model, budgets: dict, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """The family as the memory worker reads it: the full weights (HF format) + ``budgets.json``."""
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, dtype=dtype)
-    (out_dir / "budgets.json").write_text(json.dumps({n: s.to_dict() for n, s in budgets.items()}))
-    return out_dir
+    """The family as a nested checkpoint (elastic_export.nested), which the memory worker loads."""
+    from elastic_export.nested import save_nested
+
+    return save_nested(out_dir, model, budgets, dtype=dtype)
 
 
 # ---- measured peaks -------------------------------------------------------------------------------
@@ -109,7 +112,6 @@ def worker(spec: dict) -> dict:
     """Run in a fresh process: ``mode`` baseline | family | single. Returns peak bytes."""
     torch.set_num_threads(1)
     import elastic_export as ee
-    from elastic_export.elastic import Subnet
 
     device = torch.device(spec.get("device", "cpu"))
     dtype = getattr(torch, spec.get("dtype", "float32"))
@@ -117,17 +119,17 @@ def worker(spec: dict) -> dict:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
     if spec["mode"] == "baseline":  # the same imports and a model built on the meta device: no weights
-        from elastic_export.hf_io import expected_shapes, load_config
+        from elastic_export.hf_io import expected_shapes
+        from elastic_export.nested import read_manifest
 
-        expected_shapes(load_config(spec["path"]))
+        expected_shapes(read_manifest(spec["path"])[1])
+    elif spec["mode"] == "family":
+        ckpt = ee.load_nested(spec["path"], dtype=dtype, device=device, verify=False)
+        for subnet in ckpt.budgets.values():
+            _serve(ckpt.model, subnet, spec["tokens"], spec["steps"], device)
     else:
         model = ee.load(spec["path"], dtype=dtype, device=device).eval()
-        if spec["mode"] == "family":
-            budgets = json.loads((Path(spec["path"]) / "budgets.json").read_text())
-            for d in budgets.values():
-                _serve(model, Subnet.from_dict(d), spec["tokens"], spec["steps"], device)
-        else:
-            _serve(model, None, spec["tokens"], spec["steps"], device)
+        _serve(model, None, spec["tokens"], spec["steps"], device)
     out = {"rss": _peak_rss()}
     if device.type == "cuda":
         torch.cuda.synchronize()
