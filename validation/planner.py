@@ -159,8 +159,12 @@ def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
 def plan_text(p: dict, comparison: dict | None = None) -> str:
-    lines = []
+    lines = ["budgets: " + ", ".join(f"{n} {_params(v['params'])}" for n, v in p["budgets"].items()), ""]
     if comparison:
         c = comparison
         lines += [f"weights at {c['dtype']}:",

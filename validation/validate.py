@@ -162,14 +162,15 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
 
     limits = apply_overrides(overrides)
     here = available(family)
-    wanted = backends or here
-    unknown = [b for b in wanted if b not in here and b != "reference"]
-    skipped = {}
-    for b in unknown:
-        if backends is not None and not _known_name(b):
+    for b in backends or ():
+        if not _known_name(b):
             raise ConfigError(f"unknown backend {b!r}", field="--backends",
                               fix="use torch, sliced, torch-engine, ort-standard, ort-decomposed or trt")
-        skipped[b] = "not available on this machine or for this source"
+        if b not in here:
+            raise ConfigError(f"backend {b!r} is not available here (or for this source)", field="--backends",
+                              fix=f"use some of {', '.join(here)}")
+    wanted = list(backends or here)
+    skipped = {b: "not available on this machine or for this source" for b in ALL_BACKENDS if b not in here}
     names = [b for b in wanted if b in here]
     budget_names = budgets or list(family.budgets)
     for b in budget_names:
@@ -224,8 +225,11 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
     return report
 
 
+ALL_BACKENDS = ("torch", "sliced", "torch-engine", *(f"ort-{m}" for m in ORT_MODES), "trt")
+
+
 def _known_name(name: str) -> bool:
-    return name in ("torch", "sliced", "torch-engine", "trt") or name.startswith("ort-")
+    return name in ALL_BACKENDS or name.startswith("ort-")
 
 
 def _machine() -> dict:
