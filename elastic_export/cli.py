@@ -238,10 +238,13 @@ def _csv(values) -> list[str]:
 @click.option("--greedy-tokens", default=16, show_default=True, help="Tokens of greedy generation to compare.")
 @click.option("--memory/--no-memory", "measure_memory", default=True, show_default=True,
               help="Measure peak memory in fresh processes (family vs separate models).")
+@click.option("--memory-isolation", type=click.Choice(["fork", "spawn"]), default=None,
+              help="Measure each process forked from one interpreter, or spawn a fresh interpreter each "
+              "[fork on a Linux CPU].")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @user_errors
 def validate(source, report_dir, backends, budgets, device, context, batch, thresholds, n_tasks, greedy_tokens,
-             measure_memory, quiet):
+             measure_memory, memory_isolation, quiet):
     """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check."""
     from validation.planner import device_profile
     from validation.thresholds import parse_overrides
@@ -258,7 +261,8 @@ def validate(source, report_dir, backends, budgets, device, context, batch, thre
     family = load_family(source)
     report = run_validation(family, report_dir, _csv(backends) or None, device, context, batch, overrides,
                             measure_memory, list(budgets) or None, progress=not quiet,
-                            eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens})
+                            eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens},
+                            memory_isolation=memory_isolation)
     for r in report["parity"]:
         m = r["metrics"]
         err = f"max|dlogit| {m['abs_logit']:.2e}  top1 {m['top1']:.4f}  greedy {m['greedy']:.3f}" if m else ""

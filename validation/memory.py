@@ -4,13 +4,15 @@ Two kinds of figures:
 - weight bytes, counted: on disk (the nested checkpoint's or build's weight files, against the
   standalone slices written side by side) and in memory (unique parameter storage of the loaded
   family, against the sum of the budgets' parameters at the same dtype);
-- peak memory, measured in fresh processes (so nothing is shared by accident): one process loads
-  the family and serves every budget in turn (prefill + decode steps each); one process per budget
-  loads its standalone slice and serves it. Peak resident memory is the kernel's high-water mark
-  (VmHWM) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. A process that imports the same
-  libraries and builds the model on the meta device (no weights) gives the baseline, subtracted to
-  show what the weights and the serving itself cost (the meta build alone imports ~150 MB of
-  libraries, sympy among them, which would otherwise swamp a small model).
+- peak memory, measured in separate processes (so nothing is shared by accident): one process
+  loads the family and serves every budget in turn (prefill + decode steps each); one process per
+  budget loads its standalone slice and serves it. Peak resident memory is the kernel's high-water
+  mark (VmHWM) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. A process that imports the
+  same libraries and builds the model on the meta device (no weights) gives the baseline,
+  subtracted to show what the weights and the serving itself cost (the meta build alone imports
+  ~150 MB of libraries, sympy among them, which would otherwise swamp a small model).
+  On a Linux CPU the processes are forked from one fresh interpreter (imports paid once, see
+  :func:`forked`); ``isolation="spawn"`` starts a fresh interpreter for each instead.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def _serve(model, subnet, tokens: int, steps: int, device) -> None:
 
 
 def worker(spec: dict) -> dict:
-    """Run in a fresh process: ``mode`` baseline | family | single. Returns peak bytes."""
+    """Run in a fresh (or freshly forked) process: ``mode`` baseline | family | single. Returns peak bytes."""
     torch.set_num_threads(1)
     import elastic_export as ee
 
@@ -137,61 +139,109 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def _spawn(spec: dict) -> subprocess.Popen:
-    roots = {str(Path(__file__).resolve().parents[1])}
+def _python(code: str, arg: str) -> subprocess.Popen:
+    """A fresh interpreter that can import validation and elastic_export from where they are now."""
     import elastic_export
 
-    roots.add(str(Path(elastic_export.__file__).resolve().parents[1]))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")]),
+    roots = [str(Path(__file__).resolve().parents[1]), str(Path(elastic_export.__file__).resolve().parents[1])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*dict.fromkeys(roots), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
-    code = "import json, sys; from validation.memory import worker; print(json.dumps(worker(json.loads(sys.argv[1]))))"
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code, arg], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
+def _result(name: str, proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker {name} failed: {stderr.strip().splitlines()[-1:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def forked(jobs: dict[str, dict]) -> dict[str, dict]:
+    """Run in one fresh process: import once, measure the baseline here, then fork one child per job.
+
+    A child starts as a copy of this process (imports and the meta-built model). Its RSS counts only
+    the shared library pages it touches again, so children are compared with a child that does the
+    baseline work (``baseline``), and this process's own peak (``process``: what a fresh process with
+    the same imports reaches) turns the children's net figures into whole-process ones. CPU only
+    (CUDA must not be initialized before a fork).
+    """
+    out = {"process": worker(jobs["baseline"])}
+    for name, spec in jobs.items():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report through the pipe, leave without cleanup
+            os.close(r)
+            try:
+                payload = json.dumps(worker(spec))
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
+            os.write(w, payload.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        res = json.loads(data) if data else {"error": "child died"}
+        if "error" in res:
+            raise RuntimeError(f"memory worker {name} failed: {res['error']}")
+        out[name] = res
+    return out
+
+
 def measure_peaks(family_dir: str | Path, slices_dir: str | Path, budgets: list[str], dtype: str = "float32",
-                  device: str = "cpu", tokens: int = 64, steps: int = 16, parallel: int = 2) -> dict:
+                  device: str = "cpu", tokens: int = 64, steps: int = 16, isolation: str | None = None) -> dict:
     """Peak memory of serving all budgets from one process against one process per budget.
 
     ``family_dir`` from :func:`write_family`, ``slices_dir`` from :func:`write_slices`.
+    ``isolation``: ``fork`` (one fresh interpreter forks a process per measurement; the default on a
+    Linux CPU) or ``spawn`` (a fresh interpreter per measurement; always on a GPU).
     """
+    if isolation is None:
+        isolation = "fork" if hasattr(os, "fork") and not device.startswith("cuda") else "spawn"
     base = {"dtype": dtype, "device": device, "tokens": tokens, "steps": steps}
-    jobs = {"baseline": {**base, "mode": "baseline", "path": str(family_dir)}, "family": {**base, "mode": "family", "path": str(family_dir)}}
+    jobs = {"baseline": {**base, "mode": "baseline", "path": str(family_dir)},
+            "family": {**base, "mode": "family", "path": str(family_dir)}}
     for n in budgets:
         jobs[f"single:{n}"] = {**base, "mode": "single", "path": str(Path(slices_dir) / n)}
-    results, running = {}, []
-    pending = list(jobs.items())
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, spec = pending.pop(0)
-            running.append((name, _spawn(spec)))
-        name, proc = running.pop(0)
-        stdout, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory worker {name} failed: {stderr.strip().splitlines()[-1:]}")
-        results[name] = json.loads(stdout.strip().splitlines()[-1])
+    if isolation == "fork":
+        code = "import json, sys; from validation.memory import forked; print(json.dumps(forked(json.loads(sys.argv[1]))))"
+        results = _result("forked", _python(code, json.dumps(jobs)))
+    else:
+        code = "import json, sys; from validation.memory import worker; print(json.dumps(worker(json.loads(sys.argv[1]))))"
+        results = {name: _result(name, _python(code, json.dumps(spec))) for name, spec in jobs.items()}
     key = "device" if device.startswith("cuda") else "rss"
     baseline = results["baseline"][key]
     singles = {n: results[f"single:{n}"][key] for n in budgets}
     family = results["family"][key]
+    if key == "rss":
+        net = {n: v - baseline for n, v in singles.items()}
+        family_net = family - baseline
+        if isolation == "fork":  # whole processes: a fresh process's baseline plus what each child added
+            baseline = results["process"]["rss"]
+            singles = {n: baseline + v for n, v in net.items()}
+            family = baseline + family_net
+    else:
+        net, family_net = singles, family
     return {
         "measure": "cuda max_memory_allocated" if key == "device" else "peak RSS (VmHWM)",
-        "device": device, "dtype": dtype, "tokens": tokens, "decode_steps": steps,
-        "baseline": baseline,
+        "isolation": isolation, "device": device, "dtype": dtype, "tokens": tokens, "decode_steps": steps,
+        "baseline": baseline if key == "rss" else 0,
         "family": family, "separate_sum": sum(singles.values()), "per_budget": singles,
-        "family_net": family - baseline if key == "rss" else family,
-        "separate_net": sum(v - baseline for v in singles.values()) if key == "rss" else sum(singles.values()),
+        "family_net": family_net, "separate_net": sum(net.values()), "per_budget_net": net,
         "largest_single": max(singles.values()),
     }
 
 
 def memory_parity(model, budgets: dict, dtype: torch.dtype = torch.float32, nested_dir: str | None = None,
-                  measure: bool = True, device: str = "cpu", work_dir: str | None = None) -> dict:
+                  measure: bool = True, device: str = "cpu", work_dir: str | None = None,
+                  isolation: str | None = None) -> dict:
     """Counted weight bytes and (``measure``) measured peaks of the family against separate models."""
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="ee-memory-") as tmp:
         slices = write_slices(model, budgets, Path(tmp) / "slices", dtype)
         fam = write_family(model, budgets, Path(tmp) / "family", dtype) if measure or nested_dir is None else None
         out = weight_bytes(model, budgets, dtype, nested_dir or fam, slices)
         if measure:
-            out["peak"] = measure_peaks(fam, slices, list(budgets), str(dtype).removeprefix("torch."), device)
+            out["peak"] = measure_peaks(fam, slices, list(budgets), str(dtype).removeprefix("torch."), device,
+                                        isolation=isolation)
     return out

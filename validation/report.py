@@ -195,7 +195,11 @@ def markdown(report: dict) -> str:
             p = mem["peak"]
             row(f"{p['measure']}, whole process", p["family"], p["separate_sum"])
             row(f"{p['measure']}, net of baseline ({_mb(p['baseline'])})", p["family_net"], p["separate_net"])
-            out += ["", f"Serving all budgets from one process peaks at {_mb(p['family'])}; the largest budget "
+            how = ("processes forked from one interpreter; whole-process figures are a fresh interpreter's "
+                   "baseline plus each process's measured growth") if p.get("isolation") == "fork" else \
+                "a fresh interpreter per process"
+            out += ["", f"Measured with {how}.",
+                    f"Serving all budgets from one process peaks at {_mb(p['family'])}; the largest budget "
                         f"alone at {_mb(p['largest_single'])} ({p['family'] / p['largest_single']:.3f}x). "
                         f"{p['tokens']}-token prefill + {p['decode_steps']} decode steps per budget."]
         out.append("")

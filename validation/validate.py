@@ -150,7 +150,8 @@ def _ort_from_export(fam: Family, mode: str, OrtEngine):
 def validate(family: Family, report_dir: str | Path | None = None, backends: list[str] | None = None,
              device: str | None = None, context: int = 8192, batch: int = 1,
              overrides: dict[str, dict[str, float]] | None = None, measure_memory: bool = True,
-             budgets: list[str] | None = None, progress: bool = True, eval_kwargs: dict | None = None) -> dict:
+             budgets: list[str] | None = None, progress: bool = True, eval_kwargs: dict | None = None,
+             memory_isolation: str | None = None) -> dict:
     """Run every check and (with ``report_dir``) write the report. Returns the report dict; its
     ``passed`` is False when any backend fails a threshold."""
     from elastic_export import __version__
@@ -194,7 +195,8 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
     if measure_memory:
         dtype = torch.float32 if family.precision == "fp32" else torch.bfloat16
         mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names}, dtype,
-                                       nested_dir=family.build or family.path, measure=True)
+                                       nested_dir=family.build or family.path, measure=True,
+                                       isolation=memory_isolation)
     plan_dtype = "float32" if family.precision == "fp32" else "bfloat16"
     plan = planner.plan(cfg, {b: family.budgets[b] for b in budget_names}, [device] if device else
                         list(planner.PROFILES), context, batch, dtypes=(plan_dtype,))
