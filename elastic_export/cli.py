@@ -170,11 +170,15 @@ def plan(parent, preset, budgets, mode, divisor, depth, context, batch, dtype, j
 @user_errors
 def nest(parent_sorted, budgets, mode, divisor, depth, out, dtype):
     """A nested checkpoint from a sorted parent with budgets chosen by the pruning baseline (no training)."""
-    from .nested import save_nested
+    from .nested import check_budgets, save_nested
     from .search import plan_text
 
     model, importance, tok_dir = _load_parent(parent_sorted)
     chosen = _plan(model.config, importance, budgets, mode, divisor, depth)
+    check_budgets(model.config, chosen)  # refuse before warning or writing
+    if importance is None:
+        click.echo("warning: the parent carries no importance scores (run `elastic-export rank` first); "
+                   "budgets are prefixes of the weights as stored", err=True)
     save_nested(out, model, chosen, importance=importance, tokenizer=tok_dir, dtype=dtype)
     click.echo(plan_text(model.config, chosen))
     click.echo(f"wrote {out}")

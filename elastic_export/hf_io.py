@@ -179,6 +179,13 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write config.json and safetensors (sharded above ``max_shard_bytes``) atomically."""
     path = Path(path)
+    if model.config.head_order != "group_contiguous":
+        # HF readers assume group-contiguous heads and would silently misread rank-major weights:
+        # write the HF order (the full budget, sliced), which computes the same logits.
+        from .elastic import full_subnet
+        from .slicing import slice_budget
+
+        model = slice_budget(model, full_subnet(model.config))
     cfg = model.config
     state = {}
     sd = model.state_dict()

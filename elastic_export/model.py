@@ -196,7 +196,8 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask, is_causal=causal,
                                            scale=hd ** -0.5, enable_gqa=nkv != h)
         o = o.transpose(1, 2).unflatten(2, (nkv, h // nkv))  # [b, l, nkv, h/nkv, hd]
-        o = ungroup_heads(o, self.head_order, 2)  # back to the stored head order [b, l, h, hd]
+        o = ungroup_heads(o, "rank_major", 2) if self.head_order == "rank_major" \
+            else o.flatten(2, 3)
         return F.linear(o.flatten(2), v.Wo, bo)
 
 

@@ -93,7 +93,7 @@ def _budget_entry(cfg: ModelConfig, name: str, s: Subnet) -> dict:
             "layers": [{"type": t, **w.to_dict()} for t, w in zip(cfg.layers_block_type, s.layers)]}
 
 
-def _check_budgets(cfg: ModelConfig, budgets: dict[str, Subnet]) -> dict[str, Subnet]:
+def check_budgets(cfg: ModelConfig, budgets: dict[str, Subnet]) -> dict[str, Subnet]:
     from .search import NAME_RE
 
     out = {}
@@ -114,15 +114,26 @@ def _check_budgets(cfg: ModelConfig, budgets: dict[str, Subnet]) -> dict[str, Su
 
 
 def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None, importance=None,
-                tokenizer=None, dtype: str | torch.dtype | None = None) -> Path:
+                tokenizer=None, dtype: str | torch.dtype | None = None, extra: dict | None = None) -> Path:
     """Write a nested checkpoint atomically. Every budget is validated before anything is written.
 
     ``router``: a module or a dict of tensors; ``importance``: scores in sorted order;
-    ``tokenizer``: a directory or tokenizer.json path, or an object with ``save(directory)``.
+    ``tokenizer``: a directory or tokenizer.json path, or an object with ``save(directory)``;
+    ``extra``: JSON-able provenance for the manifest: ``{"fractions": {name: f}}`` adds a
+    ``fraction`` to those budgets, ``"training"`` becomes the manifest's ``training`` entry, any
+    other key goes under ``extra`` (``"params"`` is ignored: counts are always computed).
     """
+    extra = dict(extra or {})
+    fractions = extra.pop("fractions", None) or {}
+    training = extra.pop("training", None)
+    extra.pop("params", None)
+    try:
+        json.dumps([fractions, training, extra])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"is not JSON-serializable ({e})", field="extra") from None
     path = Path(path)
     cfg = model.config
-    budgets = _check_budgets(cfg, dict(budgets))
+    budgets = check_budgets(cfg, dict(budgets))
     dtype = parse_dtype(dtype)
     state = {}
     for name, t in model.state_dict().items():
@@ -164,8 +175,13 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
             "parent_config": cfg.to_dict(dtype_name(next(iter(state.values())).dtype)),
             "layout": {"head_order": cfg.head_order},
             "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names},
-            "budgets": [_budget_entry(cfg, n, s) for n, s in budgets.items()],
+            "budgets": [{**_budget_entry(cfg, n, s), **({"fraction": fractions[n]} if n in fractions else {})}
+                        for n, s in budgets.items()],
         }
+        if training is not None:
+            manifest["training"] = training
+        if extra:
+            manifest["extra"] = extra
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 

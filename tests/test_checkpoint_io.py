@@ -140,3 +140,21 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         random_model(7).save_pretrained(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rank_major_model_saves_in_hf_head_order(tmp_path):
+    """A sorted (rank-major) model written as an HF checkpoint is converted to HF's head order."""
+    import json as _json
+
+    from helpers import hf_model
+    from elastic_export.config import ModelConfig as _MC
+
+    model = random_model(8, n_groups=2, mamba_num_heads=6, num_key_value_heads=2, num_attention_heads=6)
+    cfg = _MC.from_dict({**model.config.to_dict(), "elastic": {"head_order": "rank_major"}})
+    sorted_like = ee.build_model(cfg)
+    sorted_like.load_state_dict(model.state_dict())  # same weights read in rank-major order
+    sorted_like.save_pretrained(tmp_path)
+    assert "elastic" not in _json.loads((tmp_path / "config.json").read_text())
+    ids = torch.randint(0, cfg.vocab_size, (2, 13))
+    with torch.no_grad():
+        assert (hf_model(tmp_path)(ids).logits - sorted_like(ids)).abs().max().item() <= 1e-4
