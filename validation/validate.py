@@ -135,13 +135,15 @@ def _engine_factories(fam: Family, build: Path | None, manifest: dict | None = N
 
 
 def _ort_from_export(fam: Family, mode: str, OrtEngine):
-    """Export the family's graphs for one SSM mode into a temporary directory and open them."""
-    from elastic_export.onnx_export import export_family
+    """Build the family's ONNX graphs for one SSM mode into a temporary directory and open them."""
+    from elastic_export.build import build
 
+    if fam.path is None:
+        raise ConfigError("an ONNX Runtime backend needs the family on disk (a nested checkpoint)", field="source")
     tmp = tempfile.TemporaryDirectory(prefix=f"ee-validate-{mode}-")
-    export_family(fam.model, fam.budgets, tmp.name, ssm_op=mode)
-    engine = OrtEngine(tmp.name)
-    engine._validation_tmp = tmp  # removed with the engine
+    out = build(fam.path, Path(tmp.name) / "build", ssm_op=mode, dtype="fp32" if fam.precision == "fp32" else "bf16")
+    engine = OrtEngine(out)
+    engine._validation_tmp = tmp  # the directory lives as long as the engine
     return engine
 
 
@@ -179,17 +181,20 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
             raise ConfigError(f"unknown budget {b!r}", field="--budget", fix=f"use one of {list(family.budgets)}")
     cfg = family.model.config
     data = make_eval_data(family.tokenizer, cfg.vocab_size, **(eval_kwargs or {}))
-    built = []
+    built, broken = [], []
     for n in names:
         try:
             built.append(make_backend(n, family))
-        except ImportError as e:
-            skipped[n] = f"missing dependency: {e}"
+        except Exception as e:  # an artefact that does not even load fails validation, it does not crash it
+            msg = f"could not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            broken += [{"backend": n, "budget": b, "precision": family.precision, "metrics": {}, "failed": [msg],
+                        "passed": False} for b in budget_names]
     try:
         parity = run_parity(reference(family), built, data, limits, budget_names, progress=progress)
     finally:
         for be in built:
             be.close()
+    parity["rows"] += broken
 
     mem = None
     if measure_memory:
@@ -213,7 +218,7 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
         "eval": {"rows": list(data.rows.shape), "decode_steps": data.decode_steps, "n_tasks": len(data.tasks),
                  "task_source": data.task_source, "greedy_tokens": data.greedy_tokens},
         "thresholds": {p: limits[p] for p in THRESHOLDS},
-        "backends": [be.name for be in built],
+        "backends": [be.name for be in built] + list(dict.fromkeys(r["backend"] for r in broken)),
         "skipped_backends": skipped,
         "reference": parity["reference"],
         "parity": parity["rows"],
