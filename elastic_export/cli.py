@@ -325,6 +325,8 @@ def _csv(values) -> list[str]:
 @click.option("--backends", multiple=True, help="Backends to compare (comma-separated or repeated): torch, sliced, "
               "torch-engine, ort-standard, ort-decomposed, trt [every one available here].")
 @click.option("--budget", "budgets", multiple=True, help="Budgets to validate [all].")
+@click.option("--build", "builds", multiple=True, help="A further build directory (ONNX or TensorRT) of the same "
+              "nested checkpoint whose engine joins the comparison (repeatable).")
 @click.option("--device", default=None, help="Device profile for the memory plan (e.g. agx-orin-64gb, custom:24) "
               "[all built-in profiles].")
 @click.option("--context", default=8192, show_default=True, help="Context length for the memory plan.")
@@ -340,7 +342,7 @@ def _csv(values) -> list[str]:
               "[fork on a Linux CPU].")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @user_errors
-def validate(source, report_dir, backends, budgets, device, context, batch, thresholds, n_tasks, greedy_tokens,
+def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,
              measure_memory, memory_isolation, quiet):
     """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check."""
     from validation.planner import device_profile
@@ -355,7 +357,7 @@ def validate(source, report_dir, backends, budgets, device, context, batch, thre
 
         raise ConfigError("--context, --batch and --greedy-tokens must be positive, --tasks not negative",
                           field="options")
-    family = load_family(source)
+    family = load_family(source, builds)
     report = run_validation(family, report_dir, _csv(backends) or None, device, context, batch, overrides,
                             measure_memory, list(budgets) or None, progress=not quiet,
                             eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens},

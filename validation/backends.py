@@ -32,18 +32,17 @@ from .thresholds import precision_name
 class Family:
     """What validation runs on: the nested weights (as a torch model), the budgets and a tokenizer.
 
-    ``model`` holds the full weights; each budget is a subnet of it. ``precision`` is that of the
-    artefacts under test (a bf16 build is judged with the bf16 thresholds); the reference always
-    runs in float32. ``build`` is the build directory when one was given (ONNX / TensorRT).
+    ``model`` holds the full weights in float32 (the reference); each budget is a subnet of it.
+    ``engines``: backend name -> (engine factory, precision of its artefacts), e.g. a bf16 ONNX
+    build is judged with the bf16 thresholds. ``path``: the nested checkpoint; ``build``: the
+    build directory when one was given.
     """
     model: torch.nn.Module
     budgets: dict[str, Subnet]
     tokenizer: object
-    precision: str = "fp32"
     path: str | None = None
     build: str | None = None
-    ssm_modes: list[str] = field(default_factory=list)  # SSM modes present in the build
-    engines: dict[str, Callable[[], object]] = field(default_factory=dict)  # backend name -> engine factory
+    engines: dict[str, tuple[Callable[[], object], str]] = field(default_factory=dict)
 
 
 class Backend:
@@ -151,6 +150,8 @@ class EngineBackend(Backend):
         return torch.as_tensor(x).float().cpu()
 
     def prefill(self, ids, attention_mask=None):
+        if attention_mask is None:  # not every engine takes a mask (TensorRT's does not)
+            return self._out(self.engine.prefill(ids))
         return self._out(self.engine.prefill(ids, attention_mask=attention_mask))
 
     def decode(self, ids):
@@ -191,15 +192,14 @@ def available(family: Family) -> list[str]:
 def make_backend(name: str, family: Family) -> Backend:
     """Construct one backend by name (see :func:`available`)."""
     if name == "torch":
-        return TorchElastic(family.model, family.budgets, dtype=torch.float32 if family.precision == "fp32"
-                            else torch.bfloat16)
+        return TorchElastic(family.model, family.budgets)
     if name == "sliced":
         if not slicing_available():
             raise BudgetError("the sliced backend needs elastic_export.slicing (not installed)", field="--backends")
         return Sliced(family.model, family.budgets)
     if name in family.engines:
-        engine = family.engines[name]()
-        return EngineBackend(engine, name, family.precision)
+        factory, precision = family.engines[name]
+        return EngineBackend(factory(), name, precision)
     raise BudgetError(f"backend {name!r} is not available here", field="--backends",
                       fix=f"use some of {available(family)}")
 

@@ -151,7 +151,8 @@ def plot_plan(report: dict, path: Path) -> None:
 def markdown(report: dict) -> str:
     src = report["source"]
     out = [f"# Validation report: {'PASSED' if report['passed'] else 'FAILED'}", "",
-           f"- source: `{src['path']}` ({src['kind']}, precision {src['precision']})",
+           f"- source: `{src['path']}`" + (f", build `{src['build']}`" if src.get("build") else "")
+           + f"; reference: {src['reference']}",
            f"- backends: {', '.join(report['backends'])}"
            + (f"; skipped: {', '.join(f'{k} ({v})' for k, v in report['skipped_backends'].items())}"
               if report["skipped_backends"] else ""),

@@ -36,113 +36,133 @@ def _tokenizer(path: Path | None, vocab_size: int):
     return tok
 
 
-def load_family(path: str | Path) -> Family:
-    """A Family from a nested checkpoint, a build directory or an HF checkpoint (float32 reference)."""
+def load_family(path: str | Path, builds: list[str | Path] = ()) -> Family:
+    """A Family (float32 reference weights, budgets, tokenizer, engines) from a nested checkpoint, a
+    build directory (its source nested checkpoint is the reference) or an HF checkpoint (one budget).
+
+    ``builds``: further build directories (ONNX or TensorRT) whose engines join the comparison.
+    """
     from elastic_export.nested import is_nested, load_nested
 
     path = Path(path)
     if not path.exists():
         raise CheckpointError("does not exist", path=path, fix="give a nested checkpoint or a build directory")
-    build = _build_manifest(path)
-    if build is not None:
-        return _family_from_build(path, build)
-    if is_nested(path):
+    manifest = read_build_manifest(path)
+    if manifest is not None:
+        src = manifest.get("source")
+        if not src or not is_nested(src):
+            raise CheckpointError(f"was built from {src!r}, which is not a nested checkpoint here", path=path,
+                                  field="source", fix="give the nested checkpoint and this directory with --build")
+        fam = load_family(src)
+        fam.engines = {k: v for k, v in fam.engines.items() if not k.startswith("ort-")}
+        fam.budgets = {b: fam.budgets[b] for b in fam.budgets if b in manifest.get("budgets", fam.budgets)}
+        attach_build(fam, path, manifest)
+    elif is_nested(path):
         ckpt = load_nested(path, dtype=torch.float32)
         fam = Family(ckpt.model, dict(ckpt.budgets), _tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size),
                      path=str(path))
-        fam.engines.update(_engine_factories(fam, None))
-        return fam
-    if (path / "config.json").is_file():
+        fam.engines.update(_torch_engine(fam))
+        fam.engines.update(_ort_exports(fam))
+    elif (path / "config.json").is_file():
         from elastic_export import full_subnet, load
 
         model = load(path, dtype=torch.float32)
         fam = Family(model, {"full": full_subnet(model.config)},
                      _tokenizer(path / "tokenizer", model.config.vocab_size), path=str(path))
-        fam.engines.update(_engine_factories(fam, None))
-        return fam
-    raise CheckpointError("is neither a nested checkpoint (elastic.json), a build directory nor an HF checkpoint "
-                          "(config.json)", path=path, fix="give the output of `elastic-export nest` or `build`")
-
-
-# ---- build directories and engines (issue 5 / 6) ---------------------------------------------------
-
-BUILD_MANIFESTS = ("build.json", "manifest.json")
-
-
-def _build_manifest(path: Path) -> dict | None:
-    import json
-
-    for name in BUILD_MANIFESTS:
-        f = path / name
-        if path.is_dir() and f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"is not valid JSON ({e})", path=f) from None
-    return None
-
-
-def _family_from_build(path: Path, manifest: dict) -> Family:
-    """A build directory: the reference from its nested source, engines from its artefacts."""
-    from elastic_export.nested import load_nested
-
-    src = manifest.get("source") or manifest.get("nested")
-    src = src.get("path") if isinstance(src, dict) else src
-    nested = path / "nested" if (path / "nested" / "elastic.json").is_file() else (Path(src) if src else None)
-    if nested is None or not (nested / "elastic.json").is_file():
-        raise CheckpointError("the build does not say where its nested checkpoint is", path=path,
-                              fix="validate the nested checkpoint and give the build with --build")
-    ckpt = load_nested(nested, dtype=torch.float32)
-    fam = Family(ckpt.model, dict(ckpt.budgets), _tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size),
-                 path=str(nested), build=str(path))
-    dtype = manifest.get("dtype", "fp32")
-    from .thresholds import precision_name
-
-    fam.precision = precision_name(dtype)
-    fam.engines.update(_engine_factories(fam, path, manifest))
+        fam.engines.update(_torch_engine(fam))
+    else:
+        raise CheckpointError("is neither a nested checkpoint (elastic.json), a build directory (build.json, "
+                              "trt_manifest.json) nor an HF checkpoint (config.json)", path=path,
+                              fix="give the output of `elastic-export nest` or `elastic-export build`")
+    for b in builds:
+        attach_build(fam, Path(b))
     return fam
 
 
-def _engine_factories(fam: Family, build: Path | None, manifest: dict | None = None) -> dict:
-    """Engine constructors available here: the torch engine, ONNX Runtime per SSM mode, TensorRT."""
-    out = {}
+# ---- build directories and engines (issues 5 and 6) ------------------------------------------------
+
+ONNX_MANIFEST, TRT_MANIFEST = "build.json", "trt_manifest.json"
+
+
+def read_build_manifest(path: Path) -> dict | None:
+    """The manifest of a build directory (checksums verified for ONNX builds), or None."""
+    path = Path(path)
+    if (path / ONNX_MANIFEST).is_file():
+        from elastic_export.build import read_build, verify_build
+
+        verify_build(path)
+        return read_build(path)
+    if (path / TRT_MANIFEST).is_file():
+        import json
+
+        try:
+            return {"target": "trt", **json.loads((path / TRT_MANIFEST).read_text())}
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"is not valid JSON ({e})", path=path / TRT_MANIFEST) from None
+    return None
+
+
+def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
+    """Add the engine of a build directory to ``fam.engines`` (ort-<ssm mode> or trt)."""
+    from .thresholds import precision_name
+
+    manifest = manifest or read_build_manifest(path)
+    if manifest is None:
+        raise CheckpointError("is not a build directory (no build.json or trt_manifest.json)", path=path,
+                              fix="run elastic-export build first")
+    missing = [b for b in manifest.get("budgets", {}) if b not in fam.budgets]
+    if missing:
+        raise CheckpointError(f"holds budgets {missing} that the nested checkpoint does not have", path=path,
+                              field="budgets", fix="validate the build against the checkpoint it was built from")
+    precision = precision_name(manifest.get("dtype", "float32"))
+    if manifest.get("target") == "trt":
+        name, factory = "trt", lambda: _trt_engine(path)
+    else:
+        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}", lambda: _ort_engine(path)
+    base, k = name, 2
+    while name in fam.engines:
+        name, k = f"{base}-{k}", k + 1
+    fam.engines[name] = (factory, precision)
+    fam.build = fam.build or str(path)
+
+
+def _torch_engine(fam: Family) -> dict:
     try:
         from engines.torch_engine import TorchEngine
-
-        out["torch-engine"] = lambda: TorchEngine(fam.model, fam.budgets)
     except ImportError:
-        pass
+        return {}
+    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets), "fp32")}
+
+
+def _ort_engine(path: Path):
+    from engines.ort_engine import OrtEngine
+
+    return OrtEngine(path)
+
+
+def _trt_engine(path: Path):
+    from engines.trt.engine import TrtEngine
+
+    return TrtEngine(path)
+
+
+def _ort_exports(fam: Family) -> dict:
+    """ONNX Runtime per SSM mode, each built from the nested checkpoint into a temporary directory."""
     try:
         import onnxruntime  # noqa: F401
-        from engines.ort_engine import OrtEngine
+        from elastic_export.build import build  # noqa: F401
+        from engines.ort_engine import OrtEngine  # noqa: F401
     except ImportError:
-        OrtEngine = None
-    if OrtEngine is not None:
-        if build is not None and (manifest or {}).get("target", "onnx") == "onnx":
-            mode = (manifest or {}).get("ssm_op", "standard")
-            out[f"ort-{mode}"] = lambda: OrtEngine(build)
-        elif build is None:
-            for mode in ORT_MODES:
-                out[f"ort-{mode}"] = (lambda m=mode: _ort_from_export(fam, m, OrtEngine))
-    if build is not None and (manifest or {}).get("target") == "trt":
-        try:
-            from engines.trt.engine import TrtEngine
-
-            out["trt"] = lambda: TrtEngine(build)
-        except ImportError:
-            pass
-    return out
+        return {}
+    return {f"ort-{mode}": (lambda m=mode: _ort_from_export(fam, m), "fp32") for mode in ORT_MODES}
 
 
-def _ort_from_export(fam: Family, mode: str, OrtEngine):
+def _ort_from_export(fam: Family, mode: str):
     """Build the family's ONNX graphs for one SSM mode into a temporary directory and open them."""
     from elastic_export.build import build
 
-    if fam.path is None:
-        raise ConfigError("an ONNX Runtime backend needs the family on disk (a nested checkpoint)", field="source")
     tmp = tempfile.TemporaryDirectory(prefix=f"ee-validate-{mode}-")
-    out = build(fam.path, Path(tmp.name) / "build", ssm_op=mode, dtype="fp32" if fam.precision == "fp32" else "bf16")
-    engine = OrtEngine(out)
+    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode, dtype="fp32"))
     engine._validation_tmp = tmp  # the directory lives as long as the engine
     return engine
 
@@ -187,7 +207,8 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
             built.append(make_backend(n, family))
         except Exception as e:  # an artefact that does not even load fails validation, it does not crash it
             msg = f"could not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            broken += [{"backend": n, "budget": b, "precision": family.precision, "metrics": {}, "failed": [msg],
+            prec = family.engines[n][1] if n in family.engines else "fp32"
+            broken += [{"backend": n, "budget": b, "precision": prec, "metrics": {}, "failed": [msg],
                         "passed": False} for b in budget_names]
     try:
         parity = run_parity(reference(family), built, data, limits, budget_names, progress=progress)
@@ -198,13 +219,11 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
 
     mem = None
     if measure_memory:
-        dtype = torch.float32 if family.precision == "fp32" else torch.bfloat16
-        mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names}, dtype,
-                                       nested_dir=family.build or family.path, measure=True,
+        mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names}, torch.float32,
+                                       nested_dir=family.path, measure=True,
                                        isolation=memory_isolation)
-    plan_dtype = "float32" if family.precision == "fp32" else "bfloat16"
     plan = planner.plan(cfg, {b: family.budgets[b] for b in budget_names}, [device] if device else
-                        list(planner.PROFILES), context, batch, dtypes=(plan_dtype,))
+                        list(planner.PROFILES), context, batch, dtypes=("bfloat16", "float32"))
 
     failures = [f"{r['backend']} / {r['budget']}: {'; '.join(r['failed'])}" for r in parity["rows"] if not r["passed"]]
     report = {
@@ -212,7 +231,7 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
         "tool_version": __version__,
         "machine": _machine(),
         "source": {"path": family.path, "build": family.build, "kind": "build" if family.build else "nested",
-                   "precision": family.precision,
+                   "reference": "torch elastic forward, float32",
                    "budgets": {b: {"params": count_params(cfg, family.budgets[b]),
                                    "subnet": family.budgets[b].to_dict()} for b in budget_names}},
         "eval": {"rows": list(data.rows.shape), "decode_steps": data.decode_steps, "n_tasks": len(data.tasks),
