@@ -320,7 +320,7 @@ def _csv(values) -> list[str]:
 
 
 @main.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--report", "report_dir", required=True, help="Directory for report.json, report.md and the plots.")
 @click.option("--backends", multiple=True, help="Backends to compare (comma-separated or repeated): torch, sliced, "
               "torch-engine, ort-standard, ort-decomposed, trt [every one available here].")
@@ -344,7 +344,10 @@ def _csv(values) -> list[str]:
 @user_errors
 def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,
              measure_memory, memory_isolation, quiet):
-    """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check."""
+    """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check.
+
+    SOURCE is a nested checkpoint, a build directory or an HF checkpoint [the shipped default model].
+    """
     from validation.planner import device_profile
     from validation.thresholds import parse_overrides
     from validation.validate import load_family, validate as run_validation

@@ -102,3 +102,27 @@ def test_validate_build_cli(built, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["source"]["build"] == str(root / "build") and rep["backends"] == ["ort-standard"]
+
+
+def test_bf16_build_judged_with_bf16_thresholds(built, tmp_path):
+    _, root = built
+    build(root / "nested", tmp_path / "bf16", ssm_op="standard", dtype="bf16")
+    fam = load_family(root / "nested", [tmp_path / "bf16"])
+    assert fam.engines["ort-standard-bf16"][1] == "bf16"
+    rep = validate(fam, None, backends=["ort-standard-bf16"], budgets=["b50"], measure_memory=False, progress=False,
+                   eval_kwargs=EVAL)
+    (row,) = rep["parity"]
+    assert row["precision"] == "bf16" and row["passed"], row
+    assert row["metrics"]["abs_logit"] > 1e-4  # really bf16: the fp32 thresholds would fail it
+
+
+def test_default_model_validates_over_torch_and_ort(tmp_path):
+    from elastic_export.build import default_model_path
+
+    if not (default_model_path() / "elastic.json").is_file():
+        pytest.skip("the shipped default model is not installed on this branch")
+    r = CliRunner().invoke(main, ["validate", "--report", str(tmp_path / "r"), "--backends", "torch,ort-standard",
+                                  "--no-memory", "--tasks", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    for name in ("report.json", "report.md", "accuracy_vs_params.png", "memory.png", "parity.png"):
+        assert (tmp_path / "r" / name).is_file()

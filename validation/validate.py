@@ -36,14 +36,22 @@ def _tokenizer(path: Path | None, vocab_size: int):
     return tok
 
 
-def load_family(path: str | Path, builds: list[str | Path] = ()) -> Family:
+def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Family:
     """A Family (float32 reference weights, budgets, tokenizer, engines) from a nested checkpoint, a
-    build directory (its source nested checkpoint is the reference) or an HF checkpoint (one budget).
+    build directory (its source nested checkpoint is the reference) or an HF checkpoint (one budget);
+    None: the shipped default model.
 
     ``builds``: further build directories (ONNX or TensorRT) whose engines join the comparison.
     """
     from elastic_export.nested import is_nested, load_nested
 
+    if path is None:
+        from elastic_export.build import default_model_path
+
+        path = default_model_path()
+        if not (path / "elastic.json").is_file():
+            raise CheckpointError("the shipped default model is not installed", path=path,
+                                  fix="give a nested checkpoint or a build directory")
     path = Path(path)
     if not path.exists():
         raise CheckpointError("does not exist", path=path, fix="give a nested checkpoint or a build directory")
@@ -103,7 +111,8 @@ def read_build_manifest(path: Path) -> dict | None:
 
 
 def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
-    """Add the engine of a build directory to ``fam.engines`` (ort-<ssm mode> or trt)."""
+    """Add the engine of a build directory to ``fam.engines``: ort-<ssm mode> or trt, with a -bf16
+    suffix for bf16 builds (and -2, -3... when the name is taken)."""
     from .thresholds import precision_name
 
     manifest = manifest or read_build_manifest(path)
@@ -115,10 +124,11 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
         raise CheckpointError(f"holds budgets {missing} that the nested checkpoint does not have", path=path,
                               field="budgets", fix="validate the build against the checkpoint it was built from")
     precision = precision_name(manifest.get("dtype", "float32"))
+    suffix = "" if precision == "fp32" else f"-{precision}"
     if manifest.get("target") == "trt":
-        name, factory = "trt", lambda: _trt_engine(path)
+        name, factory = f"trt{suffix}", lambda: _trt_engine(path)
     else:
-        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}", lambda: _ort_engine(path)
+        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}", lambda: _ort_engine(path)
     base, k = name, 2
     while name in fam.engines:
         name, k = f"{base}-{k}", k + 1
@@ -255,7 +265,7 @@ ALL_BACKENDS = ("torch", "sliced", "torch-engine", *(f"ort-{m}" for m in ORT_MOD
 
 
 def _known_name(name: str) -> bool:
-    return name in ALL_BACKENDS or name.startswith("ort-")
+    return name in ALL_BACKENDS or name.startswith(("ort-", "trt-"))
 
 
 def _machine() -> dict:
