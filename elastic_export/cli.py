@@ -340,10 +340,12 @@ def _csv(values) -> list[str]:
 @click.option("--memory-isolation", type=click.Choice(["fork", "spawn"]), default=None,
               help="Measure each process forked from one interpreter, or spawn a fresh interpreter each "
               "[fork on a Linux CPU].")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime [their default]; "
+              "1 is often fastest for small models on a busy machine.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @user_errors
 def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,
-             measure_memory, memory_isolation, quiet):
+             measure_memory, memory_isolation, threads, quiet):
     """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check.
 
     SOURCE is a nested checkpoint, a build directory or an HF checkpoint [the shipped default model].
@@ -355,16 +357,16 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
     overrides = parse_overrides(thresholds)
     if device is not None:
         device_profile(device)
-    if context <= 0 or batch <= 0 or n_tasks < 0 or greedy_tokens <= 0:
+    if context <= 0 or batch <= 0 or n_tasks < 0 or greedy_tokens <= 0 or (threads is not None and threads <= 0):
         from .errors import ConfigError
 
-        raise ConfigError("--context, --batch and --greedy-tokens must be positive, --tasks not negative",
+        raise ConfigError("--context, --batch, --greedy-tokens and --threads must be positive, --tasks not negative",
                           field="options")
     family = load_family(source, builds)
     report = run_validation(family, report_dir, _csv(backends) or None, device, context, batch, overrides,
                             measure_memory, list(budgets) or None, progress=not quiet,
                             eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens},
-                            memory_isolation=memory_isolation)
+                            memory_isolation=memory_isolation, threads=threads)
     for r in report["parity"]:
         m = r["metrics"]
         err = f"max|dlogit| {m['abs_logit']:.2e}  top1 {m['top1']:.4f}  greedy {m['greedy']:.3f}" if m else ""

@@ -139,8 +139,10 @@ def plot_plan(report: dict, path: Path) -> None:
         ax.axhline(d["profile"]["usable_gb"], ls="--", lw=1)
         ax.text(len(budgets) - 0.5, d["profile"]["usable_gb"], d["profile"]["label"], fontsize=7, va="bottom",
                 ha="right")
-    ax.set_ylabel("GB")
-    ax.set_title(f"memory per budget at {dt}, context {plan['context']}, batch {plan['batch']}")
+    ax.set_yscale("log")
+    ax.set_ylabel("GB (log scale)")
+    ax.set_title(f"memory per budget at {dt}, context {plan['context']}, batch {plan['batch']} "
+                 "(lines: usable memory)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

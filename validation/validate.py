@@ -136,18 +136,22 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     fam.build = fam.build or str(path)
 
 
+# Threads for the engines (None: each runtime's default); set by validate(threads=...).
+THREADS: dict[str, int | None] = {"n": None}
+
+
 def _torch_engine(fam: Family) -> dict:
     try:
         from engines.torch_engine import TorchEngine
     except ImportError:
         return {}
-    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets), "fp32")}
+    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets, threads=THREADS["n"]), "fp32")}
 
 
 def _ort_engine(path: Path):
     from engines.ort_engine import OrtEngine
 
-    return OrtEngine(path)
+    return OrtEngine(path, threads=THREADS["n"])
 
 
 def _trt_engine(path: Path):
@@ -183,7 +187,7 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
              device: str | None = None, context: int = 8192, batch: int = 1,
              overrides: dict[str, dict[str, float]] | None = None, measure_memory: bool = True,
              budgets: list[str] | None = None, progress: bool = True, eval_kwargs: dict | None = None,
-             memory_isolation: str | None = None) -> dict:
+             memory_isolation: str | None = None, threads: int | None = None) -> dict:
     """Run every check and (with ``report_dir``) write the report. Returns the report dict; its
     ``passed`` is False when any backend fails a threshold."""
     from elastic_export import __version__
@@ -194,6 +198,9 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
     from .report import write_report
 
     limits = apply_overrides(overrides)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    THREADS["n"] = threads
     here = available(family)
     for b in backends or ():
         if not _known_name(b):
