@@ -397,8 +397,9 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
 @click.option("--dtype", "dtypes", multiple=True, help="Weight dtype(s): bfloat16, float32, float16 [bfloat16].")
 @click.option("--prefill-chunk", type=int, default=None, help="Plan activations for a chunked prefill of this size.")
 @click.option("--json", "json_out", default=None, help="Also write the plan as JSON.")
+@click.option("--plot", default=None, help="Also draw the plan as a PNG (family vs separate, totals vs devices).")
 @user_errors
-def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefill_chunk, json_out):
+def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefill_chunk, json_out, plot):
     """Which budgets fit a device at a context length and batch (weights, KV, conv + SSM state, activations)."""
     import json
 
@@ -435,6 +436,10 @@ def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefi
             click.echo(f"  {d['profile']['label']:<24}" + "".join(f"{f:>22}" for f in fits))
     if json_out:
         atomic_write_text(json_out, json.dumps(out, indent=2) + "\n")
+    if plot:
+        from validation.report import plot_deployment
+
+        plot_deployment(out["comparison"], out["plans"], plot)
 
 
 def _plan_memory_budgets(source, preset, budgets):

@@ -73,12 +73,15 @@ def test_profiles():
 def test_plan_memory_cli(tmp_path):
     r = CliRunner().invoke(main, ["plan-memory", "--preset", "nemotron-nano-v2-12b", "--budget", "9B", "--budget",
                                   "6B", "--device", "edge", "--context", "8192", "--context", "49152",
-                                  "--json", str(tmp_path / "plan.json")])
+                                  "--json", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "plan.png")])
     assert r.exit_code == 0, r.output
     assert "one copy: 24.62 GB" in r.output and "separate full + 9B: 42.6" in r.output
     assert "Jetson Orin NX 16GB" in r.output and "budgets that fit" in r.output
     out = json.loads((tmp_path / "plan.json").read_text())
     assert [p["context"] for p in out["plans"]] == [8192, 49152]
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(tmp_path / "plan.png").shape[2] in (3, 4)
     for args in (["--device", "h300"], ["--context", "0"], ["--dtype", "fp64"], ["--budget", "200%"]):
         r = CliRunner().invoke(main, ["plan-memory", "--preset", "nemotron-nano-v2-12b", *args])
         assert r.exit_code == 2, (args, r.output)

@@ -236,11 +236,18 @@ def measure_peaks(family_dir: str | Path, slices_dir: str | Path, budgets: list[
 def memory_parity(model, budgets: dict, dtype: torch.dtype = torch.float32, nested_dir: str | None = None,
                   measure: bool = True, device: str = "cpu", work_dir: str | None = None,
                   isolation: str | None = None) -> dict:
-    """Counted weight bytes and (``measure``) measured peaks of the family against separate models."""
+    """Counted weight bytes and (``measure``) measured peaks of the family against separate models.
+
+    The family and the standalone slices are written side by side at ``dtype`` into a temporary
+    directory (both measured from there, so the comparison is like for like); ``nested_dir``, the
+    checkpoint as given, is reported for information (``disk.source``).
+    """
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="ee-memory-") as tmp:
         slices = write_slices(model, budgets, Path(tmp) / "slices", dtype)
-        fam = write_family(model, budgets, Path(tmp) / "family", dtype) if measure or nested_dir is None else None
-        out = weight_bytes(model, budgets, dtype, nested_dir or fam, slices)
+        fam = write_family(model, budgets, Path(tmp) / "family", dtype)
+        out = weight_bytes(model, budgets, dtype, fam, slices)
+        if nested_dir is not None:
+            out["disk"]["source"] = sum(dir_bytes(nested_dir, p) for p in WEIGHT_FILES)
         if measure:
             out["peak"] = measure_peaks(fam, slices, list(budgets), str(dtype).removeprefix("torch."), device,
                                         isolation=isolation)

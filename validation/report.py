@@ -148,6 +148,40 @@ def plot_plan(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_deployment(comparison: dict, plans: list[dict], path: str | Path) -> None:
+    """``plan-memory --plot``: weights of the nested family against separate models, and each budget's
+    total at every planned context against the usable memory of the planned devices."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    c = comparison
+    names = list(c["per_budget"])
+    bars = [(f"nested\n{' + '.join(names)}", c["nested"]), (f"separate\n{' + '.join(c['pair'])}", c["separate_pair"]),
+            (f"separate\n{' + '.join(names)}", c["separate_all"])]
+    ax1.bar(range(3), [b[1] / 1e9 for b in bars], color=["tab:blue", "tab:orange", "tab:red"])
+    for i, (_, v) in enumerate(bars):
+        ax1.text(i, v / 1e9, f"{v / 1e9:.1f} GB", ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(range(3), [b[0] for b in bars], fontsize=7)
+    ax1.set_ylabel("GB")
+    ax1.set_title(f"weights at {c['dtype']}")
+    dt = next(iter(plans[0]["devices"][0]["dtypes"]))
+    width = 0.8 / len(plans)
+    for j, p in enumerate(plans):
+        rows = p["devices"][0]["dtypes"][dt]["budgets"]
+        ax2.bar([i + (j - (len(plans) - 1) / 2) * width for i in range(len(rows))],
+                [r["total"] / 1e9 for r in rows.values()], width, label=f"context {p['context']}")
+    ax2.set_xticks(range(len(names)), names)
+    for d in plans[0]["devices"]:
+        ax2.axhline(d["profile"]["usable_gb"], ls="--", lw=1, color="gray")
+        ax2.text(len(names) - 0.5, d["profile"]["usable_gb"], d["profile"]["label"], fontsize=7, ha="right",
+                 va="bottom")
+    ax2.set_ylabel("GB")
+    ax2.set_title(f"weights + KV + SSM/conv state + activations at {dt} (lines: usable memory)")
+    ax2.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---- markdown ------------------------------------------------------------------------------------
 
 def markdown(report: dict) -> str:

@@ -236,9 +236,11 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
 
     mem = None
     if measure_memory:
-        mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names}, torch.float32,
-                                       nested_dir=family.path, measure=True,
-                                       isolation=memory_isolation)
+        # device memory on a GPU (bf16 there, as served), resident memory on the CPU (float32)
+        on_gpu = torch.cuda.is_available()
+        mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names},
+                                       torch.bfloat16 if on_gpu else torch.float32, nested_dir=family.path,
+                                       measure=True, device="cuda" if on_gpu else "cpu", isolation=memory_isolation)
     plan = planner.plan(cfg, {b: family.budgets[b] for b in budget_names}, [device] if device else
                         list(planner.PROFILES), context, batch, dtypes=("bfloat16", "float32"))
 
