@@ -43,6 +43,7 @@ class Family:
     path: str | None = None
     build: str | None = None
     engines: dict[str, tuple[Callable[[], object], str]] = field(default_factory=dict)
+    threads: int | None = None  # CPU threads for the engines (None: each runtime's default)
 
 
 class Backend:

@@ -204,12 +204,11 @@ def measure_peaks(family_dir: str | Path, slices_dir: str | Path, budgets: list[
             "family": {**base, "mode": "family", "path": str(family_dir)}}
     for n in budgets:
         jobs[f"single:{n}"] = {**base, "mode": "single", "path": str(Path(slices_dir) / n)}
+    code = "import json, sys; from validation.memory import {0}; print(json.dumps({0}(json.loads(sys.argv[1]))))"
     if isolation == "fork":
-        code = "import json, sys; from validation.memory import forked; print(json.dumps(forked(json.loads(sys.argv[1]))))"
-        results = _result("forked", _python(code, json.dumps(jobs)))
+        results = _result("forked", _python(code.format("forked"), json.dumps(jobs)))
     else:
-        code = "import json, sys; from validation.memory import worker; print(json.dumps(worker(json.loads(sys.argv[1]))))"
-        results = {name: _result(name, _python(code, json.dumps(spec))) for name, spec in jobs.items()}
+        results = {name: _result(name, _python(code.format("worker"), json.dumps(spec))) for name, spec in jobs.items()}
     key = "device" if device.startswith("cuda") else "rss"
     baseline = results["baseline"][key]
     singles = {n: results[f"single:{n}"][key] for n in budgets}

@@ -243,7 +243,8 @@ def markdown(report: dict) -> str:
     plan = report.get("plan")
     if plan:
         out += [f"## Device plan (context {plan['context']}, batch {plan['batch']})", "",
-                "| device | usable | dtype | budgets that fit | family (one copy) |", "| --- | ---: | --- | --- | --- |"]
+                "| device | usable | dtype | budgets that fit | family (one copy) |",
+                "| --- | ---: | --- | --- | --- |"]
         for d in plan["devices"]:
             for dt, v in d["dtypes"].items():
                 out.append(f"| {d['profile']['label']} | {d['profile']['usable_gb']:.2f} GB | {dt} | "

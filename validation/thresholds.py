@@ -51,7 +51,8 @@ def precision_name(dtype) -> str:
     """'fp32' or 'bf16' for a torch dtype or a dtype name."""
     name = str(dtype).removeprefix("torch.")
     if name not in PRECISIONS:
-        raise ConfigError(f"no thresholds for precision {name!r}", field="dtype", fix=f"use one of {sorted(THRESHOLDS)}")
+        raise ConfigError(f"no thresholds for precision {name!r}", field="dtype",
+                          fix=f"use one of {sorted(THRESHOLDS)}")
     return PRECISIONS[name]
 
 

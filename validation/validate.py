@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     if manifest.get("target") == "trt":
         name, factory = f"trt{suffix}", lambda: _trt_engine(path)
     else:
-        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}", lambda: _ort_engine(path)
+        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}", lambda: _ort_engine(path, fam.threads)
     base, k = name, 2
     while name in fam.engines:
         name, k = f"{base}-{k}", k + 1
@@ -136,22 +137,18 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     fam.build = fam.build or str(path)
 
 
-# Threads for the engines (None: each runtime's default); set by validate(threads=...).
-THREADS: dict[str, int | None] = {"n": None}
-
-
 def _torch_engine(fam: Family) -> dict:
     try:
         from engines.torch_engine import TorchEngine
     except ImportError:
         return {}
-    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets, threads=THREADS["n"]), "fp32")}
+    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets, threads=fam.threads), "fp32")}
 
 
-def _ort_engine(path: Path):
+def _ort_engine(path: Path, threads: int | None = None):
     from engines.ort_engine import OrtEngine
 
-    return OrtEngine(path, threads=THREADS["n"])
+    return OrtEngine(path, threads=threads)
 
 
 def _trt_engine(path: Path):
@@ -176,7 +173,7 @@ def _ort_from_export(fam: Family, mode: str):
     from elastic_export.build import build
 
     tmp = tempfile.TemporaryDirectory(prefix=f"ee-validate-{mode}-")
-    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode, dtype="fp32"))
+    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode, dtype="fp32"), fam.threads)
     engine._validation_tmp = tmp  # the directory lives as long as the engine
     return engine
 
@@ -198,9 +195,15 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
     from .report import write_report
 
     limits = apply_overrides(overrides)
-    if threads is not None:
+    if threads is not None:  # this process's torch threads, and the engines'
         torch.set_num_threads(threads)
-    THREADS["n"] = threads
+        family.threads = threads
+
+    def say(msg: str) -> None:
+        if progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
     here = available(family)
     for b in backends or ():
         if not _known_name(b):
@@ -220,6 +223,7 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
     data = make_eval_data(family.tokenizer, cfg.vocab_size, **(eval_kwargs or {}))
     built, broken = [], []
     for n in names:
+        say(f"loading backend {n}")
         try:
             built.append(make_backend(n, family))
         except Exception as e:  # an artefact that does not even load fails validation, it does not crash it
@@ -236,6 +240,7 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
 
     mem = None
     if measure_memory:
+        say("measuring memory: one process serving every budget, one process per standalone budget")
         # device memory on a GPU (bf16 there, as served), resident memory on the CPU (float32)
         on_gpu = torch.cuda.is_available()
         mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names},
