@@ -265,6 +265,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         mamba_num_heads=16, mamba_head_dim=32, n_groups=2, ssm_state_size=32, conv_kernel=4, chunk_size=64,
         num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=768,
         tie_word_embeddings=False),
+    # A ~165M-parameter hybrid for GPU benchmarks (benchmarks/gpu_check.py): big enough that a decode
+    # step moves ~330 MB of BF16 weights, small enough to build, save and load in seconds.
+    "hybrid-165m": dict(
+        vocab_size=32000, hidden_size=1024, layers_block_type=_pattern("M-M-M*-M-M-M*-"),
+        mamba_num_heads=32, mamba_head_dim=64, n_groups=4, ssm_state_size=128, conv_kernel=4, chunk_size=128,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=4096,
+        tie_word_embeddings=False),
 }
 
 

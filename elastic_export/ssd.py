@@ -23,13 +23,27 @@ import torch
 import torch.nn.functional as F
 
 # Faster kernels register here (engines.kernels on CUDA; mamba-ssm when importable).
-# Each: fn(x, dt, A, B, C, chunk_size, initial_state, head_order) -> (y, final_state) or None to decline.
+# Scan: fn(x, dt, A, B, C, chunk_size, initial_state, head_order) -> (y, final_state) or None to decline.
+# Step: fn(state, x, dt, A, B, C, head_order) -> (y, new_state) or None to decline.
 _SCAN_KERNELS: list[Callable] = []
+_STEP_KERNELS: list[Callable] = []
 
 
 def register_scan_kernel(fn: Callable) -> None:
     if fn not in _SCAN_KERNELS:
         _SCAN_KERNELS.insert(0, fn)
+
+
+def register_step_kernel(fn: Callable) -> None:
+    if fn not in _STEP_KERNELS:
+        _STEP_KERNELS.insert(0, fn)
+
+
+def unregister_kernel(fn: Callable) -> None:
+    """Remove a scan or step kernel registered above (no error when it is not registered)."""
+    for kernels in (_SCAN_KERNELS, _STEP_KERNELS):
+        if fn in kernels:
+            kernels.remove(fn)
 
 
 def group_heads(t: torch.Tensor, groups: int, head_order: str, dim: int) -> torch.Tensor:
@@ -144,6 +158,15 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: st
         if out is not None:
             return out
     return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state, head_order)
+
+
+def ssd_update(state, x, dt, A, B, C, head_order: str = "group_contiguous"):
+    """Dispatch for one decode step: the first registered step kernel that accepts, else ssd_step."""
+    for kernel in _STEP_KERNELS:
+        out = kernel(state, x, dt, A, B, C, head_order)
+        if out is not None:
+            return out
+    return ssd_step(state, x, dt, A, B, C, head_order)
 
 
 def _mamba_ssm_kernel(x, dt, A, B, C, chunk_size, initial_state, head_order):
