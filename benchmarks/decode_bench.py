@@ -125,18 +125,26 @@ import json, sys, torch
 torch.set_num_threads({threads})
 import onnxruntime
 sys.path.insert(0, {root!r})
+from engines.ort_engine import OrtEngine
+from engines.torch_engine import TorchEngine
+from elastic_export.build import load_family
+import elastic_export.importance, elastic_export.nested
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
-base = rss()
+from elastic_export.config import preset
+from elastic_export.elastic import full_subnet
+from elastic_export.model import build_model
+tiny = build_model(preset("hybrid-5m", hidden_size=64, vocab_size=128, intermediate_size=64))
+warm = TorchEngine(tiny, {{"full": full_subnet(tiny.config)}})  # touch torch's kernels before measuring
+warm.prefill(torch.ones(1, 64, dtype=torch.long), last_only=True); warm.decode(torch.ones(1, dtype=torch.long))
+del warm, tiny
+base = rss()  # after every import: what remains is weights, sessions, states and activations
 budgets = {budgets!r}
 if {engine!r} == "ort":
-    from engines.ort_engine import OrtEngine
     eng = OrtEngine({build!r}, budgets=budgets, threads={threads}, share_weights={share!r})
 else:
-    from engines.torch_engine import TorchEngine
-    from elastic_export.build import load_family
     model, fam, _ = load_family({nested!r})
     eng = TorchEngine(model, {{n: fam[n] for n in budgets}}, threads={threads})
 ids = torch.randint(0, 100, (1, 64))
@@ -154,6 +162,23 @@ def resident(engine, budgets, build, nested, threads, share=True) -> int:
                              nested=str(nested), share=share)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+WIDE = dict(hidden_size=768, vocab_size=16384, mamba_num_heads=24, mamba_head_dim=64, num_attention_heads=12,
+            head_dim=64, intermediate_size=2304)
+
+
+def memory(nested, build_dir, fam, threads) -> dict:
+    names = list(fam)
+    out = {}
+    for eng, share in (("torch", True), ("ort", True), ("ort", False)):
+        one = resident(eng, names[:1], build_dir, nested, threads, share)
+        every = resident(eng, names, build_dir, nested, threads, share)
+        label = eng if share else "ort, unshared"
+        out[label] = {"largest_alone": one, "all": every, "ratio": every / one}
+        print(f"resident {label:<13}: largest budget alone {one / 2 ** 20:6.1f} MiB, all {len(names)} budgets "
+              f"{every / 2 ** 20:6.1f} MiB ({every / one:.2f}x)")
+    return out
 
 
 def main():
@@ -183,6 +208,7 @@ def main():
         nested = save_nested(work / "nested", model, bench_family(cfg))
     model, fam, _ = load_family(nested)
     build(nested, work / "build", target="onnx")
+    build(nested, work / "build_decomposed", target="onnx", ssm_op="decomposed")
     hf = work / "hf_full"
     model.save_pretrained(hf)  # the full budget as a standalone HF checkpoint (same weights)
 
@@ -190,42 +216,40 @@ def main():
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     te = TorchEngine(model, fam, threads=args.threads)
     oe = OrtEngine(work / "build", threads=args.threads)
+    od = OrtEngine(work / "build_decomposed", threads=args.threads)
     rows = []
     print(f"{model.num_parameters() / 1e6:.2f}M parameters, {args.threads} threads, prompt {args.prompt_len}, "
           f"copy bandwidth {bw / 1e9:.1f} GB/s, best of {args.reps} interleaved runs")
     fns = {}
     for name in fam:
         fns[(name, "torch")] = lambda name=name: time_engine(te, name, ids, args.steps)
-        fns[(name, "onnxruntime")] = lambda name=name: time_engine(oe, name, ids, args.steps)
+        fns[(name, "ort-standard")] = lambda name=name: time_engine(oe, name, ids, args.steps)
+        fns[(name, "ort-decomposed")] = lambda name=name: time_engine(od, name, ids, args.steps)
     first = next(iter(fam))
     if not args.no_transformers:
         tf = Transformers(hf)
         fns[(first, "transformers")] = lambda: tf.time(ids, args.steps)
     best = best_of(args.reps, fns)
-    print(f"{'budget':<8} {'engine':<13} {'prefill ms':>10} {'decode tok/s':>12} {'limit tok/s':>11} {'% limit':>7}")
+    print(f"{'budget':<8} {'engine':<15} {'prefill ms':>10} {'decode tok/s':>12} {'limit tok/s':>11} {'% limit':>7}")
     for (name, eng), (pre, tps) in best.items():
         limit = bw / weight_bytes(model, fam[name])
         rows.append({"budget": name, "engine": eng, "prefill_ms": pre * 1e3, "decode_tok_s": tps,
                      "limit_tok_s": limit, "frac_limit": tps / limit})
-        print(f"{name:<8} {eng:<13} {pre * 1e3:>10.1f} {tps:>12.0f} {limit:>11.0f} {100 * tps / limit:>6.0f}%")
+        print(f"{name:<8} {eng:<15} {pre * 1e3:>10.1f} {tps:>12.0f} {limit:>11.0f} {100 * tps / limit:>6.0f}%")
     if (first, "transformers") in best:
         tf_tps = best[(first, "transformers")][1]
-        top = max(best[(first, e)][1] for e in ("torch", "onnxruntime"))
+        top = max(best[(first, e)][1] for e in ("torch", "ort-standard", "ort-decomposed"))
         print(f"full budget: best engine / transformers = {top / tf_tps:.1f}x")
 
-    names = list(fam)
-    mem = {}
-    for eng in ("torch", "ort"):
-        one = resident(eng, names[:1], work / "build", nested, args.threads)
-        every = resident(eng, names, work / "build", nested, args.threads)
-        mem[eng] = (one, every)
-        print(f"resident {eng:<5}: largest budget alone {one / 2 ** 20:.1f} MiB, all {len(names)} budgets "
-              f"{every / 2 ** 20:.1f} MiB ({every / one:.2f}x)")
-    one = resident("ort", names[:1], work / "build", nested, args.threads, share=False)
-    every = resident("ort", names, work / "build", nested, args.threads, share=False)
-    mem["ort_unshared"] = (one, every)
-    print(f"resident ort without sharing: largest alone {one / 2 ** 20:.1f} MiB, all {every / 2 ** 20:.1f} MiB "
-          f"({every / one:.2f}x)")
+    mem = {"hybrid-5m" if not args.nested else "nested": memory(nested, work / "build", fam, args.threads)}
+    if not args.nested:  # the per-session cost of ONNX Runtime is fixed: show it against bigger weights too
+        wide = preset("hybrid-5m", head_order="rank_major", **WIDE)
+        wm = build_model(wide, seed=0)
+        print(f"wider family: {wm.num_parameters() / 1e6:.1f}M parameters")
+        save_nested(work / "wide", wm, bench_family(wide))
+        del wm
+        build(work / "wide", work / "wide_build", target="onnx")
+        mem["wide"] = memory(work / "wide", work / "wide_build", bench_family(wide), args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "resident": mem, "bandwidth": bw}, indent=2))
 

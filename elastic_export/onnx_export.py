@@ -8,7 +8,8 @@ Graph I/O (b batch, l new tokens, T all tokens so far; i a kept layer's index in
              -> logits [b, 1, V], present.{i}.* states
     states:  Mamba   .conv [b, h*p + 2*G*N, K-1], .ssm [b, h, p, N] (float32)
              attention .key / .value [b, nkv, T, hd]
-Left padding is supported through attention_mask (as in the torch elastic forward).
+Left padding of the prompt is supported through attention_mask (as in the torch elastic forward); a
+decode step takes its new token as real (its mask column is 1).
 
 Weights are never sliced in a graph. The budget's widths come from the elastic rule
 (elastic.mamba_views / attention_views / mlp_views); each large matrix it keeps is a row range of a
@@ -149,9 +150,12 @@ class _Budget:
         self.b = g.op("Slice", shape, g.const([0]), g.const([1]))  # [1]
         self.l = g.op("Slice", shape, g.const([1]), g.const([2]))
         self.maskf = g.op("Cast", mask, to=FLOAT)  # [b, T]
-        newmask = g.op("Slice", self.maskf, g.op("Neg", self.l), g.const([np.iinfo(np.int64).max]), g.const([1]))
-        self.newmask2 = g.op("Reshape", newmask, g.const([-1, 1]))  # [b*l, 1]
-        self.newmask3 = g.op("Unsqueeze", newmask, g.const([2]))  # [b, l, 1]
+        if self.decode:  # the new token is real (padding only ever precedes a prompt): no Mamba masking
+            self.newmask2 = self.newmask3 = None
+        else:
+            newmask = g.op("Slice", self.maskf, g.op("Neg", self.l), g.const([np.iinfo(np.int64).max]), g.const([1]))
+            self.newmask2 = g.op("Reshape", newmask, g.const([-1, 1]))  # [b*l, 1]
+            self.newmask3 = g.op("Unsqueeze", newmask, g.const([2]))  # [b, l, 1]
 
         emb = g.op("Gather", g.rows("backbone.embeddings.weight", 0, V), ids, axis=0)  # [b, l, D]
         h = self.narrow(g.op("Reshape", emb, g.const([-1, self.D])))  # [b*l, d]
@@ -166,7 +170,7 @@ class _Budget:
         h = self.rms_norm(h, "backbone.norm_f.weight")
         head = "backbone.embeddings.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         logits = g.op("Gemm", self.widen(h), g.rows(head, 0, V), transB=1)  # [b*l, V]
-        logits = g.op("Reshape", logits, g.op("Concat", self.b, g.const([-1, V]), axis=0))
+        logits = self.to3(logits, V)
         g.output(logits, "logits", FLOAT, ["batch", 1 if self.decode else "seq", V])
         for sp in state_specs(cfg, self.s):
             dims = [("total" if self.decode else "seq") if s == "past" else s for s in sp.shape]
@@ -174,7 +178,9 @@ class _Budget:
         return g.model(f"budget_{'decode' if self.decode else 'prefill'}", self.opset)
 
     def to3(self, x2: str, *tail: int) -> str:
-        """[b*l, ...] -> [b, l, *tail]."""
+        """[b*l, ...] -> [b, l, *tail] (decode: l = 1, a constant shape)."""
+        if self.decode:
+            return self.g.op("Reshape", x2, self.g.const([-1, 1, *tail]))
         return self.g.op("Reshape", x2, self.g.op("Concat", self.b, self.g.const([-1, *tail]), axis=0))
 
     def mamba(self, i: int, m, w, v: elastic.MambaViews, x2: str) -> str:
@@ -185,7 +191,8 @@ class _Budget:
         h, p = v.Wz.shape[0], v.Wz.shape[1]
         GN = G * N
         name = f"backbone.layers.{i}.mixer.in_proj.weight"
-        x2 = g.op("Mul", x2, self.newmask2)  # padded positions contribute nothing
+        if self.newmask2 is not None:
+            x2 = g.op("Mul", x2, self.newmask2)  # padded positions contribute nothing
         # 1. in_proj rows [z | x | B | C | dt] of the kept heads (all P channels; sliced to p below)
         runs = [(_row_start(v.Wz, W), _row_start(v.Wz, W) + h * P), (_row_start(v.Wx, W), _row_start(v.Wx, W) + h * P),
                 (_row_start(v.WB, W), _row_start(v.WB, W) + GN), (_row_start(v.WC, W), _row_start(v.WC, W) + GN),
@@ -204,7 +211,9 @@ class _Budget:
         cb = None if v.conv_bias_x is None else g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]),
                                                          "conv_b")
         out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K)
-        out = g.op("Mul", g.op("Transpose", out, perm=[0, 2, 1]), self.newmask3)  # [b, l, C]
+        out = g.op("Transpose", out, perm=[0, 2, 1])  # [b, l, C]
+        if self.newmask3 is not None:
+            out = g.op("Mul", out, self.newmask3)
         xs, B, C = g.op("Split", out, g.const([h * p, GN, GN]), axis=2, n_out=3)
         xs = g.op("Reshape", xs, g.const([0, 0, h, p]))
         B, C = (g.op("Reshape", t, g.const([0, 0, G, N])) for t in (B, C))
@@ -219,7 +228,7 @@ class _Budget:
                                                      m.head_order)
         y = g.op("Add", y, g.op("Mul", xs, g.inline(v.D.float()[:, None], "D")))  # [b, l, h, p]
         # 4. gated RMSNorm over each group's channels, out_proj
-        z = g.op("Reshape", z, g.op("Concat", self.b, g.const([-1, h, p]), axis=0))
+        z = self.to3(z, h, p)
         y = g.op("Mul", y, g.op("Mul", z, g.op("Sigmoid", z)))
         r = h // G
         grouped, axes = ([0, 0, r, G, p], [2, 4]) if m.head_order == "rank_major" else ([0, 0, G, r, p], [3, 4])

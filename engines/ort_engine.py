@@ -4,8 +4,8 @@ decode sessions, one copy of the weights in memory.
 With ``share_weights`` (the default) the engine reads ``weights.bin`` once into one buffer and hands
 each session its weights as zero-copy ``OrtValue`` views (``SessionOptions.add_initializer``); the
 graphs only ever read row ranges of stored tensors, so every view is contiguous. MatMul weight
-prepacking is turned off in that mode, since a prepacked weight is a private copy per session
-(docs/engines.md has the measured cost). Without sharing, each session loads its own weights.
+prepacking is turned off in that mode, since a prepacked weight is a private copy per session, and
+all sessions allocate activations from one process-wide arena (docs/engines.md has the measurements). Without sharing, each session loads its own weights.
 States stay ``OrtValue`` between decode steps (no numpy round trip).
 """
 
@@ -24,6 +24,15 @@ from elastic_export.errors import BudgetError, CheckpointError
 from .generation import generate
 
 NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_ENV_ALLOCATOR = []
+
+
+def _shared_allocator(ort) -> None:
+    """One CPU arena for every session of the process (activations are not held per session)."""
+    if not _ENV_ALLOCATOR:
+        mi = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(mi, ort.OrtArenaCfg(0, -1, -1, -1))
+        _ENV_ALLOCATOR.append(mi)
 
 
 def external_initializers(path: Path):
@@ -81,6 +90,8 @@ class OrtEngine:
             so.inter_op_num_threads = 1
         if self.share:
             so.add_session_config_entry("session.disable_prepacking", "1")
+            _shared_allocator(self.ort)
+            so.add_session_config_entry("session.use_env_allocators", "1")
         return so
 
     def _load(self, name: str) -> dict:
