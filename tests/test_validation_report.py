@@ -99,3 +99,17 @@ def test_bad_input_exits_2(nested, tmp_path, args):
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_hf_checkpoint_validates_as_one_budget(tmp_path):
+    """A plain HF checkpoint (a slice) is a family of one budget, 'full'."""
+    from elastic_export.slicing import slice_budget
+    from validation.validate import load_family, validate
+
+    model, budgets = small_family()
+    slice_budget(model, budgets["b75"]).save_pretrained(tmp_path / "hf")
+    fam = load_family(tmp_path / "hf")
+    assert list(fam.budgets) == ["full"] and not any(n.startswith("ort-") for n in fam.engines)
+    rep = validate(fam, None, backends=["torch", "sliced"], measure_memory=False, progress=False,
+                   eval_kwargs={"n_tasks": 1, "greedy_tokens": 4})
+    assert rep["passed"], rep["failures"]
