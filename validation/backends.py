@@ -8,10 +8,11 @@ A :class:`Backend` has ``name``, ``precision`` ('fp32' or 'bf16'), ``budgets`` (
 the runtimes' details.
 
 - ``torch``: the elastic forward of the nested weights (:class:`TorchElastic`): the reference.
-- ``sliced``: each budget cut into a standalone model by ``elastic_export.slicing.slice_budget``
-  (:class:`Sliced`), run with no subnet.
-- ``ort-<mode>``, ``trt``: engines of the build package (``engines.*``: issue 5/6) wrapped by
-  :class:`EngineBackend`; numpy in and out is converted here.
+  As a backend (not the reference) it checks that cached decode steps match the prefill.
+- ``sliced``: each budget cut into a standalone checkpoint by ``elastic_export.slicing.slice_budget``,
+  written and read back (:class:`Sliced`), run with no subnet.
+- ``torch-engine``, ``ort-<mode>``, ``trt``: engines (``engines.*``, issues 5 and 6) wrapped by
+  :class:`EngineBackend`; their numpy or torch outputs and logits shapes are normalized here.
 """
 
 from __future__ import annotations
@@ -109,20 +110,34 @@ class TorchElastic(Backend):
 
 
 class Sliced(TorchElastic):
-    """Each budget as a standalone checkpoint (``slice_fn(model, subnet)``), one held at a time."""
+    """Each budget as a standalone checkpoint (``slice_fn(model, subnet)``), one held at a time.
+
+    ``via_disk``: write the slice with ``save_pretrained`` and read it back with
+    ``elastic_export.load``, so the checkpoint users get (HF head order, config) is what runs.
+    """
 
     def __init__(self, model, budgets: dict[str, Subnet], slice_fn: Callable | None = None, name: str = "sliced",
-                 dtype=torch.float32):
+                 dtype=torch.float32, via_disk: bool = True):
         super().__init__(model, budgets, name)  # the float32 parent; each slice is cast to dtype
         if slice_fn is None:
             from elastic_export.slicing import slice_budget as slice_fn
         self.slice_fn = slice_fn
         self.parent = self.model
         self.dtype = dtype
+        self.via_disk = via_disk
 
     def set_budget(self, name: str) -> None:
         self._check(name)
-        self.model = self.slice_fn(self.parent, self.subnets[name]).to(self.dtype).eval()
+        model = self.slice_fn(self.parent, self.subnets[name])
+        if self.via_disk:
+            import tempfile
+
+            from elastic_export import load
+
+            with tempfile.TemporaryDirectory(prefix="ee-validate-slice-") as tmp:
+                model.save_pretrained(f"{tmp}/{name}")
+                model = load(f"{tmp}/{name}")
+        self.model = model.to(self.dtype).eval()
         self.subnet = None
         self.cache = None
 
