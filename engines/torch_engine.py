@@ -25,7 +25,11 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 class TorchEngine:
     """``budgets``: name -> Subnet, largest first. Tensors in and out are torch (logits float32)."""
 
-    def __init__(self, model, budgets: dict[str, Subnet], threads: int | None = None):
+    def __init__(self, model, budgets: dict[str, Subnet], threads: int | None = None, static: bool = False,
+                 max_len: int = 4096):
+        """``static=True`` decodes on preallocated states of ``max_len`` tokens with a fixed-shape step:
+        compiled by torch.compile on CPU, replayed as a CUDA graph on GPU (engines.cuda_graph_decode).
+        The first decode of each budget and batch size pays the compilation (seconds)."""
         if not budgets:
             raise BudgetError("no budgets to serve", field="budgets")
         for name, s in budgets.items():
@@ -36,6 +40,9 @@ class TorchEngine:
         self.cfg = model.config
         self._subnets = dict(budgets)
         self.threads = threads
+        self.static, self.max_len = static, max_len
+        self._static: dict[tuple[str, int], object] = {}  # (budget, batch) -> GraphDecoder
+        self._dec = None
         self.set_budget(next(iter(budgets)))
 
     @property
@@ -58,6 +65,7 @@ class TorchEngine:
                                                                                                 self.views))
                            if v is not None and blk.block_type == "linear_attention"}
         self.cache = None
+        self._dec = None
 
     def _threads(self):
         if self.threads is not None and torch.get_num_threads() != self.threads:
@@ -70,6 +78,8 @@ class TorchEngine:
         """Run the prompt [b, l]; keep its states for decode. Returns logits [b, l, V] (or [b, V])."""
         self._threads()
         input_ids = torch.as_tensor(input_ids)
+        if self.static:
+            return self._static_prefill(input_ids, attention_mask, last_only)
         self.cache = self.model.new_cache()
         logits = self.model(input_ids, subnet=self.subnet, cache=self.cache, attention_mask=attention_mask,
                             last_only=last_only)
@@ -89,9 +99,11 @@ class TorchEngine:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per sequence ([b] or [b, 1]) -> logits [b, V] float32."""
-        if self.cache is None:
+        if self.cache is None and self._dec is None:
             raise BudgetError("decode before prefill", field="decode", fix="call prefill(prompt) first")
         self._threads()
+        if self._dec is not None:
+            return self._dec.step(torch.as_tensor(tokens))[:, -1]
         tok = torch.as_tensor(tokens).reshape(-1)
         eps = self.cfg.layer_norm_epsilon
         if self.key_mask is not None:
@@ -113,6 +125,17 @@ class TorchEngine:
         self.pos += 1
         self.cache.seen = self.pos
         return F.linear(_rms(h, self.norm_f, eps), self.head)
+
+    def _static_prefill(self, input_ids, attention_mask, last_only):
+        from .cuda_graph_decode import GraphDecoder
+
+        key = (self.budget, input_ids.shape[0])
+        if key not in self._static:
+            self._static[key] = GraphDecoder(self.model, self.subnet, batch=input_ids.shape[0], max_len=self.max_len,
+                                             compile=self.model.device.type == "cpu")
+        self._dec = self._static[key]
+        logits = self._dec.prefill(input_ids, attention_mask, last_only=last_only)
+        return logits[:, -1] if last_only else logits
 
     def _mamba_plan(self, m, v):
         """Per-budget constants of one Mamba layer: weight views, plus the few tiny tensors a decode step
