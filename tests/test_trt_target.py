@@ -107,3 +107,48 @@ def test_bf16_compute_graphs_match_torch_bf16(tmp_path, mode):
             err = np.abs(o["logits"] - r.numpy()).max()
             assert err <= tol, f"{name}: decode step {step} bf16 logits differ by {err:.3g}"
             states = {k: v for k, v in o.items() if k.startswith("present.")}
+
+
+# ---- profile shapes from the real exported graphs -------------------------------------------------
+
+def test_profile_shapes_of_the_exported_graphs(tmp_path):
+    """Every input of the exporter's prefill and decode graphs gets (min, opt, max) from its dim names;
+    in decode the mask's `total` is the KV `past` + 1 at min, opt and max."""
+    from engines.trt import builder
+
+    model = random_model(1, head_order="rank_major").eval()
+    budgets = family(model.config, 1, 2)
+    export_family(model, budgets, tmp_path, ssm_op="decomposed")
+    for name, s in budgets.items():
+        for kind in ("prefill", "decode"):
+            path = tmp_path / f"{name}.{kind}.onnx"
+            inputs = builder.onnx_input_dims(path)
+            shapes = builder.profile_shapes(path, builder.PROFILES[kind])
+            assert set(shapes) == set(inputs)  # every input, no weight among them
+            mn, opt, mx = shapes["attention_mask"]
+            if kind == "prefill":
+                assert set(inputs) == {"input_ids", "attention_mask"}
+                assert shapes["input_ids"] == shapes["attention_mask"] and mx == (8, 4096) and mn == (1, 1)
+                continue
+            assert shapes["input_ids"] == ((1, 1), (1, 1), (8, 1))
+            keys = [n for n in inputs if n.endswith(".key")]
+            assert keys, "the tiny model has an attention layer"
+            for k in keys:
+                for m_, kv in zip((mn, opt, mx), shapes[k]):
+                    assert m_[1] == kv[2] + 1, (k, m_, kv)
+            assert mx[1] == 4096 and mn[1] == 2
+            for sp in state_specs(model.config, s):
+                want = [d if isinstance(d, int) else None for d in sp.shape]
+                for ext in shapes[f"past.{sp.name}"]:
+                    assert all(w is None or w == e for w, e in zip(want, ext))
+
+
+def test_unknown_dim_name_is_an_error(tmp_path):
+    from engines.trt import builder
+
+    model = random_model(1, head_order="rank_major").eval()
+    export_family(model, family(model.config, 1, 1), tmp_path, ssm_op="decomposed")
+    dims = dict(builder.DECODE_DIMS)
+    del dims["total"]  # `total` is never taken for `past`: they differ by one
+    with pytest.raises(ValueError, match="'total'"):
+        builder.profile_shapes(tmp_path / "full.decode.onnx", dims)
