@@ -10,14 +10,21 @@ Layout of an ONNX build (every budget reads the one weight file; nothing else ho
 
 The directory is written to a temporary sibling and renamed into place, so a failure leaves nothing.
 
-``--target trt`` adds TensorRT engines built from those graphs by ``engines.trt`` (checked first with
-``engines.trt.availability()``: TensorRT and a CUDA GPU, else a one-line error and nothing written):
-``{budget}.{prefill,decode}.engine`` and ``trt_manifest.json``.
+``--target trt`` adds TensorRT engines built from those graphs by ``engines.trt``:
+    {budget}.{prefill,decode}.engine   strongly typed engines, one optimization profile each
+    trt_manifest.json                  engines, profiles, bytes per budget (engines.trt.builder)
+In order: ``engines.trt.require()`` (TensorRT and a CUDA GPU, else a one-line error and nothing
+written); the SSM mode from ``engines.trt.ssm_op_for_trt`` (``plugin`` where tensorrt.plugin exists,
+else ``decomposed``, saying so); the ONNX graphs exported with compute at the build dtype (bf16: a
+strongly typed BF16 network, float32 where model.py computes in float32); then the engines. The
+budgets are different graphs, so each has its own engines holding its own weights; build.json
+states the GPU memory that costs per budget (``trt.budget_engine_bytes``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -90,6 +97,16 @@ def trt_availability() -> tuple[bool, str]:
     return bool(res), "" if res else "tensorrt or a CUDA GPU is missing"
 
 
+def default_timing_cache() -> Path:
+    """Where TensorRT builds keep their timing cache, shared by every build on this machine
+    (``ELASTIC_EXPORT_TRT_TIMING_CACHE``, else ``$XDG_CACHE_HOME/elastic-export/trt_timing.cache``)."""
+    env = os.environ.get("ELASTIC_EXPORT_TRT_TIMING_CACHE")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "elastic-export" / "trt_timing.cache"
+
+
 def default_ssm_op(target: str) -> tuple[str, str | None]:
     """The SSM mode when none is asked for: ``standard`` for ONNX Runtime; for TensorRT ``plugin``
     where tensorrt.plugin exists, else ``decomposed`` (with a note saying why)."""
@@ -102,11 +119,13 @@ def default_ssm_op(target: str) -> tuple[str, str | None]:
 
 def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: str = "auto",
           ssm_op: str | None = None, dtype: str = "fp32", opset: int | None = None,
-          overwrite: bool = False, progress=None) -> Path:
+          overwrite: bool = False, progress=None, timing_cache: str | Path | None = None) -> Path:
     """Build ``out`` from a nested checkpoint (None: the shipped default model). Returns ``out``.
 
-    ``target`` trt exports the ONNX graphs as for onnx, then builds one TensorRT engine per budget
-    and graph next to them (engines.trt.builder.build_family, its manifest trt_manifest.json)."""
+    ``target`` trt exports the ONNX graphs computing at ``dtype`` (bf16: the strongly typed BF16
+    network), then builds one TensorRT engine per budget and graph next to them
+    (engines.trt.builder.build_family, its manifest trt_manifest.json), reusing ``timing_cache``
+    (default: :func:`default_timing_cache`)."""
     from .onnx_export import check_opset, export_family
 
     out = Path(out)
@@ -115,7 +134,12 @@ def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: 
         raise ConfigError(f"unsupported build dtype {dtype!r}", field="dtype", fix="use fp32 or bf16")
     real_target = resolve_target(target)
     note = None
-    if ssm_op is None:
+    if real_target == "trt":
+        from engines import trt as etrt
+
+        etrt.require(need_plugin=False)  # TensorRT and a GPU, before anything is written
+        ssm_op, note = etrt.ssm_op_for_trt(ssm_op)  # plugin, or decomposed where tensorrt.plugin is missing
+    elif ssm_op is None:
         ssm_op, note = default_ssm_op(real_target)
     opset = check_opset(ssm_op, opset)  # validate every option before touching the disk
     if out.exists() and not overwrite:
@@ -127,13 +151,17 @@ def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: 
             if note:
                 progress(note)
             progress(f"exporting {len(chosen)} budget(s) to ONNX ({ssm_op}, opset {opset}, {dtype_name(torch_dtype)})")
-        info = export_family(model, chosen, tmp, ssm_op=ssm_op, dtype=torch_dtype, opset=opset)
+        # ONNX Runtime on CPU computes in float32; TensorRT runs the graph's own types (strongly typed)
+        compute = torch_dtype if real_target == "trt" else torch.float32
+        info = export_family(model, chosen, tmp, ssm_op=ssm_op, dtype=torch_dtype, opset=opset,
+                             compute_dtype=compute)
         tok = src / "tokenizer"
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizer")
         manifest = {
             "format": BUILD_FORMAT, "version": BUILD_VERSION, "target": real_target, "ssm_op": ssm_op,
-            "opset": info["opset"], "dtype": dtype_name(torch_dtype), "source": str(src),
+            "opset": info["opset"], "dtype": dtype_name(torch_dtype), "compute_dtype": info["compute_dtype"],
+            "source": str(src),
             "config": model.config.to_dict(),
             "budgets": {n: {"subnet": s.to_dict(), "graphs": info["graphs"][n], "states": info["states"][n]}
                         for n, s in chosen.items()},
@@ -141,16 +169,38 @@ def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: 
             "files": info["files"],
             "tokenizer": "tokenizer" if tok.is_dir() else None,
         }
+        if note:
+            manifest["ssm_op_note"] = note
         if real_target == "trt":
-            from engines.trt.builder import MANIFEST, build_family
-
-            if progress:
-                progress(f"building TensorRT engines for {len(chosen)} budget(s)")
-            graphs = {n: {kind: tmp / f for kind, f in info["graphs"][n].items()} for n in chosen}
-            build_family(graphs, tmp)
-            manifest["trt_manifest"] = MANIFEST
+            manifest["trt"] = _build_engines(info, chosen, tmp, timing_cache, progress)
+            manifest["trt_manifest"] = manifest["trt"]["manifest"]
+            manifest["files"].update(manifest["trt"].pop("files"))
         (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _build_engines(info: dict, chosen: dict, tmp: Path, timing_cache, progress) -> dict:
+    """TensorRT engines of every exported graph into ``tmp``; the build manifest's ``trt`` part."""
+    import hashlib
+
+    from engines.trt.builder import MANIFEST, build_family
+
+    cache = Path(timing_cache) if timing_cache else default_timing_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        progress(f"building TensorRT engines for {len(chosen)} budget(s) (timing cache {cache})")
+    graphs = {n: {kind: tmp / f for kind, f in info["graphs"][n].items()} for n in chosen}
+    tm = build_family(graphs, tmp, timing_cache=cache)
+    files = {e["file"]: {"sha256": e["sha256"], "bytes": e["bytes"]}
+             for kinds in tm["budgets"].values() for e in kinds.values()}
+    data = (tmp / MANIFEST).read_bytes()
+    files[MANIFEST] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return {"manifest": MANIFEST, "timing_cache": str(cache),
+            "engines": {b: {k: e["file"] for k, e in kinds.items()} for b, kinds in tm["budgets"].items()},
+            "budget_engine_bytes": tm["budget_engine_bytes"], "total_engine_bytes": tm["total_engine_bytes"],
+            "weights_note": tm["weights_note"], "tensorrt": next(
+                (e.get("tensorrt") for kinds in tm["budgets"].values() for e in kinds.values()), None),
+            "files": files}
 
 
 def read_build(path: str | Path) -> dict:

@@ -36,6 +36,7 @@ from .errors import BudgetError, ConfigError
 from .onnx_graph import WEIGHTS_FILE, GraphBuilder, WeightFile
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
+ELEM = {"float32": TensorProto.FLOAT, "bfloat16": TensorProto.BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class StateSpec:
     layer: int
     kind: str  # conv | ssm | key | value
     shape: tuple  # with "batch" and, for key/value, "past" symbols
+    dtype: str = "float32"  # the SSM state is always float32; conv and KV states follow the compute dtype
 
 
 def check_opset(ssm_op: str, opset: int | None) -> int:
@@ -61,20 +63,31 @@ def check_opset(ssm_op: str, opset: int | None) -> int:
     return opset
 
 
-def state_specs(cfg, subnet: Subnet) -> list[StateSpec]:
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_compute_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"unsupported compute dtype {compute_dtype}", field="compute_dtype",
+                          fix="use torch.float32 or torch.bfloat16")
+    return compute_dtype
+
+
+def state_specs(cfg, subnet: Subnet, compute_dtype: torch.dtype = torch.float32) -> list[StateSpec]:
     G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+    cd = str(compute_dtype).removeprefix("torch.")
     specs = []
     for i, (t, w) in enumerate(zip(cfg.layers_block_type, subnet.layers)):
         if not w.kept:
             continue
         if t == "linear_attention":
             h, p = w.mamba_heads, w.mamba_head_dim
-            specs.append(StateSpec(f"{i}.conv", i, "conv", ("batch", h * p + 2 * G * N, K - 1)))
+            specs.append(StateSpec(f"{i}.conv", i, "conv", ("batch", h * p + 2 * G * N, K - 1), cd))
             specs.append(StateSpec(f"{i}.ssm", i, "ssm", ("batch", h, p, N)))
         elif t == "full_attention":
             for kind in ("key", "value"):
                 specs.append(StateSpec(f"{i}.{kind}", i, kind, ("batch", cfg.num_key_value_heads, "past",
-                                                                cfg.head_dim)))
+                                                                cfg.head_dim), cd))
     return specs
 
 
@@ -89,10 +102,13 @@ def _col_start(view: torch.Tensor, base: torch.Tensor) -> int:
 class _Budget:
     """Emits one graph (prefill or decode) of one budget."""
 
-    def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool):
+    def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool,
+                 compute_dtype: torch.dtype = torch.float32):
         self.m, self.cfg, self.s, self.wf = model, model.config, subnet, wf
         self.mode, self.decode = ssm_op, decode
-        self.g = GraphBuilder(wf)
+        self.compute_dtype = compute_dtype
+        self.g = GraphBuilder(wf, compute=compute_dtype)
+        self.T = self.g.compute  # element type of activations (FLOAT, or BFLOAT16: see export_family)
         self.D, self.d = self.cfg.hidden_size, subnet.hidden
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -128,15 +144,16 @@ class _Budget:
         return self.narrow(self.g.op("MatMul", y2, self.g.rows(name, r0, r1)))
 
     def bias(self, y: str, b: torch.Tensor | None, hint: str) -> str:
-        return y if b is None else self.g.op("Add", y, self.g.inline(b, hint))
+        return y if b is None else self.g.op("Add", y, self.g.inline(b, hint, compute=True))
 
     def rms_norm(self, x2: str, weight_name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w, written as the pattern ONNX Runtime fuses into one
         SimplifiedLayerNormalization kernel (Pow, ReduceMean, Add, Sqrt, Div, Mul)."""
         g, eps = self.g, self.cfg.layer_norm_epsilon
+        x2 = g.to_f32(x2)  # statistics and the weight product in float32, as model.rms_norm
         ms = g.op("ReduceMean", g.op("Pow", x2, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
         xn = g.op("Div", x2, g.op("Sqrt", g.op("Add", ms, g.const(eps, np.float32))))
-        return g.op("Mul", xn, g.rows(weight_name, 0, self.d))
+        return g.to_compute(g.op("Mul", xn, g.rows(weight_name, 0, self.d, dtype=FLOAT)))
 
     # ---- graph -----------------------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
@@ -146,8 +163,8 @@ class _Budget:
         mask = g.input("attention_mask", INT64, ["batch", "total" if self.decode else "seq"])
         self.pasts = {}
         if self.decode:
-            for sp in state_specs(cfg, self.s):
-                self.pasts[sp.name] = g.input(f"past.{sp.name}", FLOAT, list(sp.shape))
+            for sp in state_specs(cfg, self.s, self.compute_dtype):
+                self.pasts[sp.name] = g.input(f"past.{sp.name}", ELEM[sp.dtype], list(sp.shape))
         self.maskf = g.op("Cast", mask, to=FLOAT)  # [b, T]
         if self.decode:  # the new token is real (padding only ever precedes a prompt): no Mamba masking
             self.newmask2 = self.newmask3 = None
@@ -156,6 +173,7 @@ class _Budget:
             self.b = g.op("Slice", shape, g.const([0]), g.const([1]))  # [1]
             self.l = g.op("Slice", shape, g.const([1]), g.const([2]))
             newmask = g.op("Slice", self.maskf, g.op("Neg", self.l), g.const([np.iinfo(np.int64).max]), g.const([1]))
+            newmask = g.to_compute(newmask)  # multiplies activations
             self.newmask2 = g.op("Reshape", newmask, g.const([-1, 1]))  # [b*l, 1]
             self.newmask3 = g.op("Unsqueeze", newmask, g.const([2]))  # [b, l, 1]
 
@@ -173,11 +191,11 @@ class _Budget:
         h = self.rms_norm(h, "backbone.norm_f.weight")
         head = "backbone.embeddings.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         logits = g.op("Gemm", self.widen(h), g.rows(head, 0, V), transB=1)  # [b*l, V]
-        logits = self.to3(logits, V)
+        logits = self.to3(g.to_f32(logits), V)  # float32 logits at every compute dtype
         g.output(logits, "logits", FLOAT, ["batch", 1 if self.decode else "seq", V])
-        for sp in state_specs(cfg, self.s):
+        for sp in state_specs(cfg, self.s, self.compute_dtype):
             dims = [("total" if self.decode else "seq") if s == "past" else s for s in sp.shape]
-            g.output(self.presents[sp.name], f"present.{sp.name}", FLOAT, dims)
+            g.output(self.presents[sp.name], f"present.{sp.name}", ELEM[sp.dtype], dims)
         return g.model(f"budget_{'decode' if self.decode else 'prefill'}", self.opset)
 
     def to3(self, x2: str, *tail: int) -> str:
@@ -228,6 +246,7 @@ class _Budget:
         cb = None if v.conv_bias_x is None else g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]),
                                                          "conv_b")
         out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K)
+        # (the conv runs in float32, its state and output at the compute dtype: onnx_ssm.conv)
         out = g.op("Transpose", out, perm=[0, 2, 1])  # [b, l, C]
         if self.newmask3 is not None:
             out = g.op("Mul", out, self.newmask3)
@@ -235,24 +254,26 @@ class _Budget:
         xs = g.op("Reshape", xs, g.const([0, 0, h, p]))
         B, C = (g.op("Reshape", t, g.const([0, 0, G, N])) for t in (B, C))
         # 3. SSD scan, D skip
-        dt = g.op("Add", self.to3(dt, h), g.inline(v.dt_bias, "dt_bias"))
+        dt = g.op("Add", g.to_f32(self.to3(dt, h)), g.inline(v.dt_bias, "dt_bias"))
         dt = g.op("Softplus", dt)
         hi = m.dt_max if np.isfinite(m.dt_max) else np.finfo(np.float32).max
         dt = g.op("Clip", dt, g.const(m.dt_min, np.float32), g.const(hi, np.float32))
         A = g.inline(-torch.exp(v.A_log.float()), "A")
-        y, self.presents[f"{i}.ssm"] = onnx_ssm.scan(g, self.mode, xs, dt, A, B, C,
+        # the scan runs in float32 (state and accumulation); the plugin takes x, B, C at the compute dtype
+        sx, sB, sC = (xs, B, C) if self.mode == "plugin" else (g.to_f32(t) for t in (xs, B, C))
+        y, self.presents[f"{i}.ssm"] = onnx_ssm.scan(g, self.mode, sx, dt, A, sB, sC,
                                                      self.pasts.get(f"{i}.ssm"), h, p, G, N, m.chunk_size,
                                                      m.head_order)
-        y = g.op("Add", y, g.op("Mul", xs, g.inline(v.D.float()[:, None], "D")))  # [b, l, h, p]
-        # 4. gated RMSNorm over each group's channels, out_proj
-        z = self.to3(z, h, p)
+        y = g.op("Add", y, g.op("Mul", g.to_f32(xs), g.inline(v.D.float()[:, None], "D")))  # [b, l, h, p]
+        # 4. gated RMSNorm over each group's channels (float32), out_proj
+        z = g.to_f32(self.to3(z, h, p))
         y = g.op("Mul", y, g.op("Mul", z, g.op("Sigmoid", z)))
         r = h // G
         grouped, axes = ([0, 0, r, G, p], [2, 4]) if m.head_order == "rank_major" else ([0, 0, G, r, p], [3, 4])
         yg = g.op("Reshape", y, g.const(grouped))
         ms = g.op("ReduceMean", g.op("Mul", yg, yg), g.const(axes), keepdims=1)
         yg = g.op("Mul", yg, g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(m.eps, np.float32)))))
-        return g.op("Mul", g.op("Reshape", yg, g.const([0, 0, h, p])), g.inline(v.norm, "gnorm"))
+        return g.to_compute(g.op("Mul", g.op("Reshape", yg, g.const([0, 0, h, p])), g.inline(v.norm, "gnorm")))
 
     def _mamba_step(self, i, m, v, z, xs, B, C, dt, h, p) -> str:
         """One token in plain ops, on [b, ...] tensors (no sequence axis) -> y [b, h, p]. Heads are
@@ -264,12 +285,13 @@ class _Budget:
         seq = g.op("Concat", self.pasts[f"{i}.conv"], new, axis=2)  # [b, C, K]
         self.presents[f"{i}.conv"] = g.op("Slice", seq, g.const([1]), g.const([K]), g.const([2]))
         cw = g.inline(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]), "conv_w")  # [C, K]
-        out = g.op("ReduceSum", g.op("Mul", seq, cw), g.const([2]), keepdims=0)  # [b, C]
+        out = g.op("ReduceSum", g.op("Mul", g.to_f32(seq), cw), g.const([2]), keepdims=0)  # [b, C], float32
         if v.conv_bias_x is not None:
             out = g.op("Add", out, g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]), "conv_b"))
-        xs, B, C = g.op("Split", g.op("Mul", out, g.op("Sigmoid", out)), g.const([h * p, GN, GN]), axis=1, n_out=3)
+        out = g.to_compute(g.op("Mul", out, g.op("Sigmoid", out)))  # rounded as the sequence path's
+        xs, B, C = (g.to_f32(t) for t in g.op("Split", out, g.const([h * p, GN, GN]), axis=1, n_out=3))
         hi = m.dt_max if np.isfinite(m.dt_max) else np.finfo(np.float32).max
-        dt = g.op("Softplus", g.op("Add", dt, g.inline(v.dt_bias, "dt_bias")))
+        dt = g.op("Softplus", g.op("Add", g.to_f32(dt), g.inline(v.dt_bias, "dt_bias")))
         dt = g.op("Clip", dt, g.const(m.dt_min, np.float32), g.const(hi, np.float32))  # [b, h]
         rank_major = m.head_order == "rank_major"
         hv, gv = ([-1, r, G], [-1, 1, G]) if rank_major else ([-1, G, r], [-1, G, 1])  # heads as 2 axes
@@ -287,12 +309,12 @@ class _Budget:
         self.presents[f"{i}.ssm"] = g.op("Reshape", S, g.const([-1, h, p, N]))
         y = g.op("MatMul", S, g.op("Reshape", C, g.const(gv + [N, 1])))  # [b, r, G, p, 1]
         y = g.op("Add", y, g.op("Mul", x5, per_head(v.D)))
-        z5 = g.op("Reshape", z, g.const(hv + [p, 1]))
+        z5 = g.op("Reshape", g.to_f32(z), g.const(hv + [p, 1]))
         y = g.op("Mul", y, g.op("Mul", z5, g.op("Sigmoid", z5)))
         ms = g.op("ReduceMean", g.op("Pow", y, g.const(2.0, np.float32)), g.const([1, 3] if rank_major else [2, 3]),
                   keepdims=1)
         y = g.op("Div", y, g.op("Sqrt", g.op("Add", ms, g.const(m.eps, np.float32))))
-        return g.op("Mul", g.op("Reshape", y, g.const([-1, h * p])), g.inline(v.norm.reshape(-1), "gnorm"))
+        return g.to_compute(g.op("Mul", g.op("Reshape", y, g.const([-1, h * p])), g.inline(v.norm.reshape(-1), "gnorm")))
 
     def attention(self, i: int, a, w, v: elastic.AttentionViews, x2: str) -> str:
         g, cfg = self.g, self.cfg
@@ -325,7 +347,7 @@ class _Budget:
         q5 = self.to3(q, r, nkv, hd) if rank_major else self.to3(q, nkv, r, hd)
         q5 = g.op("Transpose", q5, perm=[0, 3, 2, 1, 4] if rank_major else [0, 2, 3, 1, 4])
         kT = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const([2]))  # [b,nkv,1,hd,T]
-        scores = g.op("Mul", g.op("MatMul", q5, kT), g.const(hd ** -0.5, np.float32))  # [b,nkv,r,l,T]
+        scores = g.op("Mul", g.to_f32(g.op("MatMul", q5, kT)), g.const(hd ** -0.5, np.float32))  # [b,nkv,r,l,T]
         # allowed: causal and not padding, or the query's own position
         T = g.op("Slice", g.op("Shape", k), g.const([2]), g.const([3]))
         kpos = g.op("Range", g.const(0), g.op("Squeeze", T, g.const([0])), g.const(1))  # [T]
@@ -336,7 +358,8 @@ class _Budget:
         keymask = g.op("Cast", g.op("Unsqueeze", self.maskf, g.const([1, 2, 3])), to=TensorProto.BOOL)
         allowed = g.op("Or", g.op("And", causal, keymask), g.op("Equal", kpos, qpos))  # [b,1,1,l,T]
         scores = g.op("Where", allowed, scores, g.const(-np.inf, np.float32))
-        o = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", val, g.const([2])))  # [b,nkv,r,l,hd]
+        probs = g.to_compute(g.op("Softmax", scores, axis=-1))  # softmax in float32
+        o = g.op("MatMul", probs, g.op("Unsqueeze", val, g.const([2])))  # [b,nkv,r,l,hd]
         return g.op("Transpose", o, perm=[0, 3, 2, 1, 4] if rank_major else [0, 3, 1, 2, 4])
 
     def _attention_step(self, i, q, k, val, nkv, r, hd, rank_major) -> str:
@@ -350,12 +373,12 @@ class _Budget:
             q4 = g.op("Transpose", g.op("Reshape", q, g.const([-1, r, nkv, hd])), perm=[0, 2, 1, 3])
         else:
             q4 = g.op("Reshape", q, g.const([-1, nkv, r, hd]))
-        scores = g.op("Mul", g.op("MatMul", q4, g.op("Transpose", k, perm=[0, 1, 3, 2])),
-                      g.const(hd ** -0.5, np.float32))  # [b, nkv, r, T]
+        scores = g.op("Mul", g.to_f32(g.op("MatMul", q4, g.op("Transpose", k, perm=[0, 1, 3, 2]))),
+                      g.const(hd ** -0.5, np.float32))  # [b, nkv, r, T], float32
         if self.keymask is None:  # [b, 1, 1, T]; the new token's own column is 1
             self.keymask = g.op("Cast", g.op("Unsqueeze", self.maskf, g.const([1, 2])), to=TensorProto.BOOL)
         scores = g.op("Where", self.keymask, scores, g.const(-np.inf, np.float32))
-        o = g.op("MatMul", g.op("Softmax", scores, axis=-1), val)  # [b, nkv, r, hd]
+        o = g.op("MatMul", g.to_compute(g.op("Softmax", scores, axis=-1)), val)  # [b, nkv, r, hd]
         return g.op("Transpose", o, perm=[0, 2, 1, 3]) if rank_major else o
 
     def mlp(self, i: int, mlp, w, v: elastic.MLPViews, x2: str) -> str:
@@ -371,22 +394,31 @@ class _Budget:
 
 
 def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str = "standard",
-                 opset: int | None = None) -> onnx.ModelProto:
+                 opset: int | None = None, compute_dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
     """The prefill or decode graph of one budget (initializers reference ``wf``'s file)."""
     opset = check_opset(ssm_op, opset)
     validate_subnet(model.config, subnet)
-    b = _Budget(model, subnet, wf, ssm_op, decode=kind == "decode")
+    b = _Budget(model, subnet, wf, ssm_op, decode=kind == "decode", compute_dtype=check_compute_dtype(compute_dtype))
     b.opset = opset
     with torch.no_grad():
         return b.build()
 
 
 def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op: str = "standard",
-                  dtype: torch.dtype = torch.float32, opset: int | None = None) -> dict:
+                  dtype: torch.dtype = torch.float32, opset: int | None = None,
+                  compute_dtype: torch.dtype = torch.float32) -> dict:
     """Write ``weights.bin`` and ``{budget}.prefill.onnx`` / ``{budget}.decode.onnx`` for every budget
-    into ``out_dir`` (which must exist). Returns the per-file part of the build manifest."""
+    into ``out_dir`` (which must exist). Returns the per-file part of the build manifest.
+
+    ``dtype`` is the stored weights' dtype; ``compute_dtype`` the graphs' arithmetic. float32 compute
+    (ONNX Runtime on CPU, which has no bf16 kernels) casts bf16 weights up. bfloat16 compute (the
+    TensorRT target: a strongly typed network runs the graph's types as written) keeps matmuls, their
+    biases, activations, the residual stream and the conv / KV states in bf16, and casts to float32
+    where model.py computes in float32: RMSNorm statistics, softmax, dt, the SSD scan and its state,
+    the D skip and the gated norm, the conv arithmetic, and the logits (output float32)."""
     out_dir = Path(out_dir)
     opset = check_opset(ssm_op, opset)
+    check_compute_dtype(compute_dtype)
     if not budgets:
         raise BudgetError("no budget to build", field="budget", fix="give --budget all or a budget name")
     for name, s in budgets.items():
@@ -399,13 +431,15 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
         graphs[name] = {}
         for kind in ("prefill", "decode"):
             fname = f"{name}.{kind}.onnx"
-            proto = budget_graph(model, s, wf, kind, ssm_op, opset)
+            proto = budget_graph(model, s, wf, kind, ssm_op, opset, compute_dtype)
             data = proto.SerializeToString()
             (out_dir / fname).write_bytes(data)
             files[fname] = {"sha256": _sha256(data), "bytes": len(data)}
             graphs[name][kind] = fname
     return {"files": files, "graphs": graphs, "opset": opset, "ssm_op": ssm_op,
-            "states": {name: [sp.__dict__ for sp in state_specs(model.config, s)] for name, s in budgets.items()}}
+            "compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "states": {name: [sp.__dict__ for sp in state_specs(model.config, s, compute_dtype)]
+                       for name, s in budgets.items()}}
 
 
 def _sha256(data: bytes) -> str:

@@ -26,6 +26,15 @@ ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOA
                torch.bfloat16: TensorProto.BFLOAT16}
 
 
+def np_dtype(dtype: torch.dtype):
+    """The numpy dtype of a torch float dtype (bfloat16 through ml_dtypes, which onnx uses too)."""
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return NP_DTYPES[dtype]
+
+
 def is_transposed(name: str) -> bool:
     return name.endswith(TRANSPOSED)
 
@@ -81,9 +90,11 @@ class WeightFile:
 class GraphBuilder:
     """Collects nodes, initializers and I/O for one graph; names are generated unless given."""
 
-    def __init__(self, wf: WeightFile, location: str = WEIGHTS_FILE):
+    def __init__(self, wf: WeightFile, location: str = WEIGHTS_FILE, compute: torch.dtype = torch.float32):
         self.wf = wf
         self.location = location
+        self.compute = ONNX_DTYPES[compute]  # element type of activations and matmuls (see onnx_export)
+        self.compute_np = np_dtype(compute)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -111,14 +122,34 @@ class GraphBuilder:
             self._consts[key] = name
         return self._consts[key]
 
-    def inline(self, t: torch.Tensor, hint: str) -> str:
-        """A small tensor (conv kernel, norm weight, per-head vector) stored inside the graph, float32."""
+    def inline(self, t: torch.Tensor, hint: str, compute: bool = False) -> str:
+        """A small tensor (conv kernel, norm weight, per-head vector) stored inside the graph: float32,
+        or at the compute dtype (``compute``: biases added to matmul outputs)."""
         name = self.fresh(hint)
-        self.inits[name] = numpy_helper.from_array(t.detach().float().contiguous().cpu().numpy(), name)
+        arr = t.detach().float().contiguous().cpu().numpy()
+        self.inits[name] = numpy_helper.from_array(arr.astype(self.compute_np) if compute else arr, name)
         return name
 
-    def rows(self, name: str, r0: int, r1: int, as_float: bool = True) -> str:
-        """Rows [r0, r1) of a stored tensor, read from the weight file with no copy."""
+    def cconst(self, value) -> str:
+        """A constant at the compute dtype."""
+        return self.const(value, self.compute_np)
+
+    def cast(self, x: str, elem: int) -> str:
+        """Cast ``x`` (known to be float32 or the compute dtype) to ``elem``; no node when the compute
+        dtype is float32 (then every float tensor already is)."""
+        if self.compute == TensorProto.FLOAT:
+            return x
+        return self.op("Cast", x, to=elem)
+
+    def to_f32(self, x: str) -> str:
+        return self.cast(x, TensorProto.FLOAT)
+
+    def to_compute(self, x: str) -> str:
+        return self.cast(x, self.compute)
+
+    def rows(self, name: str, r0: int, r1: int, dtype: int | None = None) -> str:
+        """Rows [r0, r1) of a stored tensor, read from the weight file with no copy; cast when the
+        stored dtype is not ``dtype`` (default: the compute dtype)."""
         key = f"{name}[{r0}:{r1}]"
         if key not in self.inits:
             off, shape = self.wf.row_range(name, r0, r1)
@@ -132,8 +163,9 @@ class GraphBuilder:
                 e = t.external_data.add()
                 e.key, e.value = k, v
             self.inits[key] = t
-        if as_float and self.wf.dtype != torch.float32:
-            return self.op("Cast", key, to=TensorProto.FLOAT, name="wcast")
+        want = self.compute if dtype is None else dtype
+        if want != ONNX_DTYPES[self.wf.dtype]:
+            return self.op("Cast", key, to=want, name="wcast")
         return key
 
     def input(self, name: str, elem: int, shape) -> str:

@@ -30,16 +30,24 @@ MIN_OPSET = {"standard": 27, "decomposed": 18, "plugin": 18}
 
 def conv(g: GraphBuilder, mode: str, xbc: str, weight: str, bias: str | None, past: str | None,
          K: int) -> tuple[str, str]:
-    """SiLU(causal depthwise conv) over xbc [b, C, l] with state [b, C, K-1]. Returns (out, present)."""
+    """SiLU(causal depthwise conv) over xbc [b, C, l] with state [b, C, K-1]. Returns (out, present).
+
+    xbc, the state and out are at the graph's compute dtype; weight, bias and the arithmetic are
+    float32 (ONNX Conv has no bfloat16 before opset 22; the conv is a small part of the work)."""
     if mode == "standard":
+        if g.compute != TensorProto.FLOAT:
+            out, present = g.op("CausalConvWithState", g.to_f32(xbc), weight, bias or "",
+                                g.to_f32(past) if past else "", n_out=2, activation="silu")
+            return g.to_compute(out), g.to_compute(present)
         return g.op("CausalConvWithState", xbc, weight, bias or "", past or "", n_out=2, activation="silu")
     if past is None:  # zero history: [b, C, K-1]
-        zero = g.op("Mul", g.op("Slice", xbc, g.const([0]), g.const([1]), g.const([2])), g.const(0.0, np.float32))
+        zero = g.op("Mul", g.op("Slice", xbc, g.const([0]), g.const([1]), g.const([2])), g.cconst(0.0))
         past = g.op("Tile", zero, g.const([1, 1, K - 1]))
     seq = g.op("Concat", past, xbc, axis=2)  # [b, C, K-1+l]
     present = g.op("Slice", seq, g.const([-(K - 1)]), g.const([np.iinfo(np.int64).max]), g.const([2]))
-    out = g.op("Conv", seq, weight, *([bias] if bias else []), group=_channels(g, weight), kernel_shape=[K])
-    return g.op("Mul", out, g.op("Sigmoid", out)), present
+    out = g.op("Conv", g.to_f32(seq), weight, *([bias] if bias else []), group=_channels(g, weight),
+               kernel_shape=[K])
+    return g.to_compute(g.op("Mul", out, g.op("Sigmoid", out))), present
 
 
 def _channels(g: GraphBuilder, weight: str) -> int:
