@@ -317,25 +317,12 @@ class Trainer:
             out[name] = full_subnet(self.cfg) if f >= 1.0 else self.router.subnet(i)
         return out
 
-    @torch.no_grad()
     def evaluate(self, stage: Stage, elastic: bool) -> dict:
-        self.model.eval()
-        d = self.r["data"]
         subnets = self.budget_subnets() if elastic else {"parent": full_subnet(self.cfg)}
-        seq = stage.spec["seq_len"]
-        split = "held" if self._has_held() else "train"
-        windows = self.mixture.batch(range(10**9, 10**9 + d["eval_windows"]), seq, split).to(self.device)
-        tasks = {v: make_tasks(d["eval_tasks"], v, seed=10_000 + self.r["seed"]) for v in ("short", "long")}
-        result = {"step": self.step, "stage": stage.spec["name"], "budgets": {}}
-        for name, sub in subnets.items():
-            losses = [float(ce_loss(self.model(w[None, :-1], subnet=sub), w[None, 1:])) for w in windows]
-            entry = {"params": self.space.subnet_cost(sub, "params"), "held_out_loss": sum(losses) / len(losses)}
-            for v, ts in tasks.items():
-                entry[f"acc_{v}"] = evaluate_tasks(self.model, self.tokenizer, ts, sub,
-                                                   self.r["train"]["eval_batch_size"]) if ts else None
-            result["budgets"][name] = entry
-        self.model.train()
-        return result
+        d = self.r["data"]
+        result = evaluate_budgets(self.model, subnets, self.mixture, self.tokenizer, stage.spec["seq_len"],
+                                  d["eval_windows"], d["eval_tasks"], self.r["seed"], self.r["train"]["eval_batch_size"])
+        return {"step": self.step, "stage": stage.spec["name"], **result}
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self, resume: bool = True, stop_after_step: int | None = None) -> Path | None:
@@ -412,6 +399,30 @@ class Trainer:
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+@torch.no_grad()
+def evaluate_budgets(model, subnets: dict, mixture, tokenizer, seq_len: int, n_windows: int, n_tasks: int,
+                     seed: int = 0, batch_size: int = 64) -> dict:
+    """Per budget: parameters, held-out loss (mean CE over fixed held-out windows) and exact-match
+    accuracy on short and long tasks (fixed seeds, so every run and stage is scored on the same items)."""
+    from .space import ElasticSpace
+
+    was_training = model.training
+    model.eval()
+    space = ElasticSpace(model.config, axes=())
+    split = "held" if any(len(s.held) > seq_len + 1 for s in mixture.sources) else "train"
+    windows = mixture.batch(range(10**9, 10**9 + n_windows), seq_len, split).to(model.device)
+    tasks = {v: make_tasks(n_tasks, v, seed=10_000 + seed) for v in ("short", "long")}
+    out = {}
+    for name, sub in subnets.items():
+        losses = [float(ce_loss(model(w[None, :-1], subnet=sub), w[None, 1:])) for w in windows]
+        entry = {"params": space.subnet_cost(sub, "params"), "held_out_loss": sum(losses) / max(1, len(losses))}
+        for v, ts in tasks.items():
+            entry[f"acc_{v}"] = evaluate_tasks(model, tokenizer, ts, sub, batch_size) if ts else None
+        out[name] = entry
+    model.train(was_training)
+    return {"budgets": out}
 
 
 class _null:
