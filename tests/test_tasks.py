@@ -69,3 +69,18 @@ def test_stdlib_corpus_and_deterministic_windows(tmp_path):
     np.save(tmp_path / "t.npy", np.arange(100) % 50)
     t = Source({"kind": "tokens", "path": str(tmp_path / "t.npy")}, tok, 0, 0.1)
     assert len(t.train) == 90 and len(t.held) == 10
+
+
+def test_hf_tokenizer_json_source(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, "hello": 4, "world": 5}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    from elastic_export.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "c.txt").write_text("hello world hello")
+    src = Source({"kind": "text", "path": str(tmp_path / "c.txt")}, tok, 0, 0.0)
+    assert src.train.tolist() == [1, 4, 5, 4, 2]

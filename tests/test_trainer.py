@@ -79,3 +79,22 @@ def test_torchrun_two_processes_writes_the_same_format(tmp_path):
     # same data and budget per step: the 2-process losses track the 1-process ones closely
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert abs(a[1] - b[1]) < 1e-4
+
+
+def test_elastify_an_existing_parent(tmp_path):
+    from elastic_export.model import build_model
+    from training.recipe import parent_config
+
+    r = tiny_recipe(tmp_path)
+    parent = tmp_path / "parent"
+    build_model(parent_config(validate_recipe(r)), seed=5).save_pretrained(parent)
+    stage = {**r["stages"][1], "sampling": "weighted", "weights": [1.0, 1.0, 1.0]}
+    first_full = {**stage, "name": "full-only", "tokens": 4 * 32, "weights": [1.0, 0.0, 0.0]}
+    r = tiny_recipe(tmp_path, **{"model.init": str(parent), "stages": [first_full, stage]})
+    del r["model"]["config"]
+    nested = train(validate_recipe(r), out=tmp_path / "e")
+    recs = [json.loads(l) for l in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    full_steps = [x for x in recs if x.get("budget") == "full"]
+    assert full_steps and full_steps[0]["step"] == 1 and full_steps[0]["loss"] == 0.0  # student == teacher
+    model, budgets, manifest = load_nested(nested)
+    assert manifest["budgets"][0]["params"] == model.num_parameters() and len(budgets) == 3
