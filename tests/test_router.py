@@ -120,3 +120,15 @@ def test_parameter_count_matches_weight_views():
         # differentiable widths from one-hots give the same count
         y = {k: torch.nn.functional.one_hot(v, space.axes[k].choices).float() for k, v in idx.items()}
         assert abs(float(space.cost(space.soft_widths(y))) - n) < 1e-3 * n
+
+
+def test_memory_cost_counts_weights_and_states():
+    cfg = rank_major(1)
+    space = ElasticSpace(cfg, (0.5, 1.0))
+    full = full_subnet(cfg)
+    small = space.subnet(space.extreme_index(False))
+    m_full, m_small = space.subnet_cost(full, "memory", 1024), space.subnet_cost(small, "memory", 1024)
+    assert m_full > 2 * space.subnet_cost(full) and m_small < m_full
+    n_attn = cfg.layers_block_type.count("full_attention")
+    kv = n_attn * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert space.subnet_cost(full, "memory", 2048) - m_full == kv * 1024  # KV grows with the context
