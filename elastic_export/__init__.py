@@ -5,8 +5,11 @@ from .elastic import LayerWidths, Subnet, full_subnet
 from .errors import BudgetError, CheckpointError, ConfigError, ElasticExportError
 from .hf_io import load, load_config
 from .model import NemotronHForCausalLM, build_model
+from .nested import load_nested, save_nested
+from .slicing import slice_budget
 
 __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "preset", "LayerWidths", "Subnet", "full_subnet", "ElasticExportError", "ConfigError",
-           "CheckpointError", "BudgetError", "load", "load_config", "NemotronHForCausalLM", "build_model"]
+           "CheckpointError", "BudgetError", "load", "load_config", "NemotronHForCausalLM", "build_model",
+           "load_nested", "save_nested", "slice_budget"]

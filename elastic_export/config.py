@@ -180,7 +180,7 @@ class ModelConfig:
         if raw.get("eos_token_id") is not None and isinstance(raw["eos_token_id"], list):
             raw["eos_token_id"] = raw["eos_token_id"][0] if raw["eos_token_id"] else None
         if "time_step_limit" in raw and raw["time_step_limit"] is not None:
-            raw["time_step_limit"] = tuple(float(v) for v in raw["time_step_limit"])
+            raw["time_step_limit"] = tuple(_json_float(v) for v in raw["time_step_limit"])
         elastic = raw.pop("elastic", None) or {}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: raw.pop(k) for k in list(raw) if k in names}
@@ -236,6 +236,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _json_float(v) -> float:
+    """A float from JSON, including transformers' encoding of infinities ({"__float__": "Infinity"})."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
+
+
 # ---- presets ------------------------------------------------------------------------------------
 
 NANO_V2_12B_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
@@ -257,6 +264,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=4096, hidden_size=256, layers_block_type=_pattern("M-M*-M-M*-"),
         mamba_num_heads=16, mamba_head_dim=32, n_groups=2, ssm_state_size=32, conv_kernel=4, chunk_size=64,
         num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=768,
+        tie_word_embeddings=False),
+    # A ~165M-parameter hybrid for GPU benchmarks (benchmarks/gpu_check.py): big enough that a decode
+    # step moves ~330 MB of BF16 weights, small enough to build, save and load in seconds.
+    "hybrid-165m": dict(
+        vocab_size=32000, hidden_size=1024, layers_block_type=_pattern("M-M-M*-M-M-M*-"),
+        mamba_num_heads=32, mamba_head_dim=64, n_groups=4, ssm_state_size=128, conv_kernel=4, chunk_size=128,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=4096,
         tie_word_embeddings=False),
 }
 

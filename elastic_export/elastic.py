@@ -197,3 +197,23 @@ def norm_view(norm, d: int) -> torch.Tensor:
 def embedding_view(emb: torch.Tensor, d: int) -> torch.Tensor:
     """Embedding or lm_head weight [V, D] -> [V, d]."""
     return emb[:, :d]
+
+
+# ---- head layouts -------------------------------------------------------------------------------
+
+def group_members(heads: int, groups: int, head_order: str) -> list[list[int]]:
+    """Head indices of each group: ``group_contiguous`` puts head h in group h // (heads/groups),
+    ``rank_major`` in group h % groups (position j*G + g holds the rank-j head of group g)."""
+    r = heads // groups
+    if head_order == "group_contiguous":
+        return [[g * r + j for j in range(r)] for g in range(groups)]
+    return [[j * groups + g for j in range(r)] for g in range(groups)]
+
+
+def head_order_index(heads: int, groups: int, src: str, dst: str) -> torch.Tensor:
+    """Index ``idx`` such that ``t[idx]`` turns heads stored in order ``src`` into order ``dst``
+    (the j-th head of group g keeps its group and its rank j)."""
+    idx = torch.empty(heads, dtype=torch.long)
+    for s, t in zip(group_members(heads, groups, src), group_members(heads, groups, dst)):
+        idx[t] = torch.tensor(s)
+    return idx

@@ -113,6 +113,46 @@ def read_tensors(path: Path, names_needed: dict[str, torch.Size] | None = None) 
     return out
 
 
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from .model import NemotronHForCausalLM
+
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_tensors(path: Path, cfg: ModelConfig, found: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the config implies is present with its shape, and nothing else is."""
+    expected = expected_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        found = {k: v for k, v in found.items() if k != "lm_head.weight"}
+    for name, shape in expected.items():
+        if name not in found:
+            raise CheckpointError(f"tensor {name!r} is missing", path=path,
+                                  fix="the weights do not match config.json; re-export the checkpoint")
+        if tuple(found[name]) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(found[name])}, config.json implies {shape}",
+                                  path=path, fix="the weights do not match config.json")
+    unexpected = sorted(n for n in set(found) - set(expected) if not n.startswith("mtp."))
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}",
+                              path=path, fix="the weights do not match config.json (layer types or count)")
+
+
+def tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes of all tensors, from the safetensors headers only (no data read)."""
+    out = {}
+    for name, f in weight_files(path).items():
+        try:
+            with safe_open(f, "pt") as sf:
+                sl = sf.get_slice(name)
+                out[_canonical(name)] = (tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"could not be read ({e})", path=f,
+                                  fix="the file is truncated or corrupt; copy it again") from None
+    return out
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load an HF `nemotron_h` checkpoint (or our sliced checkpoints) as a NemotronHForCausalLM."""
     from .model import NemotronHForCausalLM
@@ -124,19 +164,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         model = NemotronHForCausalLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = read_tensors(path)
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise CheckpointError(f"tensor {name!r} is missing", path=path,
-                                  fix="the weights do not match config.json; re-export the checkpoint")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json implies "
-                                  f"{tuple(shape)}", path=path, fix="the weights do not match config.json")
-    unexpected = sorted(set(tensors) - set(expected) - {n for n in tensors if n.startswith("mtp.")})
-    if unexpected:
-        raise CheckpointError(f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}",
-                              path=path, fix="the weights do not match config.json (layer types or count)")
+    check_tensors(path, cfg, {k: tuple(v.shape) for k, v in tensors.items()})
     state = {}
     for name in expected:
         t = tensors[name]
@@ -151,11 +179,21 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write config.json and safetensors (sharded above ``max_shard_bytes``) atomically."""
     path = Path(path)
+    if model.config.head_order != "group_contiguous":
+        # HF readers assume group-contiguous heads and would silently misread rank-major weights:
+        # write the HF order (the full budget, sliced), which computes the same logits.
+        from .elastic import full_subnet
+        from .slicing import slice_budget
+
+        model = slice_budget(model, full_subnet(model.config))
     cfg = model.config
     state = {}
-    for name, t in model.state_dict().items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
+    sd = model.state_dict()
+    if cfg.tie_word_embeddings:
+        # transformers' NemotronH does not tie lm_head to the embeddings on load (its
+        # _tied_weights_keys is empty), so tied checkpoints carry an explicit copy for it.
+        sd["lm_head.weight"] = sd["backbone.embeddings.weight"].clone()
+    for name, t in sd.items():
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)

@@ -49,7 +49,24 @@ def gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
-def inspect_text(cfg: ModelConfig) -> str:
+def weights_summary(path: str | None, cfg: ModelConfig) -> str | None:
+    """Check the weights next to a config (headers only) and describe them; None when there are none."""
+    from .hf_io import check_tensors, tensor_headers
+
+    if path is None:
+        return None
+    p = Path(path)
+    directory = p if p.is_dir() else p.parent
+    if not any(directory.glob("*.safetensors")):
+        return None
+    headers = tensor_headers(directory)
+    check_tensors(directory, cfg, {k: v[0] for k, v in headers.items()})
+    dtypes = sorted({v[1] for v in headers.values()})
+    nbytes = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    return f"weights on disk: {len(headers)} tensors, {'/'.join(dtypes)}, {gb(nbytes)} (shapes match the config)"
+
+
+def inspect_text(cfg: ModelConfig, weights: str | None = None) -> str:
     emb, per_layer, head = layer_parameter_counts(cfg)
     total = emb + sum(per_layer) + head
     lines = [f"NemotronH hybrid: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
@@ -77,4 +94,6 @@ def inspect_text(cfg: ModelConfig) -> str:
     lines.append(f"{'total':<22} {'':>5} {total:>16,}  ({human(total)})")
     lines.append("")
     lines.append(f"weights: {gb(total * 2)} at BF16, {gb(total * 4)} at FP32")
+    if weights:
+        lines.append(weights)
     return "\n".join(lines)

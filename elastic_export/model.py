@@ -24,7 +24,7 @@ from . import elastic
 from .cache import InferenceCache
 from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet
-from .ssd import group_heads, ssd_scan, ssd_step, ungroup_heads
+from .ssd import group_heads, ssd_scan, ssd_update, ungroup_heads
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -135,7 +135,7 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + v.dt_bias.float()).clamp(self.dt_min, self.dt_max)  # [b, l, h]
         state = cache.ssm[self.layer_idx] if cache is not None else None
         if state is not None and l == 1:
-            y, state = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
+            y, state = ssd_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
             y = y[:, None]
         else:
             y, state = ssd_scan(x, dt, A, B, C, self.chunk_size, state, self.head_order)
@@ -196,8 +196,7 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask, is_causal=causal,
                                            scale=hd ** -0.5, enable_gqa=nkv != h)
         o = o.transpose(1, 2).unflatten(2, (nkv, h // nkv))  # [b, l, nkv, h/nkv, hd]
-        o = ungroup_heads(o.transpose(2, 3), "rank_major", 2) if self.head_order == "rank_major" \
-            else o.flatten(2, 3)
+        o = ungroup_heads(o, self.head_order, 2)  # back to the stored head order of o_proj
         return F.linear(o.flatten(2), v.Wo, bo)
 
 

@@ -1,0 +1,131 @@
+"""Parameter and memory accounting of a budget, from the config alone (no weights, no device).
+
+Counts follow the module shapes of :mod:`elastic_export.model` exactly (a test checks them against
+a meta-device model and against sliced checkpoints), so they hold at any scale:
+
+- embeddings V*d, lm_head V*d unless tied, final norm d;
+- each kept layer: its pre-norm d plus
+  - Mamba2 (h heads x p channels, G groups, N state, K conv): in_proj d*(2hp + 2GN + h),
+    conv (hp + 2GN)*K, dt_bias/A_log/D 3h, gated norm hp, out_proj hp*d (+ biases);
+  - attention (h query heads, nkv KV heads, head dim hd): (h + 2 nkv)*hd*d + d*h*hd (+ biases);
+  - MLP (f neurons): 2*f*d (+ biases).
+
+Memory at a context length T and batch b:
+- weights: parameters x bytes of the dtype;
+- KV cache: per kept attention layer 2 * b * nkv * T * hd at the dtype;
+- SSM state: per kept Mamba layer b * h * p * N in float32 (float32 at every precision);
+- conv state: per kept Mamba layer b * (hp + 2GN) * (K-1) at the dtype;
+- activations (an estimate of the prefill peak): b * T * (2d + widest layer intermediate) at the
+  dtype plus the last position's float32 logits b * V. Attention scores are not counted (SDPA's
+  fused kernels do not materialize them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .elastic import LayerWidths, Subnet, full_subnet
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> int:
+    from .hf_io import parse_dtype
+
+    return DTYPE_BYTES[parse_dtype(dtype)]
+
+
+def embedding_params(cfg: ModelConfig, d: int) -> int:
+    """Embeddings, lm_head (unless tied) and the final norm at embedding width d."""
+    return cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+
+
+def layer_params(cfg: ModelConfig, i: int, d: int, w: LayerWidths) -> int:
+    """Parameters of layer i (its pre-norm included) at embedding width d and widths w; 0 if skipped."""
+    if not w.kept:
+        return 0
+    t = cfg.layers_block_type[i]
+    n = d  # the block's pre-norm
+    if t == "linear_attention":
+        h, p, GN, K = w.mamba_heads, w.mamba_head_dim, cfg.n_groups * cfg.ssm_state_size, cfg.conv_kernel
+        proj = 2 * h * p + 2 * GN + h
+        n += d * proj + (hp_conv := h * p + 2 * GN) * K + 3 * h + h * p + h * p * d
+        if cfg.use_conv_bias:
+            n += hp_conv
+        if cfg.use_bias:
+            n += proj + d
+    elif t == "full_attention":
+        hd, nkv, h = cfg.head_dim, cfg.num_key_value_heads, w.attn_heads
+        n += (h + 2 * nkv) * hd * d + d * h * hd
+        if cfg.attention_bias:
+            n += (h + 2 * nkv) * hd + d
+    else:
+        n += 2 * w.ffn * d
+        if cfg.mlp_bias:
+            n += w.ffn + d
+    return n
+
+
+def count_params(cfg: ModelConfig, subnet: Subnet | None = None) -> int:
+    """Parameters of a budget (the parent when ``subnet`` is None), as a standalone model would hold."""
+    subnet = subnet or full_subnet(cfg)
+    d = subnet.hidden
+    return embedding_params(cfg, d) + sum(layer_params(cfg, i, d, w) for i, w in enumerate(subnet.layers))
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes of one budget at a context length and batch size."""
+    params: int
+    weights: int
+    kv_cache: int
+    ssm_state: int
+    conv_state: int
+    activations: int
+
+    @property
+    def state(self) -> int:
+        return self.kv_cache + self.ssm_state + self.conv_state
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.state + self.activations
+
+
+def memory(cfg: ModelConfig, subnet: Subnet | None = None, dtype: str | torch.dtype = "bfloat16",
+           context: int = 8192, batch: int = 1) -> Memory:
+    """Weights, caches and an activation estimate of a budget (see the module docstring)."""
+    subnet = subnet or full_subnet(cfg)
+    nb = dtype_bytes(dtype)
+    d = subnet.hidden
+    params = count_params(cfg, subnet)
+    GN, K = cfg.n_groups * cfg.ssm_state_size, cfg.conv_kernel
+    kv = ssm = conv = 0
+    widest = 0
+    for t, w in zip(cfg.layers_block_type, subnet.layers):
+        if not w.kept:
+            continue
+        if t == "linear_attention":
+            hp = w.mamba_heads * w.mamba_head_dim
+            ssm += batch * hp * cfg.ssm_state_size * 4
+            conv += batch * (hp + 2 * GN) * (K - 1) * nb
+            widest = max(widest, 2 * hp + 2 * GN + w.mamba_heads)
+        elif t == "full_attention":
+            kv += 2 * batch * cfg.num_key_value_heads * context * cfg.head_dim * nb
+            widest = max(widest, (w.attn_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim)
+        else:
+            widest = max(widest, w.ffn)
+    act = batch * context * (2 * d + widest) * nb + batch * cfg.vocab_size * 4
+    return Memory(params=params, weights=params * nb, kv_cache=kv, ssm_state=ssm, conv_state=conv,
+                  activations=act)
+
+
+def family_weights(cfg: ModelConfig, subnets: list[Subnet], dtype: str | torch.dtype = "bfloat16") -> dict:
+    """Weight bytes of a nested family (one copy of the parent: every budget is a prefix of it)
+    against separate models (one copy per budget)."""
+    nb = dtype_bytes(dtype)
+    counts = [count_params(cfg, s) for s in subnets]
+    return {"nested": count_params(cfg) * nb, "separate": sum(counts) * nb, "per_budget": [c * nb for c in counts]}

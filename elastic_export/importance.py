@@ -1,0 +1,271 @@
+"""Importance of every elastic axis from calibration forward passes (no gradients).
+
+Width scores (one pass over the calibration data, hooks on each mixer's input X = RMSNorm(h)):
+- embedding channel i (Eq. 1): sum over batch and sequence of |RMSNorm(h)|_i, summed over every
+  layer's pre-norm and the final norm;
+- FFN neuron i (Eq. 2): sum over batch and sequence of |X W1_i^T| (the up projection's output);
+- Mamba (Eqs. 3/4): s = X W_x^T (the x part of in_proj) viewed [H, P]; S = sum over batch and
+  sequence of s (signed, as Eq. 3 writes it). Channel score s_p = ||S[:, p]||_2 across heads; head
+  score f_h = ||S[h, D_top]||_2 over the top ``head_channels`` channels (all channels by default).
+  Heads are ranked inside their group later (sorting.py), so a head never changes group;
+- attention query head h: sum over batch and sequence of ||softmax(q_h k_g^T / sqrt(hd)) v_g||_2,
+  its output before o_proj (g = its KV group); ranked inside its KV group later.
+
+Depth (Eq. 5): s_j = sum (M_full - M_-j)^2 / sum M_full^2 over the calibration logits M, with layer
+j skipped. ``iterative``: remove the lowest-scoring layer, re-score the rest with it removed (always
+against the parent's logits M_full), repeat; the score kept for a layer is its score when removed.
+``depth_order`` lists layers from least to most important: a budget dropping k layers drops the
+first k.
+
+Calibration data: token files (.npy of ids; .bin of raw little-endian ids, uint16 when the vocab
+fits in 16 bits, else uint32; .txt of whitespace-separated integers) or text files (any other
+content, tokenized; the byte-level tokenizer unless one is given). Streams are concatenated and cut
+into windows of ``seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .elastic import LayerWidths, Subnet, full_subnet, group_members
+from .errors import ConfigError
+
+DEPTH_MODES = ("oneshot", "iterative", "none")
+
+
+# ---- calibration data ---------------------------------------------------------------------------
+
+def _read_ids(path: Path, vocab_size: int, tokenizer) -> np.ndarray:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"is not a readable .npy file ({e})", path=path) from None
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError(f"holds {ids.dtype} values, expected integer token ids", path=path)
+        return ids.reshape(-1).astype(np.int64)
+    if suffix == ".bin":
+        dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+        raw = path.read_bytes()
+        if len(raw) % np.dtype(dtype).itemsize:
+            raise ConfigError(f"has {len(raw)} bytes, not a whole number of {np.dtype(dtype).name} ids", path=path,
+                              fix="write token ids as raw little-endian uint16 (uint32 for vocab > 65536)")
+        return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.int64)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("is neither a token file (.npy, .bin) nor UTF-8 text", path=path) from None
+    words = text.split()
+    if suffix == ".txt" and words and all(w.isdigit() for w in words):
+        return np.array([int(w) for w in words], dtype=np.int64)
+    if tokenizer is None:
+        from .tokenizer import ByteTokenizer
+        tokenizer = ByteTokenizer()
+    return np.array(tokenizer.encode(text), dtype=np.int64)
+
+
+def load_calibration(paths, vocab_size: int, seq_len: int = 256, num_samples: int | None = None,
+                     tokenizer=None) -> torch.Tensor:
+    """Token windows [n, seq_len] from token or text files (directories: every file inside)."""
+    files: list[Path] = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(p)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError("calibration file not found", path=p, fix="give token files (.npy/.bin/.txt) or text")
+    if not files:
+        raise ConfigError("no calibration files given", field="--calib")
+    if seq_len < 2:
+        raise ConfigError(f"sequence length {seq_len} is too short", field="seq_len", fix="use at least 2")
+    streams = []
+    for f in files:
+        ids = _read_ids(f, vocab_size, tokenizer)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ConfigError(f"holds token id {int(ids.max() if ids.max() >= vocab_size else ids.min())} outside "
+                              f"the model's vocabulary 0..{vocab_size - 1}", path=f,
+                              fix="tokenize with the model's tokenizer")
+        streams.append(ids)
+    ids = np.concatenate(streams)
+    n = ids.size // seq_len
+    if n == 0:
+        raise ConfigError(f"calibration data holds {ids.size} tokens, fewer than one window of {seq_len}",
+                          field="--calib", fix="give more data or a shorter --seq-len")
+    if num_samples is not None:
+        n = min(n, num_samples)
+    return torch.from_numpy(ids[:n * seq_len].reshape(n, seq_len).copy())
+
+
+# ---- scores -------------------------------------------------------------------------------------
+
+@dataclass
+class Importance:
+    """Scores per axis, indexed like the model's weights (the current head order).
+
+    ``layers[i]``: Mamba ``{"channels": [P], "heads": [H]}``, attention ``{"heads": [Hq]}``,
+    MLP ``{"ffn": [F]}``. ``depth`` [L] and ``depth_order`` (least important first) may be None.
+    """
+    hidden: torch.Tensor
+    layers: list[dict[str, torch.Tensor]]
+    depth: torch.Tensor | None = None
+    depth_order: list[int] | None = None
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"hidden": self.hidden}
+        for i, d in enumerate(self.layers):
+            out.update({f"layers.{i}.{k}": v for k, v in d.items()})
+        if self.depth is not None:
+            out["depth"] = self.depth
+            out["depth_order"] = torch.tensor(self.depth_order, dtype=torch.long)
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], num_layers: int) -> "Importance":
+        layers: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+        for k, v in t.items():
+            if k.startswith("layers."):
+                _, i, name = k.split(".")
+                layers[int(i)][name] = v
+        depth = t.get("depth")
+        order = t["depth_order"].tolist() if "depth_order" in t else None
+        return cls(t["hidden"], layers, depth, order)
+
+
+def _attention_head_norms(a, x: torch.Tensor) -> torch.Tensor:
+    """Per query head, sum over batch and sequence of the L2 norm of its attention output [H]."""
+    H, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+    q = F.linear(x, a.q_proj.weight, a.q_proj.bias).unflatten(-1, (H, hd)).transpose(1, 2)  # [b, H, l, hd]
+    k = F.linear(x, a.k_proj.weight, a.k_proj.bias).unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, l, hd]
+    v = F.linear(x, a.v_proj.weight, a.v_proj.bias).unflatten(-1, (nkv, hd)).transpose(1, 2)
+    kv_of = torch.empty(H, dtype=torch.long)
+    for g, members in enumerate(group_members(H, nkv, a.head_order)):
+        kv_of[members] = g
+    o = F.scaled_dot_product_attention(q, k[:, kv_of], v[:, kv_of], is_causal=True, scale=hd ** -0.5)
+    return o.norm(dim=-1).sum(dim=(0, 2))  # [H]
+
+
+@torch.no_grad()
+def width_scores(model, batches: list[torch.Tensor], head_channels: int | None = None) -> Importance:
+    """Embedding, FFN, Mamba channel/head and attention head scores from one pass (see module doc)."""
+    cfg = model.config
+    acc: dict = {"hidden": torch.zeros(cfg.hidden_size, dtype=torch.float64)}
+    hooks = []
+
+    def hook_for(i, blk):
+        t = blk.block_type
+
+        def hook(mixer, args):
+            x = args[0].float()  # [b, l, D] = RMSNorm(h)
+            acc["hidden"] += x.abs().sum(dim=(0, 1)).double().cpu()
+            if t == "linear_attention":
+                H, P = mixer.num_heads, mixer.head_dim
+                W = mixer.in_proj.weight[H * P:2 * H * P].float()
+                b = None if mixer.in_proj.bias is None else mixer.in_proj.bias[H * P:2 * H * P].float()
+                s = F.linear(x, W, b).sum(dim=(0, 1)).view(H, P)  # signed sum over batch, sequence (Eq. 3)
+                acc[i] = acc.get(i, 0) + s.double().cpu()
+            elif t == "full_attention":
+                acc[i] = acc.get(i, 0) + _attention_head_norms(mixer, x).double().cpu()
+            else:
+                u = F.linear(x, mixer.up_proj.weight.float(), None if mixer.up_proj.bias is None
+                             else mixer.up_proj.bias.float())
+                acc[i] = acc.get(i, 0) + u.abs().sum(dim=(0, 1)).double().cpu()
+
+        return hook
+
+    for i, blk in enumerate(model.backbone.layers):
+        hooks.append(blk.mixer.register_forward_pre_hook(hook_for(i, blk)))
+    try:
+        for ids in batches:
+            h = model.hidden_states(ids.to(model.device))  # final norm output
+            acc["hidden"] += h.float().abs().sum(dim=(0, 1)).double().cpu()
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+    layers = []
+    for i, blk in enumerate(model.backbone.layers):
+        t = blk.block_type
+        a = acc[i]
+        if t == "linear_attention":
+            ch = a.norm(dim=0)  # [P] (Eq. 3)
+            k = a.shape[1] if head_channels is None else max(1, min(head_channels, a.shape[1]))
+            top = torch.argsort(ch, descending=True, stable=True)[:k]
+            layers.append({"channels": ch, "heads": a[:, top].norm(dim=1)})  # [H] (Eq. 4)
+        elif t == "full_attention":
+            layers.append({"heads": a})
+        else:
+            layers.append({"ffn": a})
+    return Importance(acc["hidden"], layers)
+
+
+def _skip_subnet(cfg, removed: set[int]) -> Subnet:
+    full = full_subnet(cfg)
+    return Subnet(full.hidden, tuple(LayerWidths(**{**w.to_dict(), "kept": i not in removed})
+                                     for i, w in enumerate(full.layers)))
+
+
+@torch.no_grad()
+def depth_scores(model, batches: list[torch.Tensor], mode: str = "oneshot") -> tuple[torch.Tensor, list[int]]:
+    """Normalized logit MSE per layer (Eq. 5) and the depth order, least important first."""
+    if mode not in DEPTH_MODES[:2]:
+        raise ConfigError(f"unknown depth mode {mode!r}", field="depth", fix=f"use one of {DEPTH_MODES}")
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    full = [model(ids.to(model.device)).double() for ids in batches]
+    den = sum(float(m.pow(2).sum()) for m in full) or 1.0
+
+    def score(removed: set[int], j: int) -> float:
+        sub = _skip_subnet(cfg, removed)
+        num = 0.0
+        for ids, m in zip(batches, full):
+            num += float((m - model(ids.to(model.device), subnet=sub, skip_layer=j).double()).pow(2).sum())
+        return num / den
+
+    scores = torch.zeros(L, dtype=torch.float64)
+    try:
+        if mode == "oneshot":
+            for j in range(L):
+                scores[j] = score(set(), j)
+            order = torch.argsort(scores, stable=True).tolist()
+        else:
+            removed: list[int] = []
+            while len(removed) < L:
+                rest = [j for j in range(L) if j not in removed]
+                if len(rest) == 1:  # nothing left to compare against: the last layer scores against the empty model
+                    scores[rest[0]] = score(set(removed), rest[0])
+                    removed.append(rest[0])
+                    break
+                cand = {j: score(set(removed), j) for j in rest}
+                j = min(rest, key=lambda r: (cand[r], r))
+                scores[j] = cand[j]
+                removed.append(j)
+            order = removed
+    finally:
+        model._views.clear()
+    return scores, order
+
+
+@torch.no_grad()
+def compute_importance(model, calib: torch.Tensor, batch_size: int = 8, depth: str = "oneshot",
+                       head_channels: int | None = None) -> Importance:
+    """All scores for ``model`` (weights in their current order) from calibration windows [n, L]."""
+    if depth not in DEPTH_MODES:
+        raise ConfigError(f"unknown depth mode {depth!r}", field="depth", fix=f"use one of {DEPTH_MODES}")
+    was_training = model.training
+    model.eval()
+    try:
+        batches = list(calib.split(batch_size))
+        imp = width_scores(model, batches, head_channels)
+        if depth != "none":
+            imp.depth, imp.depth_order = depth_scores(model, batches, depth)
+    finally:
+        model.train(was_training)
+    return imp

@@ -1,0 +1,316 @@
+"""The nested checkpoint: one copy of the sorted weights serving every budget.
+
+A directory::
+
+    model.safetensors        the parent's importance-sorted weights (rank-major heads), one copy
+    elastic.json             the manifest (below)
+    importance.safetensors   optional: the scores in sorted order (to plan new budgets)
+    router.safetensors       optional: the router (to resume training or derive new budgets)
+    tokenizer/               optional: tokenizer.json or byte_level.json
+
+Manifest (``format_version`` 1)::
+
+    {"format": "elastic-export/nested", "format_version": 1,
+     "parent_config": {... HF nemotron_h config.json, with "elastic": {"head_order": "rank_major"}},
+     "layout": {"head_order": "rank_major"},
+     "files": {"model.safetensors": {"sha256": "...", "bytes": N}, ...},
+     "budgets": [{"name": "full", "params": N, "hidden": D,
+                  "layers": [{"type": "linear_attention", "kept": true, "mamba_heads": 8, ...}, ...]}, ...]}
+
+Budgets are listed largest first; "full" (the parent) is always present. There is deliberately no
+config.json: transformers would load the rank-major weights as group-contiguous and compute garbage.
+Slice a budget (:func:`elastic_export.slice_budget`) to get a checkpoint other tools can read.
+Loading verifies every file's size and SHA-256 before reading a byte of it; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .accounting import count_params
+from .config import ModelConfig
+from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
+from .errors import BudgetError, CheckpointError, ConfigError
+from .hf_io import atomic_dir, dtype_name, parse_dtype
+
+FORMAT = "elastic-export/nested"
+FORMAT_VERSION = 1
+MANIFEST = "elastic.json"
+WEIGHTS = "model.safetensors"
+ROUTER = "router.safetensors"
+IMPORTANCE = "importance.safetensors"
+TOKENIZER = "tokenizer"
+
+
+@dataclass
+class NestedCheckpoint:
+    model: Any  # NemotronHForCausalLM with the full sorted weights (None when loaded without weights)
+    budgets: dict[str, Subnet]  # name -> subnet, largest first, "full" included
+    manifest: dict
+    path: Path
+    config: ModelConfig = None
+    router: dict[str, torch.Tensor] | None = None
+    importance: Any = None  # importance.Importance in sorted order, or None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / TOKENIZER
+        return p if p.is_dir() else None
+
+    def subnet(self, name: str) -> Subnet:
+        if name not in self.budgets:
+            raise BudgetError(f"unknown budget {name!r}", path=self.path / MANIFEST,
+                              fix=f"use one of {', '.join(self.budgets)}")
+        return self.budgets[name]
+
+    def slice(self, name: str):
+        """The standalone model of one budget."""
+        from .slicing import slice_budget
+
+        return slice_budget(self.model, self.subnet(name))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _budget_entry(cfg: ModelConfig, name: str, s: Subnet) -> dict:
+    return {"name": name, "params": count_params(cfg, s), "hidden": s.hidden,
+            "layers": [{"type": t, **w.to_dict()} for t, w in zip(cfg.layers_block_type, s.layers)]}
+
+
+def check_budgets(cfg: ModelConfig, budgets: dict[str, Subnet]) -> dict[str, Subnet]:
+    from .search import NAME_RE
+
+    out = {}
+    full = full_subnet(cfg)
+    for name, s in budgets.items():
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise BudgetError(f"budget name {name!r} is not usable as a file name", field="budgets",
+                              fix="use letters, digits, '.', '_' or '-'")
+        if not isinstance(s, Subnet):
+            raise BudgetError(f"budget {name!r} is a {type(s).__name__}, not a Subnet", field="budgets")
+        validate_subnet(cfg, s, where=f"budget {name}")
+        if name == "full" and s != full:
+            raise BudgetError("budget 'full' must be the parent itself", field="budgets",
+                              fix="name the smaller budget otherwise")
+        out[name] = s
+    out.setdefault("full", full)
+    return dict(sorted(out.items(), key=lambda kv: -count_params(cfg, kv[1])))
+
+
+def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None, importance=None,
+                tokenizer=None, dtype: str | torch.dtype | None = None, extra: dict | None = None) -> Path:
+    """Write a nested checkpoint atomically. Every budget is validated before anything is written.
+
+    ``router``: a module or a dict of tensors; ``importance``: scores in sorted order;
+    ``tokenizer``: a directory or tokenizer.json path, or an object with ``save(directory)``;
+    ``extra``: JSON-able provenance for the manifest: ``{"fractions": {name: f}}`` adds a
+    ``fraction`` to those budgets, ``"training"`` becomes the manifest's ``training`` entry, any
+    other key goes under ``extra`` (``"params"`` is ignored: counts are always computed).
+    """
+    extra = dict(extra or {})
+    fractions = extra.pop("fractions", None) or {}
+    training = extra.pop("training", None)
+    extra.pop("params", None)
+    try:
+        json.dumps([fractions, training, extra])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"is not JSON-serializable ({e})", field="extra") from None
+    path = Path(path)
+    cfg = model.config
+    budgets = check_budgets(cfg, dict(budgets))
+    dtype = parse_dtype(dtype)
+    state = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach()
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {name!r} has no data (meta device)", field="model",
+                                  fix="load or initialize the weights before saving")
+        state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+    router_state = None
+    if router is not None:
+        router_state = router.state_dict() if hasattr(router, "state_dict") else dict(router)
+        router_state = {k: v.detach().contiguous().cpu() for k, v in router_state.items()}
+    tok_src = None
+    if tokenizer is not None and not hasattr(tokenizer, "save"):
+        tok_src = Path(tokenizer)
+        if not tok_src.exists():
+            raise ConfigError("tokenizer not found", path=tok_src, fix="give a tokenizer/ directory or tokenizer.json")
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        names = [WEIGHTS]
+        if router_state is not None:
+            save_file(router_state, str(tmp / ROUTER), metadata={"format": "pt"})
+            names.append(ROUTER)
+        if importance is not None:
+            save_file(importance.to_tensors(), str(tmp / IMPORTANCE), metadata={"format": "pt"})
+            names.append(IMPORTANCE)
+        if tokenizer is not None:
+            if tok_src is None:
+                tokenizer.save(tmp / TOKENIZER)
+            elif tok_src.is_dir():
+                shutil.copytree(tok_src, tmp / TOKENIZER)
+            else:
+                (tmp / TOKENIZER).mkdir()
+                shutil.copy2(tok_src, tmp / TOKENIZER / "tokenizer.json")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "parent_config": cfg.to_dict(dtype_name(next(iter(state.values())).dtype)),
+            "layout": {"head_order": cfg.head_order},
+            "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names},
+            "budgets": [{**_budget_entry(cfg, n, s), **({"fraction": fractions[n]} if n in fractions else {})}
+                        for n, s in budgets.items()],
+        }
+        if training is not None:
+            manifest["training"] = training
+        if extra:
+            manifest["extra"] = extra
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def is_nested(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path) -> tuple[dict, ModelConfig, dict[str, Subnet]]:
+    """The manifest, the parent config and the budgets (largest first), without touching the weights."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError("does not exist or is not a directory", path=path,
+                              fix="give a nested checkpoint directory (with elastic.json)")
+    if not mf.is_file():
+        raise CheckpointError("is not a nested checkpoint: elastic.json is missing", path=path,
+                              fix="give a directory written by `elastic-export rank` or `nest`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"is not valid JSON ({e})", path=mf) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"is not an {FORMAT} manifest", path=mf, field="format")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"has format_version {version!r}; this version reads up to {FORMAT_VERSION}", path=mf,
+                              field="format_version", fix="upgrade elastic-export")
+    for key in ("parent_config", "files", "budgets"):
+        if key not in manifest:
+            raise CheckpointError("is missing", path=mf, field=key)
+    cfg = ModelConfig.from_dict(manifest["parent_config"], path=mf)
+    budgets: dict[str, Subnet] = {}
+    for k, b in enumerate(manifest["budgets"]):
+        try:
+            name = b["name"]
+            layers = [dict(w) for w in b["layers"]]
+            types = [w.pop("type") for w in layers]
+            s = Subnet(int(b["hidden"]), tuple(LayerWidths(**w) for w in layers))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"budget entry {k} is malformed ({e})", path=mf, field="budgets") from None
+        if types != cfg.layers_block_type:
+            raise CheckpointError(f"budget {name!r}: layer types do not match the parent config", path=mf,
+                                  field="budgets")
+        validate_subnet(cfg, s, where=f"budget {name}")
+        budgets[name] = s
+    if "full" not in budgets:
+        budgets["full"] = full_subnet(cfg)
+    budgets = dict(sorted(budgets.items(), key=lambda kv: -count_params(cfg, kv[1])))
+    return manifest, cfg, budgets
+
+
+def verify_files(path: Path, manifest: dict, names=None) -> None:
+    """Size and SHA-256 of each listed file against the manifest; CheckpointError on any mismatch."""
+    files = manifest["files"]
+    if WEIGHTS not in files:
+        raise CheckpointError(f"lists no {WEIGHTS}", path=path / MANIFEST, field="files")
+    for name, rec in files.items():
+        if names is not None and name not in names:
+            continue
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError("is missing (listed in elastic.json)", path=f, fix="copy the whole checkpoint again")
+        size = f.stat().st_size
+        if size != rec.get("bytes"):
+            kind = "truncated" if size < rec.get("bytes", 0) else "the wrong size"
+            raise CheckpointError(f"is {kind}: {size} bytes, elastic.json records {rec.get('bytes')}", path=f,
+                                  fix="copy the file again; it was not fully written or copied")
+        if sha256_file(f) != rec.get("sha256"):
+            raise CheckpointError("does not match the SHA-256 recorded in elastic.json", path=f,
+                                  fix="the weights were modified or corrupted after saving; copy them again "
+                                      "or re-create the checkpoint")
+
+
+def _read(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(f, "pt") as sf:
+            return {k: sf.get_tensor(k) for k in sf.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"could not be read ({e})", path=f, fix="the file is truncated or corrupt") from None
+
+
+def read_importance(path: str | Path, cfg: ModelConfig | None = None, verify: bool = True):
+    """The scores stored with a nested checkpoint (sorted order), or None when it has none."""
+    from .importance import Importance
+
+    path = Path(path)
+    manifest, mcfg, _ = read_manifest(path)
+    if IMPORTANCE not in manifest["files"]:
+        return None
+    if verify:
+        verify_files(path, manifest, [IMPORTANCE])
+    return Importance.from_tensors(_read(path / IMPORTANCE), (cfg or mcfg).num_hidden_layers)
+
+
+def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+                verify: bool = True) -> NestedCheckpoint:
+    """Read a nested checkpoint: the sorted parent model, its budgets and the optional parts.
+
+    Every file's size and SHA-256 is checked against the manifest first (``verify=False`` skips the
+    hash, for trusted local copies of very large files).
+    """
+    from .importance import Importance
+    from .model import NemotronHForCausalLM
+
+    path = Path(path)
+    manifest, cfg, budgets = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors = _read(path / WEIGHTS)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"tensor {name!r} is missing", path=path / WEIGHTS,
+                                  fix="the weights do not match the manifest's parent_config")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, the parent config "
+                                  f"implies {tuple(shape)}", path=path / WEIGHTS)
+    state = {n: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
+             for n, t in tensors.items() if n in expected}
+    model.load_state_dict(state, assign=True)
+    model.eval()
+    router = _read(path / ROUTER) if ROUTER in manifest["files"] else None
+    importance = Importance.from_tensors(_read(path / IMPORTANCE), cfg.num_hidden_layers) \
+        if IMPORTANCE in manifest["files"] else None
+    return NestedCheckpoint(model=model, budgets=budgets, manifest=manifest, path=path, config=cfg, router=router,
+                            importance=importance)

@@ -1,0 +1,393 @@
+"""Budget search without training (the pruning baseline): parameter targets -> subnets from the ranks.
+
+A target is ``75%`` (of the parent's parameters), ``9B`` / ``6.5B`` / ``300M`` / ``120K`` / an
+integer (parameters), or a JSON file holding a subnet (``Subnet.to_dict``). ``NAME=SPEC`` names it;
+otherwise ``9B`` is named ``9B`` and ``75%`` ``75pct``. The target is an upper bound.
+
+Knobs and their choices (every choice respects the constraints):
+- embedding width d_e: multiples of ``embed_divisor`` (64 at scale);
+- FFN neurons: multiples of ``ffn_divisor``; Mamba heads: multiples of n_groups (the same count in
+  every group); Mamba head channels: multiples of ``channel_step``; attention heads: multiples of
+  num_key_value_heads. Homogeneous mode has one knob per axis; heterogeneous mode one per layer
+  (the embedding width stays global);
+- depth: the number of layers dropped along the depth ranking (only with depth ranks).
+
+Our choice of objective (the paper trains a router instead): minimize sum_k w_k * (u_k + u_k^2),
+u_k = -log(retained_k), where retained_k is the importance mass a knob keeps (the prefix of its
+sorted scores over their total; the kept fraction when no scores are given) and w_k the share of
+the parent's parameters the knob acts on. The log term alone is flat between cutting the embedding
+width and cutting every other axis in proportion; the square makes the cut spread over the axes.
+Greedy: repeatedly take the one-step shrink with the smallest loss per parameter saved until the
+budget fits, then grow back any knob that still fits (largest gain per parameter first). With
+uniform scores all axes shrink about evenly; with scores, axes whose tail carries little
+importance shrink first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .accounting import embedding_params, layer_params, count_params
+from .config import ModelConfig
+from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
+from .errors import BudgetError
+
+MODES = ("homogeneous", "heterogeneous")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+# ---- targets ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    spec: str
+    params: int | None = None  # a parameter target, or
+    subnet: Subnet | None = None  # an explicit subnet
+
+
+def parse_budget(spec: str, cfg: ModelConfig) -> Target:
+    """``75%``, ``9B``, ``NAME=SPEC`` or ``[NAME=]subnet.json`` -> a Target (checked against the parent)."""
+    spec = spec.strip()
+    name, _, value = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    value = value.strip()
+    full = count_params(cfg)
+    if value.endswith(".json"):
+        path = Path(value)
+        name = name or path.stem
+        try:
+            subnet = Subnet.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise BudgetError("subnet file not found", path=path) from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise BudgetError(f"is not a subnet JSON ({e})", path=path,
+                              fix='write {"hidden": D, "layers": [{"kept": true, ...}, ...]}') from None
+        _check_name(name, spec)
+        validate_subnet(cfg, subnet, where=f"budget {name}")
+        return Target(name, spec, subnet=subnet)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|[KMBGT]?)", value, flags=re.IGNORECASE)
+    if not m:
+        raise BudgetError(f"cannot read budget {spec!r}", field="--budget",
+                          fix="use a percentage (75%), a parameter count (9B, 300M), NAME=SPEC or a subnet .json")
+    number, unit = float(m.group(1)), m.group(2).upper()
+    if unit == "%":
+        params = int(full * number / 100)
+        name = name or f"{m.group(1)}pct"
+    else:
+        params = int(number * UNITS.get(unit, 1))
+        name = name or value
+    _check_name(name, spec)
+    if params > full:
+        raise BudgetError(f"budget {name!r} asks for {params:,} parameters, more than the parent's {full:,}",
+                          field="--budget", fix="give a budget no larger than the parent (at most 100%)")
+    if params <= 0:
+        raise BudgetError(f"budget {name!r} asks for no parameters", field="--budget")
+    return Target(name, spec, params=params)
+
+
+def _check_name(name: str, spec: str) -> None:
+    if not NAME_RE.match(name):
+        raise BudgetError(f"budget name {name!r} (from {spec!r}) is not usable as a file name", field="--budget",
+                          fix="name it explicitly: NAME=SPEC with letters, digits, '.', '_' or '-'")
+
+
+# ---- knobs --------------------------------------------------------------------------------------
+
+def default_divisor(n: int, min_choices: int = 8, largest: int = 64) -> int:
+    """The largest power of two (<= ``largest``) dividing n that still leaves ``min_choices`` choices."""
+    div = largest
+    while div > 1 and (n % div or n // div < min_choices):
+        div //= 2
+    return div
+
+
+def _choices(n: int, step: int) -> list[int]:
+    """Allowed widths, largest first: n and every multiple of step below it."""
+    vals = {n} | {k * step for k in range(1, n // step + 1)}
+    return sorted((v for v in vals if 0 < v <= n), reverse=True)
+
+
+def _retained(scores, choices: list[int]) -> list[float]:
+    """Importance kept by each choice (a prefix of sorted scores), as a fraction of the total."""
+    if scores is None:
+        return [c / choices[0] for c in choices]
+    s = [max(0.0, float(v)) for v in scores]
+    total = sum(s)
+    if total <= 0:
+        return [c / choices[0] for c in choices]
+    prefix = [0.0]
+    for v in s:
+        prefix.append(prefix[-1] + v)
+    return [prefix[c] / total for c in choices]
+
+
+@dataclass
+class _Knob:
+    name: str
+    field: str  # "hidden", "depth" or a LayerWidths field
+    layers: list[int]  # layers it sets (empty for hidden and depth)
+    choices: list
+    retained: list[float]
+    weight: float
+    idx: int = 0
+
+
+class _Search:
+    def __init__(self, cfg: ModelConfig, mode: str, importance=None, embed_divisor: int | None = None,
+                 ffn_divisor: int | None = None, channel_step: int | None = None, depth: bool | None = None):
+        if mode not in MODES:
+            raise BudgetError(f"unknown search mode {mode!r}", field="mode", fix=f"use one of {MODES}")
+        self.cfg = cfg
+        full = full_subnet(cfg)
+        self.full = full
+        total = count_params(cfg)
+        lp_full = [layer_params(cfg, i, cfg.hidden_size, w) for i, w in enumerate(full.layers)]
+        imp = importance
+        types = cfg.layers_block_type
+        knobs: list[_Knob] = []
+        D = cfg.hidden_size
+        dch = _choices(D, embed_divisor or default_divisor(D))
+        knobs.append(_Knob("hidden", "hidden", [], dch, _retained(None if imp is None else imp.hidden, dch), 1.0))
+
+        def add(kind, field, layers, n, step, scores_of):
+            ch = _choices(n, step)
+            share = sum(lp_full[i] for i in layers) / total
+            if mode == "homogeneous":
+                rs = [_retained(scores_of(i), ch) for i in layers]
+                ret = [math.prod(r[k] for r in rs) ** (1 / len(rs)) for k in range(len(ch))]  # geometric mean
+                knobs.append(_Knob(kind, field, layers, ch, ret, share))
+            else:
+                for i in layers:
+                    knobs.append(_Knob(f"{kind}[{i}]", field, [i], ch, _retained(scores_of(i), ch),
+                                       lp_full[i] / total))
+
+        def scores(key):
+            return lambda i: None if imp is None else imp.layers[i][key]
+
+        by_type = {t: [i for i, x in enumerate(types) if x == t] for t in set(types)}
+        dims = [cfg.layer_dims(i) for i in range(cfg.num_hidden_layers)]
+        self._homogeneous_widths_check(by_type, dims, mode)
+        if "mlp" in by_type:
+            f = dims[by_type["mlp"][0]]["intermediate_size"]
+            add("ffn", "ffn", by_type["mlp"], f, ffn_divisor or default_divisor(f), scores("ffn"))
+        if "linear_attention" in by_type:
+            ls = by_type["linear_attention"]
+            H, P = dims[ls[0]]["mamba_num_heads"], dims[ls[0]]["mamba_head_dim"]
+            add("mamba_heads", "mamba_heads", ls, H, cfg.n_groups, scores("heads"))
+            add("mamba_head_dim", "mamba_head_dim", ls, P, channel_step or default_divisor(P, 8, 8),
+                scores("channels"))
+        if "full_attention" in by_type:
+            ls = by_type["full_attention"]
+            add("attn_heads", "attn_heads", ls, dims[ls[0]]["num_attention_heads"], cfg.num_key_value_heads,
+                scores("heads"))
+        has_depth = imp is not None and imp.depth_order is not None
+        if depth and not has_depth:
+            raise BudgetError("depth pruning needs depth ranks", field="--depth",
+                              fix="rank the parent first (elastic-export rank), or pass --no-depth")
+        self.depth_order = list(imp.depth_order) if has_depth else []
+        if (depth is None and has_depth) or depth:
+            L = cfg.num_hidden_layers
+            ch = list(range(L))  # layers dropped
+            ds = [max(0.0, float(imp.depth[j])) for j in self.depth_order]
+            tot = sum(ds)
+            ret = [1 - sum(ds[:k]) / tot if tot > 0 else 1 - k / L for k in ch]
+            knobs.append(_Knob("depth", "depth", [], ch, ret, sum(lp_full) / total))
+        self.knobs = knobs
+        self._layers_of = {k.name: set(k.layers) for k in knobs}
+
+    def _homogeneous_widths_check(self, by_type, dims, mode):
+        keys = {"mlp": ("intermediate_size",), "linear_attention": ("mamba_num_heads", "mamba_head_dim"),
+                "full_attention": ("num_attention_heads",)}
+        for t, ls in by_type.items():
+            for k in keys[t]:
+                if len({dims[i][k] for i in ls}) > 1:
+                    raise BudgetError(f"the parent is heterogeneous ({k} differs across layers)", field="parent",
+                                      fix="search budgets on the homogeneous parent, not on a slice")
+
+    # -- state: embedding width, per-layer widths and kept flags; parameters kept incrementally
+    def _reset(self):
+        cfg = self.cfg
+        self.d = cfg.hidden_size
+        self.widths = [{k: v for k, v in w.to_dict().items() if k != "kept"} for w in self.full.layers]
+        self.kept = [True] * cfg.num_hidden_layers
+        self.lp = [self._layer(i, self.d, self.widths[i], True) for i in range(cfg.num_hidden_layers)]
+        self.total = embedding_params(cfg, self.d) + sum(self.lp)
+        for k in self.knobs:
+            k.idx = 0
+
+    def _layer(self, i, d, widths, kept) -> int:
+        return layer_params(self.cfg, i, d, LayerWidths(kept, **widths)) if kept else 0
+
+    def _trial(self, k: _Knob, j: int) -> tuple[int, dict]:
+        """Parameters after setting knob k to choice j, and the per-layer changes {i: (widths, kept, params)}."""
+        v = k.choices[j]
+        changes = {}
+        if k.field == "hidden":
+            for i in range(len(self.lp)):
+                changes[i] = (self.widths[i], self.kept[i], self._layer(i, v, self.widths[i], self.kept[i]))
+            return embedding_params(self.cfg, v) + sum(c[2] for c in changes.values()), changes
+        if k.field == "depth":
+            dropped = set(self.depth_order[:v])
+            for i in range(len(self.lp)):
+                if (i not in dropped) != self.kept[i]:
+                    changes[i] = (self.widths[i], i not in dropped,
+                                  self._layer(i, self.d, self.widths[i], i not in dropped))
+        else:
+            for i in k.layers:
+                w = {**self.widths[i], k.field: v}
+                changes[i] = (w, self.kept[i], self._layer(i, self.d, w, self.kept[i]))
+        return self.total + sum(c[2] - self.lp[i] for i, c in changes.items()), changes
+
+    def _commit(self, k: _Knob, j: int) -> None:
+        total, changes = self._trial(k, j)
+        for i, (w, kept, p) in changes.items():
+            self.widths[i], self.kept[i], self.lp[i] = w, kept, p
+        if k.field == "hidden":
+            self.d = k.choices[j]
+        k.idx = j
+        self.total = total
+
+    def subnet(self) -> Subnet:
+        return Subnet(self.d, tuple(LayerWidths(kept, **w) for w, kept in zip(self.widths, self.kept)))
+
+    @staticmethod
+    def _cost(k: _Knob, j: int) -> float:
+        """Objective loss of knob k at choice j: w * (u + u^2), u = -log(retained importance)."""
+        u = -math.log(max(k.retained[j], 1e-300))
+        return k.weight * (u + u * u)
+
+    def run(self, target: int) -> Subnet:
+        self._reset()
+        cache: dict[str, tuple[float, int]] = {}
+        while self.total > target:
+            best = None
+            for k in self.knobs:
+                if k.idx + 1 >= len(k.choices):
+                    continue
+                if k.name not in cache:
+                    p, _ = self._trial(k, k.idx + 1)
+                    if k.field == "depth" and k.choices[k.idx + 1] >= len(self.lp):
+                        continue
+                    cache[k.name] = (self._cost(k, k.idx + 1) - self._cost(k, k.idx), self.total - p)
+                cost, saving = cache[k.name]
+                if saving <= 0:
+                    continue
+                ratio = cost / saving
+                if best is None or ratio < best[0]:
+                    best = (ratio, k)
+            if best is None:
+                raise BudgetError(f"cannot reach {target:,} parameters: the smallest subnet under the constraints "
+                                  f"has {self.total:,}", field="--budget", fix="give a larger budget")
+            k = best[1]
+            self._commit(k, k.idx + 1)
+            # the embedding width and depth change every knob's saving; a layer knob those sharing its layers
+            cache = {} if k.field in ("hidden", "depth") else \
+                {n: v for n, v in cache.items() if n not in (k.name, "hidden", "depth")
+                 and not self._shares_layers(n, k)}
+        # grow back what still fits, largest objective gain per parameter first
+        while True:
+            best = None
+            for k in self.knobs:
+                if k.idx == 0:
+                    continue
+                p, _ = self._trial(k, k.idx - 1)
+                gain = self._cost(k, k.idx) - self._cost(k, k.idx - 1)
+                if p > target or gain <= 0:
+                    continue
+                score = gain / max(1, p - self.total)
+                if best is None or score > best[0]:
+                    best = (score, k)
+            if best is None:
+                break
+            self._commit(best[1], best[1].idx - 1)
+        return self.subnet()
+
+    def _shares_layers(self, name: str, k: _Knob) -> bool:
+        return bool(self._layers_of[name] & self._layers_of[k.name])
+
+
+def search_subnet(cfg: ModelConfig, target_params: int, mode: str = "homogeneous", importance=None,
+                  embed_divisor: int | None = None, ffn_divisor: int | None = None,
+                  channel_step: int | None = None, depth: bool | None = None) -> Subnet:
+    """The subnet with at most ``target_params`` parameters chosen from the ranks (see module doc).
+
+    ``importance`` must be indexed like the sorted weights (as :func:`sorting.sort_model` returns it);
+    None treats every component alike. ``depth`` None: prune depth when depth ranks are given.
+    """
+    full = count_params(cfg)
+    if target_params > full:
+        raise BudgetError(f"target {target_params:,} parameters is more than the parent's {full:,}",
+                          field="--budget", fix="give a budget no larger than the parent")
+    if target_params == full:
+        return full_subnet(cfg)
+    s = _Search(cfg, mode, importance, embed_divisor, ffn_divisor, channel_step, depth)
+    return s.run(target_params)
+
+
+def plan_budgets(cfg: ModelConfig, specs: list[str], mode: str = "homogeneous", importance=None,
+                 **search_kw) -> dict[str, Subnet]:
+    """Budgets by name, largest first, "full" (the parent) included."""
+    out: dict[str, Subnet] = {"full": full_subnet(cfg)}
+    for spec in specs:
+        t = parse_budget(spec, cfg)
+        if t.name in out:
+            raise BudgetError(f"budget name {t.name!r} is given twice", field="--budget",
+                              fix="name budgets uniquely with NAME=SPEC" if t.name != "full" else
+                              "'full' is the parent itself; name the budget otherwise")
+        out[t.name] = t.subnet if t.subnet is not None else \
+            search_subnet(cfg, t.params, mode, importance, **search_kw)
+    return dict(sorted(out.items(), key=lambda kv: -count_params(cfg, kv[1])))
+
+
+# ---- the plan as text ---------------------------------------------------------------------------
+
+def describe(cfg: ModelConfig, s: Subnet) -> str:
+    """One line: embedding width, per-type widths (ranges when heterogeneous), kept layers."""
+    types = cfg.layers_block_type
+    kept = [i for i, w in enumerate(s.layers) if w.kept]
+
+    def rng(vals):
+        vals = sorted(set(vals))
+        return "-" if not vals else str(vals[0]) if len(vals) == 1 else f"{vals[0]}..{vals[-1]}"
+
+    mh = [s.layers[i].mamba_heads for i in kept if types[i] == "linear_attention"]
+    md = [s.layers[i].mamba_head_dim for i in kept if types[i] == "linear_attention"]
+    ah = [s.layers[i].attn_heads for i in kept if types[i] == "full_attention"]
+    ff = [s.layers[i].ffn for i in kept if types[i] == "mlp"]
+    dropped = [i for i, w in enumerate(s.layers) if not w.kept]
+    return (f"hidden {s.hidden}, mamba {rng(mh)} heads x {rng(md)}, attn {rng(ah)} heads, ffn {rng(ff)}, "
+            f"layers {len(kept)}/{len(types)}" + (f" (dropped {dropped})" if dropped else ""))
+
+
+def plan_text(cfg: ModelConfig, budgets: dict[str, Subnet], dtype: str = "bfloat16", context: int = 8192,
+              batch: int = 1) -> str:
+    from .accounting import family_weights, memory
+    from .inspect import human
+
+    def gb(n):
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+    names = list(budgets)
+    full = count_params(cfg)
+    lines = ["budgets:"]
+    for n in names:
+        p = count_params(cfg, budgets[n])
+        lines.append(f"  {n:<10} {human(p):>8} ({100 * p / full:5.1f}%)  {describe(cfg, budgets[n])}")
+    lines += ["", f"memory at {dtype}, context {context}, batch {batch} (SSM state float32):",
+              f"  {'budget':<10} {'params':>8} {'weights':>10} {'KV cache':>10} {'SSM+conv':>10} "
+              f"{'activations':>11} {'total':>10}"]
+    for n in names:
+        m = memory(cfg, budgets[n], dtype, context, batch)
+        lines.append(f"  {n:<10} {human(m.params):>8} {gb(m.weights):>10} {gb(m.kv_cache):>10} "
+                     f"{gb(m.ssm_state + m.conv_state):>10} {gb(m.activations):>11} {gb(m.total):>10}")
+    fam = family_weights(cfg, [budgets[n] for n in names], dtype)
+    lines += ["", f"weights of the family at {dtype}:",
+              f"  nested (one copy, all {len(names)} budgets): {gb(fam['nested'])}"]
+    for k in range(2, len(names) + 1):
+        lines.append(f"  separate {' + '.join(names[:k])}: {gb(sum(fam['per_budget'][:k]))}")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Sort a parent's weights by importance so that every budget is a prefix (function preserving).
+
+Permutations (``perm[new] = old``, most important first):
+- embedding channels: one permutation of D applied to the embeddings, lm_head, every norm, every
+  input projection's columns and every output projection's rows (RMSNorm over all D channels does
+  not care about their order);
+- FFN neurons: up_proj rows, down_proj columns;
+- Mamba: one channel permutation of P shared by all heads (a budget keeps the first p channels of
+  every head) and a head permutation; heads are ranked inside their group and stored rank-major
+  (position j*G + g holds the rank-j head of group g), so a head never changes group and every
+  group keeps the same count. z, x, dt rows, the conv's x channels, dt_bias, A_log, D, the gated
+  norm and out_proj's columns move together; B, C and n_groups are untouched;
+- attention: query heads ranked inside their KV group and stored rank-major (q rows, o columns).
+The sorted model has ``head_order = "rank_major"``; its logits equal the parent's up to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .elastic import group_members
+from .importance import Importance
+
+
+@dataclass
+class Permutations:
+    hidden: torch.Tensor  # [D]
+    layers: list[dict[str, torch.Tensor]]  # Mamba {"heads", "channels"}, attention {"heads"}, MLP {"ffn"}
+
+
+def _desc(scores: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(scores, descending=True, stable=True)
+
+
+def rank_major_perm(scores: torch.Tensor, groups: int, head_order: str) -> torch.Tensor:
+    """Heads ranked inside each group, stored rank-major: perm[j*G + g] = rank-j head of group g."""
+    H = scores.numel()
+    perm = torch.empty(H, dtype=torch.long)
+    for g, members in enumerate(group_members(H, groups, head_order)):
+        members = torch.tensor(members)
+        ranked = members[_desc(scores[members])]
+        perm[torch.arange(len(members)) * groups + g] = ranked
+    return perm
+
+
+def permutations(cfg, imp: Importance) -> Permutations:
+    layers = []
+    for t, s in zip(cfg.layers_block_type, imp.layers):
+        if t == "linear_attention":
+            layers.append({"heads": rank_major_perm(s["heads"], cfg.n_groups, cfg.head_order),
+                           "channels": _desc(s["channels"])})
+        elif t == "full_attention":
+            layers.append({"heads": rank_major_perm(s["heads"], cfg.num_key_value_heads, cfg.head_order)})
+        else:
+            layers.append({"ffn": _desc(s["ffn"])})
+    return Permutations(_desc(imp.hidden), layers)
+
+
+def _grid(heads: torch.Tensor, channels: torch.Tensor, P: int) -> torch.Tensor:
+    """Flat index over [H, P] rows: new (h, p) <- old (heads[h], channels[p])."""
+    return (heads[:, None] * P + channels[None, :]).reshape(-1)
+
+
+@torch.no_grad()
+def permute_state(cfg, state: dict[str, torch.Tensor], perms: Permutations) -> dict[str, torch.Tensor]:
+    """Apply the permutations to a state dict (names as in the HF checkpoint)."""
+    s = dict(state)
+    pi = perms.hidden
+
+    def cols(name, idx):
+        if name in s:
+            s[name] = s[name][:, idx]
+
+    def rows(name, idx):
+        if name in s and s[name] is not None:
+            s[name] = s[name][idx]
+
+    cols("backbone.embeddings.weight", pi)
+    cols("lm_head.weight", pi)
+    rows("backbone.norm_f.weight", pi)
+    for i, (t, p) in enumerate(zip(cfg.layers_block_type, perms.layers)):
+        pre = f"backbone.layers.{i}."
+        m = pre + "mixer."
+        rows(pre + "norm.weight", pi)
+        if t == "linear_attention":
+            dims = cfg.layer_dims(i)
+            H, P = dims["mamba_num_heads"], dims["mamba_head_dim"]
+            I, GN = H * P, cfg.n_groups * cfg.ssm_state_size
+            hp = _grid(p["heads"], p["channels"], P)
+            # in_proj rows  # [z (I) | x (I) | B (GN) | C (GN) | dt (H)]
+            idx = torch.cat([hp, I + hp, 2 * I + torch.arange(2 * GN), 2 * I + 2 * GN + p["heads"]])
+            rows(m + "in_proj.weight", idx)
+            rows(m + "in_proj.bias", idx)
+            cols(m + "in_proj.weight", pi)
+            conv = torch.cat([hp, I + torch.arange(2 * GN)])  # conv channels  # [x (I) | B | C]
+            rows(m + "conv1d.weight", conv)
+            rows(m + "conv1d.bias", conv)
+            for name in ("dt_bias", "A_log", "D"):
+                rows(m + name, p["heads"])
+            rows(m + "norm.weight", hp)
+            cols(m + "out_proj.weight", hp)
+            rows(m + "out_proj.weight", pi)
+            rows(m + "out_proj.bias", pi)
+        elif t == "full_attention":
+            hd = cfg.head_dim
+            q = (p["heads"][:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+            rows(m + "q_proj.weight", q)
+            rows(m + "q_proj.bias", q)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                cols(m + name + ".weight", pi)
+            cols(m + "o_proj.weight", q)
+            rows(m + "o_proj.weight", pi)
+            rows(m + "o_proj.bias", pi)
+        else:
+            rows(m + "up_proj.weight", p["ffn"])
+            rows(m + "up_proj.bias", p["ffn"])
+            cols(m + "up_proj.weight", pi)
+            cols(m + "down_proj.weight", p["ffn"])
+            rows(m + "down_proj.weight", pi)
+            rows(m + "down_proj.bias", pi)
+    return {k: v.contiguous() for k, v in s.items()}
+
+
+def permute_importance(cfg, imp: Importance, perms: Permutations) -> Importance:
+    """The scores re-indexed like the sorted weights (descending along every prefix)."""
+    layers = []
+    for t, s, p in zip(cfg.layers_block_type, imp.layers, perms.layers):
+        if t == "linear_attention":
+            layers.append({"heads": s["heads"][p["heads"]], "channels": s["channels"][p["channels"]]})
+        elif t == "full_attention":
+            layers.append({"heads": s["heads"][p["heads"]]})
+        else:
+            layers.append({"ffn": s["ffn"][p["ffn"]]})
+    return Importance(imp.hidden[perms.hidden], layers, imp.depth, imp.depth_order)
+
+
+@torch.no_grad()
+def sort_model(model, imp: Importance):
+    """A new model with importance-sorted weights in rank-major head order, and the re-indexed scores.
+
+    Returns ``(sorted_model, sorted_importance)``; the input model is left unchanged.
+    """
+    from .model import NemotronHForCausalLM
+
+    cfg = model.config
+    perms = permutations(cfg, imp)
+    state = permute_state(cfg, model.state_dict(), perms)
+    new_cfg = cfg.replace(head_order="rank_major")
+    with torch.device("meta"):
+        out = NemotronHForCausalLM(new_cfg)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    out.load_state_dict(state, assign=True)
+    out.train(model.training)
+    return out, permute_importance(cfg, imp, perms)

@@ -1,0 +1,201 @@
+"""TrtEngine: run built TensorRT engines with the engine interface (budgets, set_budget, prefill,
+decode, generate). States stay on the GPU between steps: present states of one call are torch CUDA
+tensors handed to the next call as its past states, without a host round trip.
+
+I/O naming (the exporter's, shared with engines/cpp/main.cpp): ``input_ids`` [b, l] in, ``logits``
+[b, l, V] out; every other input ``past_<name>`` pairs with the output ``present_<name>`` (``.`` is
+accepted in place of ``_``). A graph without past inputs is prefill-only and must come with a decode
+graph; a graph with past inputs serves both, past length 0 for prefill (engine profiles ``prefill``
+and ``decode``, see builder.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .builder import MANIFEST
+
+PAST, PRESENT = ("past_", "past."), ("present_", "present.")
+
+
+def state_pairs(inputs: list[str], outputs: list[str]) -> dict[str, str]:
+    """Past input name -> present output name, by shared suffix. Raises on an unpaired past input."""
+    presents = {}
+    for o in outputs:
+        for pre in PRESENT:
+            if o.startswith(pre):
+                presents[o[len(pre):]] = o
+    pairs = {}
+    for i in inputs:
+        for pre in PAST:
+            if i.startswith(pre):
+                suffix = i[len(pre):]
+                if suffix not in presents:
+                    raise ValueError(f"engine input {i!r} has no matching output 'present_{suffix}'")
+                pairs[i] = presents[suffix]
+    return pairs
+
+
+def _torch_dtype(trt_dtype):
+    import tensorrt as trt
+
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool}
+    return table[trt_dtype]
+
+
+class _Runner:
+    """One deserialized engine with one execution context per optimization profile."""
+
+    def __init__(self, runtime, path: Path, profile_names: list[str]):
+        import tensorrt as trt
+
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {path} (built by another TensorRT version, "
+                               "or the plugin was not registered)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.pairs = state_pairs(self.inputs, self.outputs)
+        unknown = set(self.inputs) - set(self.pairs) - {"input_ids"}
+        if unknown:
+            raise ValueError(f"{path}: inputs {sorted(unknown)} are neither input_ids nor past_* states")
+        self.contexts = {}
+        stream = torch.cuda.current_stream().cuda_stream
+        for i, name in enumerate(profile_names or ["default"]):
+            ctx = self.engine.create_execution_context()
+            if self.engine.num_optimization_profiles > 1:
+                ctx.set_optimization_profile_async(i, stream)
+            self.contexts[name] = ctx
+
+    def run(self, profile: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ctx = self.contexts.get(profile) or next(iter(self.contexts.values()))
+        for name in self.inputs:
+            t = feeds[name]
+            want = _torch_dtype(self.engine.get_tensor_dtype(name))
+            if t.dtype != want or not t.is_contiguous():
+                t = feeds[name] = t.to(want).contiguous()
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            outs[name] = torch.empty(shape, dtype=_torch_dtype(self.engine.get_tensor_dtype(name)), device="cuda")
+            ctx.set_tensor_address(name, outs[name].data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT execution failed (see the log)")
+        return outs
+
+
+class TrtEngine:
+    """All budgets of a TensorRT build directory (``trt_manifest.json`` from builder.build_family)."""
+
+    def __init__(self, build_dir: str | Path, budget: str | None = None):
+        import tensorrt as trt
+
+        from .plugin import register
+
+        register()  # JIT-plugin engines need the Python definitions; AOT ones do not, harmless
+        self.dir = Path(build_dir)
+        manifest_path = self.dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path} not found: build with --target trt first")
+        self.manifest = json.loads(manifest_path.read_text())
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._runners: dict[str, dict[str, _Runner]] = {}
+        for name, kinds in self.manifest["budgets"].items():
+            self._runners[name] = {kind: _Runner(self._runtime, self.dir / e["file"], list(e.get("profiles", {})))
+                                   for kind, e in kinds.items()}
+        self._budget = budget or next(iter(self._runners))
+        self.set_budget(self._budget)
+        self.states: dict[str, torch.Tensor] = {}
+
+    # ---- interface -------------------------------------------------------------------------------
+    @property
+    def budgets(self) -> list[str]:
+        return list(self._runners)
+
+    @property
+    def budget(self) -> str:
+        return self._budget
+
+    def set_budget(self, name: str) -> None:
+        """Switch budget (engines are all loaded: no reload, no copy). Drops the current states."""
+        if name not in self._runners:
+            raise KeyError(f"unknown budget {name!r}; this build has {self.budgets}")
+        self._budget = name
+        self.states = {}
+
+    def _runner(self, kind: str) -> tuple[_Runner, str]:
+        runners = self._runners[self._budget]
+        if "model" in runners:
+            return runners["model"], kind
+        return runners[kind], kind
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, l] token ids -> logits [b, l, V]; the states are kept for decode."""
+        runner, profile = self._runner("prefill")
+        feeds = {"input_ids": input_ids.cuda()}
+        b = input_ids.shape[0]
+        for past in runner.pairs:  # unified graph: empty past states (length 0 on the dynamic axis)
+            feeds[past] = self._empty_state(runner, past, b)
+        outs = runner.run(profile, feeds)
+        self.states = {self._suffix(o): outs[o] for o in runner.pairs.values()} if runner.pairs else \
+            {self._suffix(o): t for o, t in outs.items() if o != "logits"}
+        return outs["logits"]
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[b] or [b, 1] next tokens -> logits [b, 1, V]; advances the states on the GPU."""
+        if not self.states:
+            raise RuntimeError("decode before prefill: call prefill(input_ids) first")
+        runner, profile = self._runner("decode")
+        feeds = {"input_ids": tokens.reshape(-1, 1).cuda()}
+        for past, present in runner.pairs.items():
+            feeds[past] = self.states[self._suffix(present)]
+        outs = runner.run(profile, feeds)
+        self.states = {self._suffix(o): outs[o] for o in runner.pairs.values()}
+        return outs["logits"]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                 callback=None) -> torch.Tensor:
+        """Greedy generation: [b, l] -> [b, l + new] token ids (on the GPU)."""
+        input_ids = input_ids.cuda()
+        logits = self.prefill(input_ids)
+        out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device="cuda")
+        for step in range(max_new_tokens):
+            nxt = logits[:, -1].float().argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None].to(input_ids.dtype))
+            if callback is not None:
+                callback(step, nxt)
+            if eos_token_id is not None and bool(done.all()):
+                break
+            if step + 1 < max_new_tokens:
+                logits = self.decode(nxt)
+        return torch.cat(out, dim=1)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _suffix(name: str) -> str:
+        for pre in PAST + PRESENT:
+            if name.startswith(pre):
+                return name[len(pre):]
+        return name
+
+    @staticmethod
+    def _empty_state(runner: _Runner, name: str, batch: int) -> torch.Tensor:
+        """A past state for prefill: batch on axis 0, 0 on dynamic axes (KV length), static dims kept."""
+        dims = list(runner.engine.get_tensor_shape(name))
+        shape = [batch if i == 0 else (0 if d < 0 else d) for i, d in enumerate(dims)]
+        return torch.zeros(shape, dtype=_torch_dtype(runner.engine.get_tensor_dtype(name)), device="cuda")
