@@ -100,11 +100,11 @@ def separate_run(r: dict, parent: Path, subnet, name: str, out: Path) -> dict:
             opt.step()
             tokens += s["batch_size"] * s["seq_len"]
             log.append(float(loss))
-    final_seq = stages[-1].spec["seq_len"]
+    final_seq = max(st.spec["seq_len"] for st in stages)  # as the trainer's evaluations
     ev = evaluate_budgets(student, {name: subnet}, mixture, ByteTokenizer(), final_seq, r["data"]["eval_windows"],
                           r["data"]["eval_tasks"], r["seed"], r["train"]["eval_batch_size"])["budgets"][name]
     ev.update(tokens=tokens, seconds=time.time() - t0, kd_first=log[0], kd_last=log[-1])
-    (out / f"separate_{name.rstrip('%')}.json").write_text(json.dumps(ev, indent=2))
+    (out / f"separate_{name}.json").write_text(json.dumps(ev, indent=2))
     return ev
 
 
@@ -147,7 +147,10 @@ def main(argv=None) -> None:
     train(r_u)
     u_seconds = time.time() - t
 
-    _, budgets, manifest = ckpt.load_nested(e_path)
+    from elastic_export.nested import load_nested
+
+    nested = load_nested(e_path)
+    budgets, manifest = nested.budgets, nested.manifest
     e_tokens = manifest["training"]["tokens"]
     ev_e, ev_u = evals_of(out / "elastic_weighted"), evals_of(out / "elastic_uniform")
 

@@ -62,10 +62,6 @@ def test_budgets_the_parent_cannot_satisfy(tmp_path):
     refused(tmp_path, "router.max_dropped_layers", **{"router.max_dropped_layers": 4})
 
 
-def test_group_contiguous_parent_refused_for_head_axes(tmp_path):
-    refused(tmp_path, "model.init", **{"model.config.head_order": "group_contiguous"})
-
-
 def test_cli_bad_recipe_exits_2_with_one_line(tmp_path):
     r = tiny_recipe(tmp_path)
     r["stages"][0]["batch_size"] = "four"

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from train_helpers import tiny_recipe, to_toml
-from training.checkpoint import load_nested
+from elastic_export.nested import load_nested
 from training.recipe import load_recipe, validate_recipe
 from training.trainer import train
 
@@ -37,11 +37,13 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     a, b = losses(full_run), losses(killed_run)
     assert sorted(a) == sorted(b) == list(range(1, 11))
     assert all(a[k] == b[k] for k in a), [(k, a[k], b[k]) for k in a if a[k] != b[k]]
-    m1, budgets, manifest = load_nested(nested)
-    m2, _, _ = load_nested(killed_run / "nested")
+    n1 = load_nested(nested)
+    m1, budgets, manifest = n1.model, n1.budgets, n1.manifest
+    m2 = load_nested(killed_run / "nested").model
     for k, v in m1.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
-    assert list(budgets) == ["full", "75%", "50%"]
+    assert set(budgets) == {"full", "75pct", "50pct"}
+    assert {b["name"]: b["fraction"] for b in manifest["budgets"]} == {"full": 1.0, "75pct": 0.75, "50pct": 0.5}
     assert [b["params"] for b in manifest["budgets"]][0] == m1.num_parameters()
     x = torch.randint(3, 200, (1, 16))
     for name, sub in budgets.items():  # every budget runs from the one weight copy
@@ -96,5 +98,6 @@ def test_elastify_an_existing_parent(tmp_path):
     recs = [json.loads(l) for l in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     full_steps = [x for x in recs if x.get("budget") == "full"]
     assert full_steps and full_steps[0]["step"] == 1 and full_steps[0]["loss"] == 0.0  # student == teacher
-    model, budgets, manifest = load_nested(nested)
+    n = load_nested(nested)
+    model, budgets, manifest = n.model, n.budgets, n.manifest
     assert manifest["budgets"][0]["params"] == model.num_parameters() and len(budgets) == 3

@@ -21,7 +21,7 @@ def tiny_recipe(tmp: Path, **overrides) -> dict:
         "data": {"sources": [{"kind": "text", "path": str(text), "weight": 0.7},
                              {"kind": "tasks", "count": 200, "weight": 0.3}],
                  "held_out": 0.0, "eval_windows": 2, "eval_tasks": 4},
-        "budgets": {"names": ["full", "75%", "50%"], "fractions": [1.0, 0.75, 0.5]},
+        "budgets": {"names": ["full", "75pct", "50pct"], "fractions": [1.0, 0.75, 0.5]},
         "router": {"hidden": 16, "width_choices": [0.5, 0.75, 1.0], "warmup_steps": 2},
         "stages": [
             {"name": "pretrain", "kind": "pretrain", "tokens": 4 * 4 * 32, "seq_len": 32, "batch_size": 4,

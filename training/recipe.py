@@ -42,6 +42,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "axes": (list, ["embedding", "mamba_heads", "mamba_head_dim", "attn_heads", "ffn", "depth"], None),
                "heterogeneous": (bool, True, None), "max_dropped_layers": (int, 1, None),
                "depth_ranking": (list, None, None), "embedding_multiple": (int, 16, None),
+               "calibration_windows": (int, 32, None),
                "budget_metric": (str, "params", ("params", "memory")), "memory_context": (int, 4096, None),
                "lambda": (NUM, 1.0, None), "tolerance": (NUM, 0.05, None),
                "tau_start": (NUM, 1.0, None), "tau_end": (NUM, 0.05, None),
@@ -158,8 +159,15 @@ def validate_recipe(raw: dict, path=None, base: Path | None = None, overrides: d
     if not b["names"] or len(b["names"]) != len(b["fractions"]):
         raise ConfigError(f"has {len(b['fractions'])} entries for {len(b['names'])} names", path=path,
                           field="budgets.fractions", fix="give one fraction per budget name")
-    if len(set(b["names"])) != len(b["names"]) or not all(isinstance(n, str) for n in b["names"]):
-        raise ConfigError("must be distinct strings", path=path, field="budgets.names")
+    from elastic_export.search import NAME_RE
+
+    if len(set(b["names"])) != len(b["names"]) or not all(isinstance(n, str) and NAME_RE.match(n) for n in b["names"]):
+        raise ConfigError(f"is {b['names']!r}", path=path, field="budgets.names",
+                          fix="give distinct names usable as file names (letters, digits, '.', '_', '-'), "
+                              "e.g. full, 75pct, 50pct")
+    if "full" in b["names"] and b["fractions"][b["names"].index("full")] != 1.0:
+        raise ConfigError("the budget named 'full' is the parent: its fraction must be 1.0", path=path,
+                          field=f"budgets.fractions[{b['names'].index('full')}]")
     for i, f in enumerate(b["fractions"]):
         if isinstance(f, bool) or not isinstance(f, NUM) or not 0 < f <= 1:
             raise ConfigError(f"is {f!r}; a budget is a fraction of the parent in (0, 1]", path=path,
@@ -258,12 +266,6 @@ def check_parent(r: dict, path=None) -> None:
             raise ConfigError(f"{cfg.vocab_size} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size}",
                               path=path, field="model.config.vocab_size")
     ro = r["router"]
-    if cfg.head_order != "rank_major":
-        for axis, groups in (("mamba_heads", cfg.n_groups), ("attn_heads", cfg.num_key_value_heads)):
-            if axis in ro["axes"] and groups > 1:
-                raise ConfigError(f"the parent's heads are group-contiguous, so the {axis} axis cannot take "
-                                  "prefixes", path=path, field="model.init",
-                                  fix="sort the parent first (elastic-export rank), or drop the axis from router.axes")
     if ro["max_dropped_layers"] >= cfg.num_hidden_layers:
         raise ConfigError(f"{ro['max_dropped_layers']} would drop every layer", path=path,
                           field="router.max_dropped_layers")

@@ -16,8 +16,8 @@ Width choices are fractions of each layer's full width (``width_choices``), roun
 multiple; every row has the same number of choices (rounding may repeat a value, which is harmless).
 
 Costs are written in terms of widths so that the same function takes Python ints (an exact count for
-a ``Subnet``) or tensors (the router's straight-through widths, differentiable). TODO(issue 3): switch
-to ``elastic_export.accounting`` once merged; ``test_space`` checks this count against the weight views.
+a ``Subnet``) or tensors (the router's straight-through widths, differentiable). Exact counts of a Subnet come from
+``elastic_export.accounting``; tests check this differentiable count against it and the weight views.
 """
 
 from __future__ import annotations
@@ -174,6 +174,10 @@ class ElasticSpace:
         return self.params(*config) if metric == "params" else self.memory(*config, context=context)
 
     def subnet_cost(self, subnet: Subnet, metric: str = "params", context: int = 4096) -> int:
+        if metric == "params":
+            from elastic_export.accounting import count_params
+
+            return count_params(self.cfg, subnet)
         dims = [{"mamba_heads": w.mamba_heads, "mamba_head_dim": w.mamba_head_dim, "attn_heads": w.attn_heads,
                  "ffn": w.ffn} for w in subnet.layers]
         return int(self.cost((subnet.hidden, [int(w.kept) for w in subnet.layers], dims), metric, context))

@@ -110,19 +110,6 @@ class ElasticStep(nn.Module):
         return task + self.lam * bl, task.detach(), bl.detach(), (cost / self.full_cost).detach()
 
 
-def depth_ranking(model, batch: torch.Tensor) -> list[int]:
-    """Layers ordered least important first by Eq. 5: sum (M_full - M_-j)^2 / sum M_full^2 of the logits.
-
-    TODO(issue 3): use elastic_export's importance module once merged (it also offers the iterative form).
-    """
-    with torch.no_grad():
-        full = model(batch)
-        scores = []
-        for j in range(model.config.num_hidden_layers):
-            scores.append(float(((full - model(batch, skip_layer=j)) ** 2).sum() / (full ** 2).sum()))
-    return sorted(range(len(scores)), key=lambda j: scores[j])
-
-
 class Trainer:
     def __init__(self, recipe: dict, out: str | Path | None = None, progress: bool | None = None):
         self.r = recipe
@@ -167,9 +154,6 @@ class Trainer:
         self.space = make_space(self.cfg, recipe)
         torch.manual_seed(recipe["seed"])
         self.router = Router(self.space, len(recipe["budgets"]["names"]), recipe["router"]["hidden"]).to(self.device)
-        self.step_module = ElasticStep(self.model, self.router, recipe)
-        self.ddp = nn.parallel.DistributedDataParallel(self.step_module, find_unused_parameters=True) \
-            if self.distributed else self.step_module
         self.stages = plan_stages(recipe["stages"])
         self.total_steps = self.stages[-1].end
         first = [s for s in self.stages if s.spec["kind"] == "elastic"]
@@ -179,16 +163,26 @@ class Trainer:
             if s.spec["batch_size"] % (self.world * tr["grad_accum"]):
                 raise ConfigError(f"{s.spec['batch_size']} is not divisible by {self.world} processes x "
                                   f"grad_accum {tr['grad_accum']}", field=f"stages[{s.index}].batch_size")
-        params_m = [p for p in self.model.parameters()]
+        self._set_model(self.model)
+        self.teacher = None
+        self.step = 0
+        self.elapsed = 0.0
+        self.evals: list[dict] = []
+
+    def _set_model(self, model) -> None:
+        """(Re)build what wraps the model: the step module, DDP and a fresh optimizer."""
+        self.model = model.to(self.device)
+        self.cfg = model.config
+        self.space.cfg = model.config
+        self.step_module = ElasticStep(self.model, self.router, self.r)
+        self.ddp = nn.parallel.DistributedDataParallel(self.step_module, find_unused_parameters=True) \
+            if self.distributed else self.step_module
+        params_m = list(self.model.parameters())
         self.opt = torch.optim.AdamW([
             {"params": [p for p in params_m if p.dim() >= 2], "weight_decay": 0.0},
             {"params": [p for p in params_m if p.dim() < 2], "weight_decay": 0.0},
             {"params": list(self.router.parameters()), "weight_decay": 0.0},
         ], lr=1e-3, betas=(0.9, 0.95))
-        self.teacher = None
-        self.step = 0
-        self.elapsed = 0.0
-        self.evals: list[dict] = []
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -202,6 +196,7 @@ class Trainer:
             "step": self.step, "elapsed": self.elapsed, "model": self.model.state_dict(),
             "router": self.router.state_dict(), "optimizer": self.opt.state_dict(), "rng": ckpt.rng_states(),
             "depth_ranking": self.space.depth_ranking, "evals": self.evals, "recipe": self.r["name"],
+            "head_order": self.cfg.head_order,
         })
 
     def resume(self) -> bool:
@@ -211,6 +206,10 @@ class Trainer:
         if state.get("recipe") != self.r["name"]:
             raise ConfigError(f"{self.ckpt_dir} belongs to recipe {state.get('recipe')!r}", field="out",
                               fix="use another output directory or delete the old run")
+        if state.get("head_order", self.cfg.head_order) != self.cfg.head_order:  # sorted at the elastic start
+            from elastic_export.model import NemotronHForCausalLM
+
+            self._set_model(NemotronHForCausalLM(self.cfg.replace(head_order=state["head_order"])))
         self.model.load_state_dict(state["model"])
         self.router.load_state_dict(state["router"])
         self.opt.load_state_dict(state["optimizer"])
@@ -244,15 +243,26 @@ class Trainer:
 
     # ---- elastic phase start -------------------------------------------------------------------
     def _begin_elastic(self) -> None:
-        """At the first elastic step: freeze the teacher (the parent now) and rank layers by depth importance."""
+        """At the first elastic step: rank and sort the parent by importance (function preserving, so
+        every budget is a prefix of the most important components), freeze it as the teacher, and take
+        the depth ranking (Eq. 5) from the same calibration passes. The optimizer starts afresh."""
+        from elastic_export.importance import compute_importance
+        from elastic_export.sorting import sort_model
+
+        s = self.stages[[st.start for st in self.stages].index(self.elastic_start)].spec
+        n = self.r["router"]["calibration_windows"]
+        calib = self.mixture.batch(range(2 * 10**9, 2 * 10**9 + n), min(s["seq_len"], 512))[:, :-1]
+        imp = compute_importance(self.model, calib.to(self.device),
+                                 depth="oneshot" if "depth" in self.space.axes else "none")
+        sorted_model, imp = sort_model(self.model, imp)
+        self._set_model(sorted_model)
+        if "depth" in self.space.axes and self.r["router"]["depth_ranking"] is None:
+            self.space.depth_ranking = list(imp.depth_order)
         if self.r["distill"]["mode"] == "frozen":
             self.teacher = self._new_teacher()
             if self.main:
-                ckpt.save_state(self.out / "teacher", {"model": self.teacher.state_dict()})
-        if "depth" in self.space.axes and self.r["router"]["depth_ranking"] is None:
-            s = self.stages[[st.start for st in self.stages].index(self.elastic_start)].spec
-            batch = self.mixture.batch(range(8), min(s["seq_len"], 256), "held" if self._has_held() else "train")
-            self.space.depth_ranking = depth_ranking(self.model, batch[:, :-1].to(self.device))
+                ckpt.save_state(self.out / "teacher", {"model": self.teacher.state_dict(),
+                                                       "head_order": self.cfg.head_order})
         if self.main:
             self.log({"step": self.step, "event": "elastic_start", "depth_ranking": self.space.depth_ranking})
 
@@ -320,7 +330,8 @@ class Trainer:
     def evaluate(self, stage: Stage, elastic: bool) -> dict:
         subnets = self.budget_subnets() if elastic else {"parent": full_subnet(self.cfg)}
         d = self.r["data"]
-        result = evaluate_budgets(self.model, subnets, self.mixture, self.tokenizer, stage.spec["seq_len"],
+        seq = max(s.spec["seq_len"] for s in self.stages)  # one length for every evaluation of the run
+        result = evaluate_budgets(self.model, subnets, self.mixture, self.tokenizer, seq,
                                   d["eval_windows"], d["eval_tasks"], self.r["seed"], self.r["train"]["eval_batch_size"])
         return {"step": self.step, "stage": stage.spec["name"], **result}
 
@@ -385,15 +396,16 @@ class Trainer:
         subnets = self.budget_subnets()
         for name, sub in subnets.items():
             validate_subnet(self.cfg, sub, where=f"budgets.{name}")
-        params = {n: self.space.subnet_cost(s, "params") for n, s in subnets.items()}
         path = Path(self.r["output"]["path"] or self.out / "nested")
         dtype = torch.bfloat16 if self.r["output"]["dtype"] == "bfloat16" else None
         training = {"recipe": self.r["name"], "steps": self.step, "evals": self.evals,
                     "depth_ranking": self.space.depth_ranking,
                     "tokens": sum(s.steps * s.spec["batch_size"] * s.spec["seq_len"] for s in self.stages)}
-        ckpt.save_nested(path, self.model, subnets, router=self.router, tokenizer=self.tokenizer, dtype=dtype,
-                         extra={"fractions": dict(zip(self.r["budgets"]["names"], self.r["budgets"]["fractions"])),
-                                "params": params, "training": training})
+        from elastic_export.nested import save_nested
+
+        save_nested(path, self.model, subnets, router=self.router, tokenizer=self.tokenizer, dtype=dtype,
+                    extra={"fractions": dict(zip(self.r["budgets"]["names"], self.r["budgets"]["fractions"])),
+                           "training": training})
         return path
 
     def _barrier(self) -> None:
