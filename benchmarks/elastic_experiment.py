@@ -69,14 +69,26 @@ def make_parent(run: Path, base: dict, dest: Path) -> None:
     model.save_pretrained(dest)
 
 
-def separate_run(r: dict, parent: Path, subnet, name: str, out: Path) -> dict:
-    """Prune the parent to ``subnet`` and distill it from the parent alone, with E's data and token count."""
-    from elastic_export.hf_io import load
+def sorted_parent(run: Path):
+    """The importance-sorted parent an elastic run started from (its frozen teacher, rank-major)."""
+    from elastic_export.hf_io import load_config
+    from elastic_export.model import NemotronHForCausalLM
+
+    state = ckpt.load_state(run / "teacher")
+    cfg = load_config(run.parent / "parent").replace(head_order=state.get("head_order", "rank_major"))
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(cfg)
+    model.load_state_dict(state["model"], assign=True)
+    return model
+
+
+def separate_run(r: dict, run: Path, subnet, name: str, out: Path) -> dict:
+    """Prune the sorted parent to ``subnet`` and distill it from the parent alone, with E's data and token count."""
     from elastic_export.tokenizer import ByteTokenizer
 
     torch.manual_seed(r["seed"])
-    teacher = load(parent).eval()
-    student = load(parent).train()
+    teacher = sorted_parent(run).eval()
+    student = sorted_parent(run).train()
     mixture = build_mixture(r["data"], ByteTokenizer(), r["seed"])
     stages = plan_stages(r["stages"])
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
@@ -158,9 +170,16 @@ def main(argv=None) -> None:
     separate = {}
     for name, f in zip(base["budgets"]["names"], base["budgets"]["fractions"]):
         if f < 1.0:
-            separate[name] = separate_run(r_e, parent, budgets[name], name, out)
+            separate[name] = separate_run(r_e, out / "elastic_weighted", budgets[name], name, out)
+    from elastic_export.tokenizer import ByteTokenizer
 
-    results = {"quick": args.quick, "elastic_tokens": e_tokens, "elastic_seconds": e_seconds,
+    mixture = build_mixture(r_e["data"], ByteTokenizer(), r_e["seed"])
+    seq = max(s["seq_len"] for s in r_e["stages"])
+    parent_eval = evaluate_budgets(sorted_parent(out / "elastic_weighted"), {"full": budgets["full"]}, mixture,
+                                   ByteTokenizer(), seq, r_e["data"]["eval_windows"], r_e["data"]["eval_tasks"],
+                                   r_e["seed"], r_e["train"]["eval_batch_size"])["budgets"]["full"]
+
+    results = {"quick": args.quick, "parent": parent_eval, "elastic_tokens": e_tokens, "elastic_seconds": e_seconds,
                "uniform_stage2_seconds": u_seconds, "total_seconds": time.time() - t_start,
                "elastic_after_stage1": ev_e[0]["budgets"], "elastic_after_stage2": ev_e[-1]["budgets"],
                "uniform_after_stage2": ev_u[-1]["budgets"], "separate": separate,

@@ -84,3 +84,18 @@ def test_hf_tokenizer_json_source(tmp_path):
     (tmp_path / "c.txt").write_text("hello world hello")
     src = Source({"kind": "text", "path": str(tmp_path / "c.txt")}, tok, 0, 0.0)
     assert src.train.tolist() == [1, 4, 5, 4, 2]
+
+
+def test_answer_loss_scores_only_the_answer():
+    from training.tasks import answer_loss
+
+    tok = ByteTokenizer()
+
+    class Uniform(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def forward(self, ids, subnet=None):
+            return torch.zeros(ids.shape[0], ids.shape[1], tok.vocab_size)
+
+    loss = answer_loss(Uniform(), tok, make_tasks(5, "mixed"), batch_size=2)
+    assert abs(loss - torch.log(torch.tensor(float(tok.vocab_size))).item()) < 1e-5

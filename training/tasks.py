@@ -6,7 +6,8 @@
 Every intermediate value stays in 0..99, so each step is a small fact the model can learn; a long
 task (6-8 operations) chains many of them, so one slip anywhere loses the answer. Short tasks have
 2-3 operations. ``evaluate`` prompts with the question, decodes greedily (elastic_export.generate)
-and scores the number after ``####`` by exact match.
+and scores the number after ``####`` by exact match. ``answer_loss`` is the teacher-forced loss of
+the worked answer (nats per token): a graded signal while a small model's exact match is still ~0.
 """
 
 from __future__ import annotations
@@ -109,3 +110,28 @@ def evaluate(model, tokenizer, tasks: list[Task], subnet=None, batch_size: int =
         for t, row in zip(batch, out[:, L:].tolist()):
             correct += parse_answer(tokenizer.decode(row)) == t.answer
     return correct / len(tasks)
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, tasks: list[Task], subnet=None, batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats/token) of the worked answer given the question, teacher-forced."""
+    import torch.nn.functional as F
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    total, count = 0.0, 0
+    for start in range(0, len(tasks), batch_size):
+        rows = []
+        for t in tasks[start:start + batch_size]:
+            q = bos + tokenizer.encode(t.prompt)
+            a = tokenizer.encode(f" {t.steps} #### {t.answer}\n")
+            rows.append((q + a, len(q)))
+        L = max(len(ids) for ids, _ in rows)
+        ids = torch.zeros((len(rows), L), dtype=torch.long)
+        target = torch.full((len(rows), L), -100, dtype=torch.long)
+        for i, (r, q) in enumerate(rows):  # right padding: causal layers never see it
+            ids[i, :len(r)] = torch.tensor(r)
+            target[i, q - 1:len(r) - 1] = torch.tensor(r[q:])
+        logits = model(ids.to(model.device), subnet=subnet)
+        total += float(F.cross_entropy(logits.flatten(0, 1), target.flatten().to(logits.device), reduction="sum"))
+        count += int((target != -100).sum())
+    return total / max(1, count)

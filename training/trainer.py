@@ -37,7 +37,7 @@ from .distill import ce_loss, distill_loss
 from .recipe import load_recipe, make_space, parent_config
 from .router import Router, budget_loss, gumbel_schedule
 from .sampler import BudgetSampler
-from .tasks import evaluate as evaluate_tasks, make_tasks
+from .tasks import answer_loss, evaluate as evaluate_tasks, make_tasks
 
 
 @dataclass
@@ -432,6 +432,7 @@ def evaluate_budgets(model, subnets: dict, mixture, tokenizer, seq_len: int, n_w
         entry = {"params": space.subnet_cost(sub, "params"), "held_out_loss": sum(losses) / max(1, len(losses))}
         for v, ts in tasks.items():
             entry[f"acc_{v}"] = evaluate_tasks(model, tokenizer, ts, sub, batch_size) if ts else None
+            entry[f"answer_loss_{v}"] = answer_loss(model, tokenizer, ts, sub, batch_size) if ts else None
         out[name] = entry
     model.train(was_training)
     return {"budgets": out}
@@ -449,7 +450,9 @@ def format_eval(ev: dict) -> str:
     lines = [f"eval after {ev['stage']} (step {ev['step']}):"]
     for name, e in ev["budgets"].items():
         lines.append(f"  {name:>8}: {e['params']:>10,} params  held-out loss {e['held_out_loss']:.4f}  "
-                     f"short {e['acc_short']:.1%}  long {e['acc_long']:.1%}")
+                     f"short {e['acc_short']:.1%}  long {e['acc_long']:.1%}  "
+                     f"answer loss short {e.get('answer_loss_short', float('nan')):.3f} "
+                     f"long {e.get('answer_loss_long', float('nan')):.3f}")
     return "\n".join(lines)
 
 
