@@ -266,9 +266,6 @@ class Trainer:
         if self.main:
             self.log({"step": self.step, "event": "elastic_start", "depth_ranking": self.space.depth_ranking})
 
-    def _has_held(self) -> bool:
-        return any(len(s.held) > 512 for s in self.mixture.sources)
-
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self, stage: Stage) -> dict:
         s, tr, ro = stage.spec, self.r["train"], self.r["router"]
@@ -418,18 +415,17 @@ def evaluate_budgets(model, subnets: dict, mixture, tokenizer, seq_len: int, n_w
                      seed: int = 0, batch_size: int = 64) -> dict:
     """Per budget: parameters, held-out loss (mean CE over fixed held-out windows) and exact-match
     accuracy on short and long tasks (fixed seeds, so every run and stage is scored on the same items)."""
-    from .space import ElasticSpace
+    from elastic_export.accounting import count_params
 
     was_training = model.training
     model.eval()
-    space = ElasticSpace(model.config, axes=())
     split = "held" if any(len(s.held) > seq_len + 1 for s in mixture.sources) else "train"
     windows = mixture.batch(range(10**9, 10**9 + n_windows), seq_len, split).to(model.device)
     tasks = {v: make_tasks(n_tasks, v, seed=10_000 + seed) for v in ("short", "long")}
     out = {}
     for name, sub in subnets.items():
         losses = [float(ce_loss(model(w[None, :-1], subnet=sub), w[None, 1:])) for w in windows]
-        entry = {"params": space.subnet_cost(sub, "params"), "held_out_loss": sum(losses) / max(1, len(losses))}
+        entry = {"params": count_params(model.config, sub), "held_out_loss": sum(losses) / max(1, len(losses))}
         for v, ts in tasks.items():
             entry[f"acc_{v}"] = evaluate_tasks(model, tokenizer, ts, sub, batch_size) if ts else None
             entry[f"answer_loss_{v}"] = answer_loss(model, tokenizer, ts, sub, batch_size) if ts else None
