@@ -111,7 +111,7 @@ def separate_run(r: dict, run: Path, subnet, name: str, out: Path) -> dict:
             torch.nn.utils.clip_grad_norm_(student.parameters(), r["train"]["grad_clip"])
             opt.step()
             tokens += s["batch_size"] * s["seq_len"]
-            log.append(float(loss))
+            log.append(float(loss.detach()))
     final_seq = max(st.spec["seq_len"] for st in stages)  # as the trainer's evaluations
     ev = evaluate_budgets(student, {name: subnet}, mixture, ByteTokenizer(), final_seq, r["data"]["eval_windows"],
                           r["data"]["eval_tasks"], r["seed"], r["train"]["eval_batch_size"])["budgets"][name]
@@ -132,7 +132,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs/experiment")
     ap.add_argument("--quick", action="store_true", help="tiny token counts: a smoke run")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from OUT/results.json")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        return plot(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,9 +217,10 @@ def plot(res: dict, out: Path) -> None:
     xs = range(len(names))
     for k, (key, label) in enumerate([("elastic_after_stage1", "after stage 1"),
                                       ("elastic_after_stage2", "after stage 2")]):
-        axes[1].bar([i + (k - 0.5) * w for i in xs], [100 * res[key][n]["acc_long"] for n in names], w, label=label)
+        axes[1].bar([i + (k - 0.5) * w for i in xs], [res[key][n]["answer_loss_long"] for n in names], w,
+                    label=label)
     axes[1].set_xticks(list(xs), names)
-    axes[1].set_ylabel("long-task exact match (%)")
+    axes[1].set_ylabel("long-task answer loss (nats/token)")
     axes[1].set_title("(b) long tasks, stage 1 vs stage 2")
     axes[1].legend(fontsize=7)
     for k, (key, label) in enumerate([("uniform_after_stage2", "stage 2 uniform"),
