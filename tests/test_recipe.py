@@ -26,6 +26,13 @@ def test_default_recipe_is_valid():
     assert r["stages"][2]["seq_len"] > r["stages"][1]["seq_len"]
 
 
+def test_elastify_recipe_from_the_shipped_nested_checkpoint_is_valid():
+    r = load_recipe("training/recipes/elastify_default.toml")
+    from training.recipe import parent_config
+
+    assert parent_config(r).head_order == "rank_major" and r["budgets"]["fractions"] == [1.0, 0.6, 0.4]
+
+
 def test_tiny_recipe_round_trips_through_toml(tmp_path):
     f = tmp_path / "r.toml"
     f.write_text(to_toml(tiny_recipe(tmp_path)))

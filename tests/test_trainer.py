@@ -101,3 +101,13 @@ def test_elastify_an_existing_parent(tmp_path):
     n = load_nested(nested)
     model, budgets, manifest = n.model, n.budgets, n.manifest
     assert manifest["budgets"][0]["params"] == model.num_parameters() and len(budgets) == 3
+
+
+def test_derive_new_budgets_from_a_nested_checkpoint(tmp_path):
+    r = tiny_recipe(tmp_path, **{"stages": tiny_recipe(tmp_path)["stages"][:2]})
+    first = train(validate_recipe(r), out=tmp_path / "a")
+    r2 = tiny_recipe(tmp_path, **{"model.init": str(first), "stages": r["stages"][1:2],
+                                  "budgets.names": ["full", "60pct"], "budgets.fractions": [1.0, 0.6]})
+    del r2["model"]["config"]
+    n = load_nested(train(validate_recipe(r2), out=tmp_path / "b"))
+    assert set(n.budgets) == {"full", "60pct"} and n.config.head_order == "rank_major"

@@ -143,9 +143,10 @@ def validate_recipe(raw: dict, path=None, base: Path | None = None, overrides: d
                               field="model.config")
     else:
         p = resolve(m["init"])
-        if not (p / "config.json").is_file():
-            raise ConfigError(f"{str(p)!r} is not a checkpoint directory with config.json", path=path,
-                              field="model.init", fix="give 'scratch' or a checkpoint directory")
+        if not ((p / "config.json").is_file() or (p / "elastic.json").is_file()):
+            raise ConfigError(f"{str(p)!r} is neither a checkpoint (config.json) nor a nested checkpoint "
+                              "(elastic.json)", path=path, field="model.init",
+                              fix="give 'scratch', an HF nemotron_h checkpoint or a nested checkpoint directory")
         m["init"] = str(p)
     if m["tokenizer"] != "byte":
         p = resolve(m["tokenizer"])
@@ -226,6 +227,10 @@ def parent_config(r: dict, path=None):
 
     m = r["model"]
     if m["init"] != "scratch":
+        if (Path(m["init"]) / "elastic.json").is_file():  # a nested checkpoint: its (sorted) parent
+            from elastic_export.nested import read_manifest
+
+            return read_manifest(m["init"])[1]
         from elastic_export.hf_io import load_config
 
         return load_config(m["init"])

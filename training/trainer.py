@@ -143,6 +143,10 @@ class Trainer:
             from elastic_export.model import build_model
 
             self.model = build_model(self.cfg, seed=recipe["seed"])
+        elif (Path(recipe["model"]["init"]) / "elastic.json").is_file():  # derive new budgets from a nested one
+            from elastic_export.nested import load_nested
+
+            self.model = load_nested(recipe["model"]["init"], dtype=torch.float32).model.train()
         else:
             from elastic_export.hf_io import load
 
