@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> None:
-    from elastic_export.default_model import PATH
+    from elastic_export import default_model_path
     from elastic_export.nested import load_nested
     from elastic_export.tokenizer import load_tokenizer
     from training.data import build_mixture
@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    PATH = default_model_path()
     nested = load_nested(PATH, dtype="float32")
     r = load_recipe(PATH / "recipe.toml")
     tok = load_tokenizer(PATH / "tokenizer")

@@ -1,5 +1,6 @@
 """elastic-export: one elastic hybrid Mamba2-Attention model in, every deployable size out."""
 
+from .build import default_model_path
 from .config import ModelConfig, preset
 from .elastic import LayerWidths, Subnet, full_subnet
 from .errors import BudgetError, CheckpointError, ConfigError, ElasticExportError
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "preset", "LayerWidths", "Subnet", "full_subnet", "ElasticExportError", "ConfigError",
            "CheckpointError", "BudgetError", "load", "load_config", "NemotronHForCausalLM", "build_model",
-           "load_nested", "save_nested", "slice_budget"]
+           "load_nested", "save_nested", "slice_budget", "default_model_path"]

@@ -237,8 +237,252 @@ def train(recipe, out, fresh, no_progress):
 
 # ---- build and run: build, run -----------------------------------------------------------------
 
+@main.command()
+@click.argument("nested", required=False)
+@click.option("--budget", "budgets", multiple=True, default=("all",), show_default=True,
+              help="Budget name(s) to build, or 'all'.")
+@click.option("--target", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True,
+              help="auto: TensorRT where TensorRT and a CUDA GPU are present, else ONNX.")
+@click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default=None,
+              help="How the SSM scan is expressed in ONNX (default: standard for ONNX Runtime; plugin for "
+                   "TensorRT, or decomposed where tensorrt.plugin is missing).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the lowest the SSM op allows).")
+@click.option("--out", required=True, type=click.Path(), help="Build directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@user_errors
+def build(nested, budgets, target, ssm_op, dtype, opset, out, overwrite):
+    """Build ONNX graphs (or TensorRT engines) for budgets of a nested checkpoint (default: the shipped model)."""
+    import time
+
+    from .build import build as run_build, read_build
+
+    t0 = time.perf_counter()
+    path = run_build(nested, out, budgets=budgets, target=target, ssm_op=ssm_op, dtype=dtype, opset=opset,
+                     overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True))
+    m = read_build(path)
+    size = sum(f["bytes"] for f in m.get("files", {}).values())
+    click.echo(f"built {', '.join(m['budgets'])} ({m['target']}, {m.get('ssm_op')}, {m.get('dtype')}) into {path}: "
+               f"{size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--budget", help="Budget to run (default: the largest).")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: the runtime's choice).")
+@user_errors
+def run(path, budget, prompt, max_new_tokens, temperature, threads):
+    """Generate text from a build directory (ONNX Runtime) or a nested checkpoint (torch)."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .tokenizer import load_tokenizer
+
+    p = Path(path)
+    if (p / "build.json").is_file():
+        from .build import read_build, verify_build
+
+        m = read_build(p)
+        verify_build(p)  # every file against its recorded SHA-256
+        if m["target"] == "trt":
+            from engines import trt
+            from engines.trt.engine import TrtEngine
+
+            trt.require(need_plugin=m["ssm_op"] == "plugin")
+            engine = TrtEngine(p)
+        else:
+            from engines.ort_engine import OrtEngine
+
+            engine = OrtEngine(p, budgets=[budget] if budget else None, threads=threads)
+        tok_dir = p / m["tokenizer"] if m.get("tokenizer") else None
+        eos = m["config"].get("eos_token_id")
+    else:
+        from engines.torch_engine import TorchEngine
+
+        from .build import load_family
+
+        model, family, src = load_family(p)
+        engine = TorchEngine(model, family, threads=threads)
+        tok_dir = src / "tokenizer" if (src / "tokenizer").is_dir() else None
+        eos = model.config.eos_token_id
+    if budget:
+        engine.set_budget(budget)
+    tok = load_tokenizer(tok_dir)
+    ids = torch.tensor([tok.encode(prompt, add_bos=True)])
+    click.echo(prompt, nl=False)
+    new: list[int] = []
+    shown = [""]
+    times = [time.perf_counter()]
+
+    def show(step, nxt):
+        times.append(time.perf_counter())
+        new.append(int(nxt[0]))
+        text = tok.decode(new)
+        click.echo(text[len(shown[0]):], nl=False)
+        shown[0] = text
+
+    engine.generate(ids, max_new_tokens, temperature=temperature, eos_token_id=eos, callback=show)
+    n = len(new)
+    first = times[1] - times[0] if n else 0.0
+    rate = (n - 1) / (times[-1] - times[1]) if n > 1 else 0.0
+    click.echo("")
+    click.echo(f"[{engine.budget}] {n} tokens: prefill {len(ids[0])} tokens in {first * 1e3:.1f} ms, "
+               f"decode {rate:.1f} tokens/s", err=True)
+
+
 
 # ---- validation: validate, plan-memory ---------------------------------------------------------
+
+def _csv(values) -> list[str]:
+    """Repeatable options that also accept comma-separated lists."""
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.option("--report", "report_dir", required=True, help="Directory for report.json, report.md and the plots.")
+@click.option("--backends", multiple=True, help="Backends to compare (comma-separated or repeated): torch, sliced, "
+              "torch-engine, ort-standard, ort-decomposed, trt [every one available here].")
+@click.option("--budget", "budgets", multiple=True, help="Budgets to validate [all].")
+@click.option("--build", "builds", multiple=True, help="A further build directory (ONNX or TensorRT) of the same "
+              "nested checkpoint whose engine joins the comparison (repeatable).")
+@click.option("--device", default=None, help="Device profile for the memory plan (e.g. agx-orin-64gb, custom:24) "
+              "[all built-in profiles].")
+@click.option("--context", default=8192, show_default=True, help="Context length for the memory plan.")
+@click.option("--batch", default=1, show_default=True, help="Batch size for the memory plan.")
+@click.option("--threshold", "thresholds", multiple=True,
+              help="Override a threshold: [fp32.|bf16.]METRIC=VALUE, e.g. bf16.max_abs_logit=1.0 (repeatable).")
+@click.option("--tasks", "n_tasks", default=16, show_default=True, help="Synthetic tasks for exact-match accuracy.")
+@click.option("--greedy-tokens", default=16, show_default=True, help="Tokens of greedy generation to compare.")
+@click.option("--memory/--no-memory", "measure_memory", default=True, show_default=True,
+              help="Measure peak memory in fresh processes (family vs separate models).")
+@click.option("--memory-isolation", type=click.Choice(["fork", "spawn"]), default=None,
+              help="Measure each process forked from one interpreter, or spawn a fresh interpreter each "
+              "[fork on a Linux CPU].")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime [their default]; "
+              "1 is often fastest for small models on a busy machine.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@user_errors
+def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,
+             measure_memory, memory_isolation, threads, quiet):
+    """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check.
+
+    SOURCE is a nested checkpoint, a build directory or an HF checkpoint [the shipped default model].
+    """
+    from validation.planner import device_profile
+    from validation.thresholds import parse_overrides
+    from validation.validate import load_family, validate as run_validation
+
+    overrides = parse_overrides(thresholds)
+    if device is not None:
+        device_profile(device)
+    if context <= 0 or batch <= 0 or n_tasks < 0 or greedy_tokens <= 0 or (threads is not None and threads <= 0):
+        from .errors import ConfigError
+
+        raise ConfigError("--context, --batch, --greedy-tokens and --threads must be positive, --tasks not negative",
+                          field="options")
+    family = load_family(source, builds)
+    report = run_validation(family, report_dir, _csv(backends) or None, device, context, batch, overrides,
+                            measure_memory, list(budgets) or None, progress=not quiet,
+                            eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens},
+                            memory_isolation=memory_isolation, threads=threads)
+    for r in report["parity"]:
+        m = r["metrics"]
+        err = f"max|dlogit| {m['abs_logit']:.2e}  top1 {m['top1']:.4f}  greedy {m['greedy']:.3f}" if m else ""
+        click.echo(f"{r['backend']:<15} {r['budget']:<10} {r['precision']:<5} {err}  "
+                   f"{'pass' if r['passed'] else 'FAIL ' + '; '.join(r['failed'])}")
+    if report["skipped_backends"]:
+        click.echo("skipped: " + ", ".join(f"{k} ({v})" for k, v in report["skipped_backends"].items()))
+    mem = report.get("memory") or {}
+    if "peak" in mem:
+        p = mem["peak"]
+        click.echo(f"memory: one process serving all budgets {p['family'] / 1e6:.1f} MB peak, separate processes "
+                   f"{p['separate_sum'] / 1e6:.1f} MB in total ({p['family_net'] / 1e6:.1f} vs "
+                   f"{p['separate_net'] / 1e6:.1f} MB net of the {p['baseline'] / 1e6:.0f} MB baseline)")
+    click.echo(f"{'PASSED' if report['passed'] else 'FAILED'}: report in {report_dir}")
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@main.command(name="plan-memory")
+@click.argument("source", required=False)
+@click.option("--preset", help="A built-in config instead of SOURCE (e.g. nemotron-nano-v2-12b).")
+@click.option("--budget", "budgets", multiple=True,
+              help="Budgets to plan when SOURCE has none (75%, 9B, NAME=SPEC; repeatable) [75%, 50%].")
+@click.option("--device", "devices", multiple=True, help="Device profile(s): a name, 'edge', 'all' or custom:GB "
+              "(comma-separated or repeated) [all].")
+@click.option("--context", "contexts", multiple=True, type=int, help="Context length(s) [8192].")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--dtype", "dtypes", multiple=True, help="Weight dtype(s): bfloat16, float32, float16 [bfloat16].")
+@click.option("--prefill-chunk", type=int, default=None, help="Plan activations for a chunked prefill of this size.")
+@click.option("--json", "json_out", default=None, help="Also write the plan as JSON.")
+@click.option("--plot", default=None, help="Also draw the plan as a PNG (family vs separate, totals vs devices).")
+@user_errors
+def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefill_chunk, json_out, plot):
+    """Which budgets fit a device at a context length and batch (weights, KV, conv + SSM state, activations)."""
+    import json
+
+    from validation.planner import EDGE, PROFILES, deployment_comparison, device_profile, plan, plan_text
+
+    from .errors import ConfigError
+    from .hf_io import atomic_write_text, parse_dtype
+
+    names = _csv(devices) or ["all"]
+    devs = []
+    for n in names:
+        devs += list(PROFILES) if n == "all" else EDGE if n == "edge" else [device_profile(n).name
+                                                                             if n in PROFILES else n]
+    for d in devs:
+        device_profile(d)
+    dtypes = _csv(dtypes) or ["bfloat16"]
+    for d in dtypes:
+        parse_dtype(d)
+    contexts = list(contexts) or [8192]
+    if any(c <= 0 for c in contexts) or batch <= 0:
+        raise ConfigError("--context and --batch must be positive", field="--context/--batch")
+    cfg, chosen = _plan_memory_budgets(source, preset, budgets)
+    out = {"comparison": deployment_comparison(cfg, chosen, dtypes[0]), "plans": []}
+    for ctx in contexts:
+        p = plan(cfg, chosen, devs, ctx, batch, tuple(dtypes), prefill_chunk)
+        out["plans"].append(p)
+        click.echo(plan_text(p, out["comparison"] if ctx == contexts[0] else None))
+        click.echo("")
+    if len(contexts) > 1:
+        click.echo(f"budgets that fit ({dtypes[0]}, batch {batch}):")
+        click.echo(f"  {'device':<24}" + "".join(f"{'context ' + str(c):>22}" for c in contexts))
+        for i, d in enumerate(out["plans"][0]["devices"]):
+            fits = [", ".join(p["devices"][i]["dtypes"][dtypes[0]]["fits"]) or "none" for p in out["plans"]]
+            click.echo(f"  {d['profile']['label']:<24}" + "".join(f"{f:>22}" for f in fits))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(out, indent=2) + "\n")
+    if plot:
+        from validation.report import plot_deployment
+
+        plot_deployment(out["comparison"], out["plans"], plot)
+
+
+def _plan_memory_budgets(source, preset, budgets):
+    """(config, {name: Subnet}) from a nested checkpoint's manifest, or by search on a config/preset."""
+    from .errors import ConfigError
+    from .inspect import resolve_config
+    from .nested import is_nested, read_importance, read_manifest
+    from .search import plan_budgets
+
+    if source is not None and preset is not None:
+        raise ConfigError("give SOURCE or --preset, not both", field="--preset")
+    if source is not None and is_nested(source):
+        _, cfg, chosen = read_manifest(source)
+        if budgets:
+            chosen = {**chosen, **plan_budgets(cfg, list(budgets), importance=read_importance(source, cfg))}
+        return cfg, chosen
+    cfg = resolve_config(source, preset)
+    return cfg, plan_budgets(cfg, list(budgets) or ["75%", "50%"])
+
 
 
 if __name__ == "__main__":

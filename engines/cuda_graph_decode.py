@@ -40,7 +40,8 @@ class GraphDecoder:
     Batch rows must be unpadded (same length). ``max_len`` bounds prompt + generated tokens.
     """
 
-    def __init__(self, model, subnet=None, batch: int = 1, max_len: int = 2048, use_graph: bool | None = None):
+    def __init__(self, model, subnet=None, batch: int = 1, max_len: int = 2048, use_graph: bool | None = None,
+                 compile: bool = False):
         self.model = model
         self.subnet, self.views = model.layer_views(subnet)
         self.batch, self.max_len = batch, max_len
@@ -66,16 +67,24 @@ class GraphDecoder:
         self.pos = torch.zeros((), dtype=torch.long, device=dev)  # position of the next token
         self.length = 0
         self.token = torch.zeros(batch, dtype=torch.long, device=dev)  # next input token (in place)
+        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=dev)  # False on prompt padding
         self.logits = None
+        if compile and not self.use_graph:  # CPU: inductor fuses the step's many small ops
+            self._step = torch.compile(self._step, dynamic=False)
 
     # ---- prefill: the model's forward, then states into the static buffers ------------------------
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                last_only: bool = True) -> torch.Tensor:
         b, l = input_ids.shape
         if b != self.batch or l >= self.max_len:
             raise ValueError(f"prefill of [{b}, {l}] does not fit batch={self.batch}, max_len={self.max_len}")
         cache = self.model.new_cache()
-        logits = self.model(input_ids, subnet=self.subnet, cache=cache, last_only=True)
+        logits = self.model(input_ids, subnet=self.subnet, cache=cache, attention_mask=attention_mask,
+                            last_only=last_only)
+        self.key_valid.fill_(True)
+        if cache.key_mask is not None:
+            self.key_valid[:, :l].copy_(cache.key_mask)
         for i in self.conv:
             self.conv[i].copy_(cache.conv[i])
             self.ssm[i].copy_(cache.ssm[i])
@@ -100,7 +109,7 @@ class GraphDecoder:
         self.v[i].index_copy_(2, self.pos.view(1), val)
         h = q.shape[2]
         q = group_heads(q, nkv, mixer.head_order, 2).flatten(2, 3).transpose(1, 2)  # [b, h, 1, hd]
-        mask = (torch.arange(self.max_len, device=x.device) <= self.pos)[None, None, None, :]
+        mask = ((torch.arange(self.max_len, device=x.device) <= self.pos) & self.key_valid)[:, None, None, :]
         o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=hd ** -0.5,
                                            enable_gqa=nkv != h)
         o = o.transpose(1, 2).unflatten(2, (nkv, h // nkv))  # [b, 1, nkv, h/nkv, hd]
@@ -146,11 +155,13 @@ class GraphDecoder:
             self.logits = self._step()
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """Feed ``self.token`` (the greedy choice so far), return logits [b, 1, V]; ``self.token``
-        becomes the next greedy token. No host synchronization."""
+    def step(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``tokens`` [b] (default ``self.token``, the greedy choice so far), return logits [b, 1, V];
+        ``self.token`` becomes the next greedy token. No host synchronization."""
         if self.length + 1 > self.max_len:
             raise ValueError(f"max_len={self.max_len} reached")
+        if tokens is not None:
+            self.token.copy_(tokens.reshape(-1))
         self.length += 1
         if not self.use_graph:
             return self._step()

@@ -4,6 +4,8 @@
 //
 // I/O naming (shared with engines/trt/engine.py): input `input_ids` [b, l] (int32 or int64), output
 // `logits` [b, l, V]; each input `past_<s>` pairs with output `present_<s>` (states stay on the GPU).
+// `attention_mask` (the exporter's graphs have it): [b, l] for prefill, [b, T] for decode with T all
+// tokens so far (past + 1); the prompt is unpadded here, so it is a view of one device buffer of ones.
 // Either one engine whose graph takes past states (profiles 0 = prefill with past length 0,
 // 1 = decode), or a prefill engine (no past inputs) plus a decode engine.
 //
@@ -113,6 +115,7 @@ struct Engine {
     std::vector<std::string> inputs, outputs;
     std::map<std::string, std::string> pastToPresent;  // past_<s> -> present_<s>
     std::map<std::string, Buffer> outBufs;
+    bool hasMask = false;
 
     Engine(nvinfer1::IRuntime& runtime, std::string const& path, cudaStream_t stream) {
         std::ifstream f(path, std::ios::binary);
@@ -133,9 +136,10 @@ struct Engine {
         }
         for (auto const& n : inputs) {
             if (n == "input_ids") continue;
+            if (n == "attention_mask") { hasMask = true; continue; }
             std::string s = stateSuffix(n, "past");
             if (s.empty() || !presents.count(s))
-                throw std::runtime_error(path + ": input " + n + " is neither input_ids nor a past_* state");
+                throw std::runtime_error(path + ": input " + n + " is neither input_ids, attention_mask nor a past_* state");
             pastToPresent[n] = presents[s];
         }
         for (int p = 0; p < std::max(1, engine->getNbOptimizationProfiles()); ++p) {
@@ -244,6 +248,21 @@ int main(int argc, char** argv) try {
         return dims({B, cols});
     };
 
+    // attention_mask: ones over every token this run can see, [B, L + newTokens] at most
+    Buffer ones;
+    bool const mask64 = !(P.hasMask || D.hasMask) ||
+        (P.hasMask ? P : D).engine->getTensorDataType("attention_mask") == nvinfer1::DataType::kINT64;
+    {
+        size_t n = static_cast<size_t>(B) * static_cast<size_t>(L + args.newTokens), es = mask64 ? 8 : 4;
+        std::vector<char> host(n * es);
+        for (size_t i = 0; i < n; ++i) {
+            if (mask64) reinterpret_cast<int64_t*>(host.data())[i] = 1;
+            else reinterpret_cast<int32_t*>(host.data())[i] = 1;
+        }
+        ones.reserve(host.size());
+        CHECK_CUDA(cudaMemcpyAsync(ones.ptr, host.data(), host.size(), cudaMemcpyHostToDevice, stream));
+    }
+
     // States: device buffers owned here, swapped with the engine's present outputs after each step.
     std::map<std::string, Buffer> states;
     std::map<std::string, nvinfer1::Dims> stateDims;
@@ -283,6 +302,7 @@ int main(int argc, char** argv) try {
     for (int b = 0; b < B; ++b) promptB.insert(promptB.end(), args.prompt.begin(), args.prompt.end());
     feeds["input_ids"] = {nullptr, uploadIds(promptB, L)};
     feeds["input_ids"].first = ids.ptr;
+    if (P.hasMask) feeds["attention_mask"] = {ones.ptr, dims({B, L})};
     std::map<std::string, Buffer> emptyPast;
     for (auto const& [past, present] : P.pastToPresent) {  // unified graph: zero states, past length 0
         nvinfer1::Dims d = P.engine->getTensorShape(past.c_str());
@@ -308,6 +328,7 @@ int main(int argc, char** argv) try {
         feeds.clear();
         feeds["input_ids"] = {nullptr, uploadIds(tok, 1)};
         feeds["input_ids"].first = ids.ptr;
+        if (D.hasMask) feeds["attention_mask"] = {ones.ptr, dims({B, L + step})};  // past L + step - 1, + 1
         for (auto const& [past, present] : D.pastToPresent) feeds[past] = {states[past].ptr, stateDims[past]};
         D.run(decodeProfile, feeds, stream);
         tok = argmaxLast(D, decodeProfile, 1);

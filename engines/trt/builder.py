@@ -3,10 +3,14 @@
 - Strongly typed networks: the ONNX graph's dtypes (BF16 weights and activations, float32 SSM
   state) are the engine's; TensorRT 11 has no other mode and 10.x has had it since 10.0.
 - Optimization profiles over the dynamic dims, given by name: the ONNX dim_param of each dynamic
-  axis (``batch``, ``seq``, ``past``... as the exporter names them) maps to (min, opt, max). A graph
-  that takes past states (length 0 allowed) serves prefill and decode from ONE engine with two
-  profiles, ``prefill`` (seq 1..L, past 0) and ``decode`` (seq 1, past 1..T): its weights exist once.
-  Separate prefill and decode graphs give two engines, one profile each.
+  axis maps to (min, opt, max). The exporter's names (elastic_export/onnx_export.py): ``batch``;
+  ``seq`` (prefill tokens: input_ids and attention_mask [batch, seq]); in decode graphs ``past``
+  (the cached KV length of past.*.key/value) and ``total`` = past + 1 (attention_mask [batch, total],
+  over every token so far including the new one). :func:`profile_dims` gives ranges that keep
+  total = past + 1 at min, opt and max, within one context length. A dim name with no range is an
+  error naming it (never silently aliased). A graph that takes past states (length 0 allowed)
+  could serve prefill and decode from ONE engine with two profiles; the exporter writes separate
+  prefill and decode graphs, which give two engines, one profile each.
 - A timing cache file is loaded before and saved (merged) after each build, so rebuilding another
   budget or the same one again skips kernel timing it has seen.
 - Weights: a graph per budget gives an engine per budget, each holding its own weights on the GPU;
@@ -26,12 +30,29 @@ from pathlib import Path
 
 MANIFEST = "trt_manifest.json"
 
-# Default ranges of the dynamic dims for the prefill and decode profiles, by dim_param name.
-PREFILL_DIMS = {"batch": (1, 1, 8), "seq": (1, 256, 4096), "past": (0, 0, 0)}
-DECODE_DIMS = {"batch": (1, 1, 8), "seq": (1, 1, 1), "past": (1, 256, 4096)}
-PROFILES = {"prefill": PREFILL_DIMS, "decode": DECODE_DIMS}
+MAX_BATCH, OPT_BATCH = 8, 1
+MAX_CONTEXT, OPT_CONTEXT = 4096, 256  # tokens: prompt + generated
+
+
+def profile_dims(max_batch: int = MAX_BATCH, max_context: int = MAX_CONTEXT, opt_batch: int = OPT_BATCH,
+                 opt_context: int = OPT_CONTEXT) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """Ranges (min, opt, max) of every dynamic dim name, per profile, for up to ``max_context`` tokens.
+
+    prefill: seq 1..max_context (a unified graph's past inputs: 0). decode: seq 1 (a unified graph's
+    input_ids), past 1..max_context-1 and total = past + 1, 2..max_context."""
+    if not (1 <= opt_batch <= max_batch and 2 <= opt_context <= max_context):
+        raise ValueError(f"bad profile ranges: batch {opt_batch}/{max_batch}, context {opt_context}/{max_context}")
+    batch = (1, opt_batch, max_batch)
+    past = (1, opt_context - 1, max_context - 1)
+    return {"prefill": {"batch": batch, "seq": (1, opt_context, max_context), "past": (0, 0, 0)},
+            "decode": {"batch": batch, "seq": (1, 1, 1), "past": past, "total": tuple(p + 1 for p in past)}}
+
+
+PROFILES = profile_dims()
+PREFILL_DIMS, DECODE_DIMS = PROFILES["prefill"], PROFILES["decode"]
 DIM_ALIASES = {"batch": ("batch", "batch_size", "b"), "seq": ("seq", "sequence", "seq_len", "l", "length"),
-               "past": ("past", "past_len", "past_length", "past_seq", "t", "total")}
+               "past": ("past", "past_len", "past_length", "past_seq"),
+               "total": ("total", "total_len", "total_length")}
 
 
 def onnx_input_dims(onnx_path: str | Path) -> dict[str, list]:
@@ -132,7 +153,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profiles: dict[
     if cache_path:
         _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
     return {"file": engine_path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "onnx": str(onnx_path), "profiles": {p: {k: list(v) for k, v in d.items()} for p, d in profiles.items()},
+            "onnx": Path(onnx_path).name, "profiles": {p: {k: list(v) for k, v in d.items()} for p, d in profiles.items()},
             "build_seconds": round(time.time() - t0, 2), "tensorrt": trt.__version__}
 
 
@@ -158,11 +179,15 @@ def build_family(graphs: dict[str, dict[str, str | Path]], out_dir: str | Path,
             entry[kind] = build_engine(onnx_path, out_dir / f"{budget}.{kind}.engine", chosen,
                                        timing_cache=timing_cache, verbose=verbose)
         manifest["budgets"][budget] = entry
-    total = sum(e["bytes"] for b in manifest["budgets"].values() for e in b.values())
+    per_budget = {b: sum(e["bytes"] for e in kinds.values()) for b, kinds in manifest["budgets"].items()}
+    total = sum(per_budget.values())
+    manifest["budget_engine_bytes"] = per_budget
     manifest["total_engine_bytes"] = total
     manifest["weights_note"] = (
-        "one engine per budget and graph: each holds its own copy of its weights, so loading every budget "
-        f"costs about {total / 2**20:.1f} MiB of GPU memory for weights" if sum(len(k) for k in graphs.values()) > 1
-        else "a single engine: weights exist once on the GPU")
+        "one engine per budget and graph (the budgets are different graphs, so they cannot be optimization "
+        "profiles of one engine): each engine holds its own copy of its weights, so serving every budget "
+        f"costs about {total / 2**20:.1f} MiB of GPU memory for engines (per budget: "
+        + ", ".join(f"{b} {n / 2**20:.1f} MiB" for b, n in per_budget.items()) + ")"
+        if sum(len(k) for k in graphs.values()) > 1 else "a single engine: weights exist once on the GPU")
     _atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest

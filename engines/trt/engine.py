@@ -2,11 +2,13 @@
 decode, generate). States stay on the GPU between steps: present states of one call are torch CUDA
 tensors handed to the next call as its past states, without a host round trip.
 
-I/O naming (the exporter's, shared with engines/cpp/main.cpp): ``input_ids`` [b, l] in, ``logits``
-[b, l, V] out; every other input ``past_<name>`` pairs with the output ``present_<name>`` (``.`` is
-accepted in place of ``_``). A graph without past inputs is prefill-only and must come with a decode
-graph; a graph with past inputs serves both, past length 0 for prefill (engine profiles ``prefill``
-and ``decode``, see builder.py).
+I/O naming (the exporter's, elastic_export/onnx_export.py, shared with engines/cpp/): ``input_ids``
+[b, l] and ``attention_mask`` in, ``logits`` [b, l, V] out; every other input ``past.<name>`` pairs
+with the output ``present.<name>`` (``_`` is accepted in place of ``.``). ``attention_mask`` is
+[b, l] for prefill and [b, T] for decode, T = all tokens so far (past + 1): the engine keeps it on
+the device and appends a 1 per decode step. A graph without past inputs is prefill-only and must
+come with a decode graph; a graph with past inputs serves both, past length 0 for prefill (engine
+profiles ``prefill`` and ``decode``, see builder.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ import torch
 from .builder import MANIFEST
 
 PAST, PRESENT = ("past_", "past."), ("present_", "present.")
+INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
+
+
+def _stream(device: torch.device) -> int:
+    """The CUDA stream handle TensorRT enqueues on (the current torch stream; 0 off CUDA)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def state_pairs(inputs: list[str], outputs: list[str]) -> dict[str, str]:
@@ -50,9 +58,10 @@ def _torch_dtype(trt_dtype):
 class _Runner:
     """One deserialized engine with one execution context per optimization profile."""
 
-    def __init__(self, runtime, path: Path, profile_names: list[str]):
+    def __init__(self, runtime, path: Path, profile_names: list[str], device: torch.device):
         import tensorrt as trt
 
+        self.device = device
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {path} (built by another TensorRT version, "
@@ -61,11 +70,12 @@ class _Runner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.pairs = state_pairs(self.inputs, self.outputs)
-        unknown = set(self.inputs) - set(self.pairs) - {"input_ids"}
+        unknown = set(self.inputs) - set(self.pairs) - {INPUT_IDS, ATTENTION_MASK}
         if unknown:
-            raise ValueError(f"{path}: inputs {sorted(unknown)} are neither input_ids nor past_* states")
+            raise ValueError(f"{path}: inputs {sorted(unknown)} are neither input_ids, attention_mask nor "
+                             "past.* states")
         self.contexts = {}
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _stream(device)
         for i, name in enumerate(profile_names or ["default"]):
             ctx = self.engine.create_execution_context()
             if self.engine.num_optimization_profiles > 1:
@@ -84,9 +94,10 @@ class _Runner:
         outs = {}
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=_torch_dtype(self.engine.get_tensor_dtype(name)), device="cuda")
+            outs[name] = torch.empty(shape, dtype=_torch_dtype(self.engine.get_tensor_dtype(name)),
+                                     device=self.device)
             ctx.set_tensor_address(name, outs[name].data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        if not ctx.execute_async_v3(_stream(self.device)):
             raise RuntimeError("TensorRT execution failed (see the log)")
         return outs
 
@@ -94,7 +105,7 @@ class _Runner:
 class TrtEngine:
     """All budgets of a TensorRT build directory (``trt_manifest.json`` from builder.build_family)."""
 
-    def __init__(self, build_dir: str | Path, budget: str | None = None):
+    def __init__(self, build_dir: str | Path, budget: str | None = None, device: str | torch.device = "cuda"):
         import tensorrt as trt
 
         from .plugin import register
@@ -107,13 +118,16 @@ class TrtEngine:
         self.manifest = json.loads(manifest_path.read_text())
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        self.device = torch.device(device)  # "cpu" only with a stand-in runtime (tests)
         self._runners: dict[str, dict[str, _Runner]] = {}
         for name, kinds in self.manifest["budgets"].items():
-            self._runners[name] = {kind: _Runner(self._runtime, self.dir / e["file"], list(e.get("profiles", {})))
+            self._runners[name] = {kind: _Runner(self._runtime, self.dir / e["file"], list(e.get("profiles", {})),
+                                                 self.device)
                                    for kind, e in kinds.items()}
         self._budget = budget or next(iter(self._runners))
-        self.set_budget(self._budget)
         self.states: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self.set_budget(self._budget)
 
     # ---- interface -------------------------------------------------------------------------------
     @property
@@ -130,6 +144,7 @@ class TrtEngine:
             raise KeyError(f"unknown budget {name!r}; this build has {self.budgets}")
         self._budget = name
         self.states = {}
+        self.mask = None
 
     def _runner(self, kind: str) -> tuple[_Runner, str]:
         runners = self._runners[self._budget]
@@ -138,52 +153,75 @@ class TrtEngine:
         return runners[kind], kind
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[b, l] token ids -> logits [b, l, V]; the states are kept for decode."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """[b, l] token ids (and an optional [b, l] mask, 0 = left padding) -> logits [b, l, V] (or
+        [b, V] with ``last_only``); the states and the mask stay on the device for decode."""
         runner, profile = self._runner("prefill")
-        feeds = {"input_ids": input_ids.cuda()}
-        b = input_ids.shape[0]
+        ids = torch.as_tensor(input_ids).to(self.device, torch.int64)
+        mask = torch.ones_like(ids) if attention_mask is None else \
+            torch.as_tensor(attention_mask).to(self.device, torch.int64)
+        feeds = {INPUT_IDS: ids}
+        if ATTENTION_MASK in runner.inputs:
+            feeds[ATTENTION_MASK] = mask
+        b = ids.shape[0]
         for past in runner.pairs:  # unified graph: empty past states (length 0 on the dynamic axis)
             feeds[past] = self._empty_state(runner, past, b)
         outs = runner.run(profile, feeds)
         self.states = {self._suffix(o): outs[o] for o in runner.pairs.values()} if runner.pairs else \
             {self._suffix(o): t for o, t in outs.items() if o != "logits"}
-        return outs["logits"]
+        self.mask = mask
+        logits = outs["logits"]
+        return logits[:, -1] if last_only else logits
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[b] or [b, 1] next tokens -> logits [b, 1, V]; advances the states on the GPU."""
+        """[b] or [b, 1] next tokens -> logits [b, V]; advances the states and the mask on the device."""
         if not self.states:
             raise RuntimeError("decode before prefill: call prefill(input_ids) first")
         runner, profile = self._runner("decode")
-        feeds = {"input_ids": tokens.reshape(-1, 1).cuda()}
+        ids = torch.as_tensor(tokens).reshape(-1, 1).to(self.device, torch.int64)
+        # the new token is real: the mask grows by one column, over all T = past + 1 tokens
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        feeds = {INPUT_IDS: ids}
+        if ATTENTION_MASK in runner.inputs:
+            feeds[ATTENTION_MASK] = self.mask
         for past, present in runner.pairs.items():
             feeds[past] = self.states[self._suffix(present)]
         outs = runner.run(profile, feeds)
         self.states = {self._suffix(o): outs[o] for o in runner.pairs.values()}
-        return outs["logits"]
+        return outs["logits"][:, -1]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  callback=None) -> torch.Tensor:
-        """Greedy generation: [b, l] -> [b, l + new] token ids (on the GPU)."""
-        input_ids = input_ids.cuda()
-        logits = self.prefill(input_ids)
+        """[b, l] -> [b, l + new] token ids (on the CPU, as the other engines). Greedy stays on the
+        device (argmax there; the token is fed back without a host round trip); sampling draws on
+        the CPU."""
+        from elastic_export.generate import sample_next
+
+        input_ids = torch.as_tensor(input_ids).to(self.device, torch.int64)
+        logits = self.prefill(input_ids, attention_mask, last_only=True)
         out = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device="cuda")
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
-            nxt = logits[:, -1].float().argmax(-1)
+            if temperature <= 0:
+                nxt = logits.float().argmax(-1)
+            else:
+                nxt = sample_next(logits.float().cpu(), temperature, top_k, top_p, generator).to(self.device)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
-            out.append(nxt[:, None].to(input_ids.dtype))
+            out.append(nxt[:, None])
             if callback is not None:
                 callback(step, nxt)
             if eos_token_id is not None and bool(done.all()):
                 break
             if step + 1 < max_new_tokens:
                 logits = self.decode(nxt)
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1).cpu()
 
     # ---- helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -193,9 +231,8 @@ class TrtEngine:
                 return name[len(pre):]
         return name
 
-    @staticmethod
-    def _empty_state(runner: _Runner, name: str, batch: int) -> torch.Tensor:
+    def _empty_state(self, runner: _Runner, name: str, batch: int) -> torch.Tensor:
         """A past state for prefill: batch on axis 0, 0 on dynamic axes (KV length), static dims kept."""
         dims = list(runner.engine.get_tensor_shape(name))
         shape = [batch if i == 0 else (0 if d < 0 else d) for i, d in enumerate(dims)]
-        return torch.zeros(shape, dtype=_torch_dtype(runner.engine.get_tensor_dtype(name)), device="cuda")
+        return torch.zeros(shape, dtype=_torch_dtype(runner.engine.get_tensor_dtype(name)), device=self.device)

@@ -1,0 +1,265 @@
+"""Per budget: prefill latency and decode tokens/s of the torch and ONNX Runtime engines, side by side
+with transformers' cached decode on the same weights (full budget, a standalone HF checkpoint); the
+ratio of each to the memory-bandwidth limit; resident memory of serving all budgets against one.
+
+    python benchmarks/decode_bench.py --threads 2            # hybrid-5m, a 3-budget family
+    python benchmarks/decode_bench.py --nested PATH          # a real nested checkpoint
+
+Bandwidth limit = (bytes of the weights one decode step reads) / (measured copy bandwidth): the
+fastest a bandwidth-bound decode can go. Each figure is the best of --reps interleaved runs, since the
+machine may be shared; tok/CPU-s divides by the process's CPU time instead of wall time, which
+other processes on the same cores barely disturb at one thread. Memory is measured in fresh subprocesses (VmRSS growth
+from after imports to after a prefill and a few decode steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from elastic_export.config import preset  # noqa: E402
+from elastic_export.elastic import LayerWidths, Subnet, full_subnet  # noqa: E402
+from elastic_export.model import build_model  # noqa: E402
+
+
+def bench_family(cfg) -> dict[str, Subnet]:
+    """full; 'medium': 3/4 of heads and FFN; 'small': half of them and 3/4 of the embedding width."""
+    full = full_subnet(cfg)
+
+    def scaled(f: float, hidden: int) -> Subnet:
+        G, kv = cfg.n_groups, cfg.num_key_value_heads
+        layers = []
+        for w in full.layers:
+            if w.mamba_heads:
+                layers.append(LayerWidths(mamba_heads=max(G, int(w.mamba_heads * f) // G * G),
+                                          mamba_head_dim=w.mamba_head_dim))
+            elif w.attn_heads:
+                layers.append(LayerWidths(attn_heads=max(kv, int(w.attn_heads * f) // kv * kv)))
+            else:
+                layers.append(LayerWidths(ffn=int(w.ffn * f)))
+        return Subnet(hidden, tuple(layers))
+
+    return {"full": full, "medium": scaled(0.75, cfg.hidden_size), "small": scaled(0.5, cfg.hidden_size * 3 // 4)}
+
+
+def weight_bytes(model, subnet: Subnet) -> int:
+    """Bytes of the weights one decode step of this budget reads (embedding: one row)."""
+    _, views = model.layer_views(subnet)
+    total = model.lm_head_weight[:, :subnet.hidden].numel() * 4
+    for v in views:
+        if v is None:
+            continue
+        for t in v:
+            if isinstance(t, torch.Tensor) and t is not getattr(v, "fused", None):
+                total += t.numel() * 4
+    return total
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(64 * 2 ** 20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t))  # read + write
+    return best
+
+
+def time_engine(engine, budget, ids, steps):
+    """(prefill seconds, decode tokens/s) of one engine and budget."""
+    engine.set_budget(budget)
+    t = time.perf_counter()
+    logits = engine.prefill(ids, last_only=True)
+    prefill = time.perf_counter() - t
+    tok = torch.as_tensor(logits).argmax(-1)
+    for _ in range(3):
+        engine.decode(tok)
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        engine.decode(tok)
+    return prefill, steps / (time.perf_counter() - t), steps / (time.process_time() - c)
+
+
+class Transformers:
+    """transformers' NemotronHForCausalLM on a standalone checkpoint; decode timed through generate."""
+
+    def __init__(self, path):
+        from transformers import NemotronHForCausalLM
+
+        self.m = NemotronHForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    def time(self, ids, steps):
+        with torch.no_grad():
+            t, c = time.perf_counter(), time.process_time()
+            self.m(ids, use_cache=True)
+            prefill, prefill_cpu = time.perf_counter() - t, time.process_time() - c
+            t, c = time.perf_counter(), time.process_time()
+            self.m.generate(ids, max_new_tokens=steps + 1, do_sample=False, min_new_tokens=steps + 1)
+            total, total_cpu = time.perf_counter() - t, time.process_time() - c
+        return prefill, steps / max(total - prefill, 1e-9), steps / max(total_cpu - prefill_cpu, 1e-9)
+
+
+def best_of(reps, fns):
+    """Run every measurement ``reps`` times, interleaved (the machine is shared); keep the best of each."""
+    best = {}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            pre, tps, cpu_tps = fn()
+            old = best.get(key, (float("inf"), 0.0, 0.0))
+            best[key] = (min(old[0], pre), max(old[1], tps), max(old[2], cpu_tps))
+    return best
+
+
+MEM_WORKER = r"""
+import json, sys, torch
+torch.set_num_threads({threads})
+import onnxruntime
+sys.path.insert(0, {root!r})
+from engines.ort_engine import OrtEngine
+from engines.torch_engine import TorchEngine
+from elastic_export.build import load_family
+import elastic_export.importance, elastic_export.nested
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+from elastic_export.config import preset
+from elastic_export.elastic import full_subnet
+from elastic_export.model import build_model
+tiny = build_model(preset("hybrid-5m", hidden_size=64, vocab_size=128, intermediate_size=64))
+warm = TorchEngine(tiny, {{"full": full_subnet(tiny.config)}})  # touch torch's kernels before measuring
+warm.prefill(torch.ones(1, 64, dtype=torch.long), last_only=True); warm.decode(torch.ones(1, dtype=torch.long))
+del warm, tiny
+base = rss()  # after every import: what remains is weights, sessions, states and activations
+budgets = {budgets!r}
+if {engine!r} == "ort":
+    eng = OrtEngine({build!r}, budgets=budgets, threads={threads}, share_weights={share!r})
+else:
+    model, fam, _ = load_family({nested!r})
+    eng = TorchEngine(model, {{n: fam[n] for n in budgets}}, threads={threads})
+ids = torch.randint(0, 100, (1, 64))
+for b in budgets:
+    eng.set_budget(b)
+    eng.prefill(ids, last_only=True)
+    for _ in range(8):
+        eng.decode(ids[:, -1])
+print(json.dumps(rss() - base))
+"""
+
+
+def resident(engine, budgets, build, nested, threads, share=True) -> int:
+    code = MEM_WORKER.format(threads=threads, root=str(ROOT), budgets=budgets, engine=engine, build=str(build),
+                             nested=str(nested), share=share)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+WIDE = dict(hidden_size=768, vocab_size=16384, mamba_num_heads=24, mamba_head_dim=64, num_attention_heads=12,
+            head_dim=64, intermediate_size=2304)
+
+
+def memory(nested, build_dir, fam, threads) -> dict:
+    names = list(fam)
+    out = {}
+    for eng, share in (("torch", True), ("ort", True), ("ort", False)):
+        one = resident(eng, names[:1], build_dir, nested, threads, share)
+        every = resident(eng, names, build_dir, nested, threads, share)
+        label = eng if share else "ort, unshared"
+        out[label] = {"largest_alone": one, "all": every, "ratio": every / one}
+        print(f"resident {label:<13}: largest budget alone {one / 2 ** 20:6.1f} MiB, all {len(names)} budgets "
+              f"{every / 2 ** 20:6.1f} MiB ({every / one:.2f}x)")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nested", help="nested checkpoint (default: a random hybrid-5m family)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    from elastic_export.build import build, load_family
+    from elastic_export.nested import save_nested
+    from engines.ort_engine import OrtEngine
+    from engines.torch_engine import TorchEngine
+
+    work = Path(tempfile.mkdtemp(prefix="ee-bench-"))
+    if args.nested:
+        nested = Path(args.nested)
+    else:
+        cfg = preset("hybrid-5m", head_order="rank_major")
+        model = build_model(cfg, seed=0)
+        nested = save_nested(work / "nested", model, bench_family(cfg))
+    model, fam, _ = load_family(nested)
+    build(nested, work / "build", target="onnx")
+    build(nested, work / "build_decomposed", target="onnx", ssm_op="decomposed")
+    hf = work / "hf_full"
+    model.save_pretrained(hf)  # the full budget as a standalone HF checkpoint (same weights)
+
+    bw = copy_bandwidth()
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    te = TorchEngine(model, fam, threads=args.threads)
+    ts = TorchEngine(model, fam, threads=args.threads, static=True, max_len=args.prompt_len + args.steps + 8)
+    oe = OrtEngine(work / "build", threads=args.threads)
+    od = OrtEngine(work / "build_decomposed", threads=args.threads)
+    rows = []
+    print(f"{model.num_parameters() / 1e6:.2f}M parameters, {args.threads} threads, prompt {args.prompt_len}, "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s, best of {args.reps} interleaved runs")
+    fns = {}
+    for name in fam:
+        fns[(name, "torch")] = lambda name=name: time_engine(te, name, ids, args.steps)
+        fns[(name, "torch-static")] = lambda name=name: time_engine(ts, name, ids, args.steps)
+        fns[(name, "ort-standard")] = lambda name=name: time_engine(oe, name, ids, args.steps)
+        fns[(name, "ort-decomposed")] = lambda name=name: time_engine(od, name, ids, args.steps)
+    first = next(iter(fam))
+    if not args.no_transformers:
+        tf = Transformers(hf)
+        fns[(first, "transformers")] = lambda: tf.time(ids, args.steps)
+    best = best_of(args.reps, fns)
+    print(f"{'budget':<8} {'engine':<15} {'prefill ms':>10} {'decode tok/s':>12} {'tok/CPU-s':>9} "
+          f"{'limit tok/s':>11} {'% limit':>7}")
+    for (name, eng), (pre, tps, cpu_tps) in best.items():
+        limit = bw / weight_bytes(model, fam[name])
+        rows.append({"budget": name, "engine": eng, "prefill_ms": pre * 1e3, "decode_tok_s": tps,
+                     "decode_tok_per_cpu_s": cpu_tps, "limit_tok_s": limit, "frac_limit": tps / limit})
+        print(f"{name:<8} {eng:<15} {pre * 1e3:>10.1f} {tps:>12.0f} {cpu_tps:>9.0f} {limit:>11.0f} "
+              f"{100 * tps / limit:>6.0f}%")
+    if (first, "transformers") in best:
+        tf = best[(first, "transformers")]
+        for col, label in ((1, "wall clock"), (2, "CPU time")):
+            top = max(best[(first, e)][col] for e in ("torch", "torch-static", "ort-standard", "ort-decomposed"))
+            print(f"full budget, {label}: best engine / transformers = {top / tf[col]:.1f}x")
+
+    mem = {"hybrid-5m" if not args.nested else "nested": memory(nested, work / "build", fam, args.threads)}
+    if not args.nested:  # the per-session cost of ONNX Runtime is fixed: show it against bigger weights too
+        wide = preset("hybrid-5m", head_order="rank_major", **WIDE)
+        wm = build_model(wide, seed=0)
+        print(f"wider family: {wm.num_parameters() / 1e6:.1f}M parameters")
+        save_nested(work / "wide", wm, bench_family(wide))
+        del wm
+        build(work / "wide", work / "wide_build", target="onnx")
+        mem["wide"] = memory(work / "wide", work / "wide_build", bench_family(wide), args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "resident": mem, "bandwidth": bw}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

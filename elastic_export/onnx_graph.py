@@ -1,0 +1,194 @@
+"""A tiny ONNX graph builder and the family weight file that every budget's graphs read.
+
+The weight file (``weights.bin``) holds each parameter of the nested checkpoint once, at the build
+dtype, each tensor aligned to 64 bytes. Output-side projections (``out_proj``, ``o_proj``,
+``down_proj``) are stored transposed, [in, out], so that every large matrix a budget needs is a
+*row range* of a stored tensor: contiguous on disk and in memory, referenced by (offset, length)
+with no copy. Prefixes on the other axis (embedding width, Mamba head channels) are applied to
+activations instead (zero-pad the input, slice the output), never to weights; see onnx_export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+WEIGHTS_FILE = "weights.bin"
+ALIGN = 64
+TRANSPOSED = ("mixer.out_proj.weight", "mixer.o_proj.weight", "mixer.down_proj.weight")
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
+               torch.bfloat16: TensorProto.BFLOAT16}
+
+
+def np_dtype(dtype: torch.dtype):
+    """The numpy dtype of a torch float dtype (bfloat16 through ml_dtypes, which onnx uses too)."""
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return NP_DTYPES[dtype]
+
+
+def is_transposed(name: str) -> bool:
+    return name.endswith(TRANSPOSED)
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+class WeightFile:
+    """Layout of the family weight file: tensor name -> (byte offset, stored shape, dtype)."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.dtype = dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.entries: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.params: dict[str, torch.Tensor] = {}
+        off = 0
+        for name, p in model.state_dict(keep_vars=True).items():
+            if model.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            shape = tuple(p.shape[::-1]) if is_transposed(name) else tuple(p.shape)
+            off = (off + ALIGN - 1) // ALIGN * ALIGN
+            self.entries[name] = (off, shape)
+            self.params[name] = p
+            off += p.numel() * self.itemsize
+        self.nbytes = off
+
+    def write(self, path: Path) -> str:
+        """Write the file; return its SHA-256."""
+        sha = hashlib.sha256()
+        with open(path, "wb") as f:
+            pos = 0
+            for name, (off, _) in self.entries.items():
+                pad = b"\0" * (off - pos)
+                t = self.params[name].detach().to(self.dtype)
+                data = _raw_bytes(t.t() if is_transposed(name) else t)
+                for chunk in (pad, data):
+                    f.write(chunk)
+                    sha.update(chunk)
+                pos = off + len(data)
+        return sha.hexdigest()
+
+    def row_range(self, name: str, r0: int, r1: int) -> tuple[int, tuple[int, ...]]:
+        """Byte offset and shape of rows [r0, r1) of a stored tensor (contiguous by construction)."""
+        off, shape = self.entries[name]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * self.itemsize
+        return off + r0 * row, (r1 - r0, *shape[1:])
+
+
+class GraphBuilder:
+    """Collects nodes, initializers and I/O for one graph; names are generated unless given."""
+
+    def __init__(self, wf: WeightFile, location: str = WEIGHTS_FILE, compute: torch.dtype = torch.float32):
+        self.wf = wf
+        self.location = location
+        self.compute = ONNX_DTYPES[compute]  # element type of activations and matmuls (see onnx_export)
+        self.compute_np = np_dtype(compute)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.domains: dict[str, int] = {}
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, name: str | None = None, domain: str = "",
+           out: list[str] | None = None, **attrs):
+        outs = out or [self.fresh(name or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self.fresh("const")
+            self.inits[name] = numpy_helper.from_array(arr, name)
+            self._consts[key] = name
+        return self._consts[key]
+
+    def inline(self, t: torch.Tensor, hint: str, compute: bool = False) -> str:
+        """A small tensor (conv kernel, norm weight, per-head vector) stored inside the graph: float32,
+        or at the compute dtype (``compute``: biases added to matmul outputs)."""
+        name = self.fresh(hint)
+        arr = t.detach().float().contiguous().cpu().numpy()
+        self.inits[name] = numpy_helper.from_array(arr.astype(self.compute_np) if compute else arr, name)
+        return name
+
+    def cconst(self, value) -> str:
+        """A constant at the compute dtype."""
+        return self.const(value, self.compute_np)
+
+    def cast(self, x: str, elem: int) -> str:
+        """Cast ``x`` (known to be float32 or the compute dtype) to ``elem``; no node when the compute
+        dtype is float32 (then every float tensor already is)."""
+        if self.compute == TensorProto.FLOAT:
+            return x
+        return self.op("Cast", x, to=elem)
+
+    def to_f32(self, x: str) -> str:
+        return self.cast(x, TensorProto.FLOAT)
+
+    def to_compute(self, x: str) -> str:
+        return self.cast(x, self.compute)
+
+    def rows(self, name: str, r0: int, r1: int, dtype: int | None = None) -> str:
+        """Rows [r0, r1) of a stored tensor, read from the weight file with no copy; cast when the
+        stored dtype is not ``dtype`` (default: the compute dtype)."""
+        key = f"{name}[{r0}:{r1}]"
+        if key not in self.inits:
+            off, shape = self.wf.row_range(name, r0, r1)
+            t = TensorProto()
+            t.name = key
+            t.data_type = ONNX_DTYPES[self.wf.dtype]
+            t.dims.extend(shape)
+            t.data_location = TensorProto.EXTERNAL
+            nbytes = int(np.prod(shape, dtype=np.int64)) * self.wf.itemsize
+            for k, v in (("location", self.location), ("offset", str(off)), ("length", str(nbytes))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            self.inits[key] = t
+        want = self.compute if dtype is None else dtype
+        if want != ONNX_DTYPES[self.wf.dtype]:
+            return self.op("Cast", key, to=want, name="wcast")
+        return key
+
+    def input(self, name: str, elem: int, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, value: str, name: str, elem: int, shape) -> str:
+        """Expose ``value`` as graph output ``name``: rename it in place (no Identity node) unless it is
+        a graph input or already an output under another name."""
+        if value != name:
+            taken = {i.name for i in self.inputs} | {o.name for o in self.outputs} | set(self.inits)
+            if value in taken:
+                self.op("Identity", value, out=[name])
+            else:
+                for n in self.nodes:
+                    n.input[:] = [name if x == value else x for x in n.input]
+                    n.output[:] = [name if x == value else x for x in n.output]
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def model(self, graph_name: str, opset: int) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, list(self.inits.values()))
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in self.domains.items()]
+        m = helper.make_model(g, opset_imports=opsets, producer_name="elastic-export")
+        m.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+        return m

@@ -1,0 +1,225 @@
+"""The backends that validation compares, behind one thin adapter.
+
+A :class:`Backend` has ``name``, ``precision`` ('fp32' or 'bf16'), ``budgets`` (names),
+``set_budget(name)``, ``prefill(ids, attention_mask=None) -> logits [B, L, V]``,
+``decode(ids [B, 1]) -> logits [B, 1, V]`` (state kept inside since the last prefill) and
+``generate(ids, max_new_tokens) -> ids [B, L + n]`` (greedy). Inputs and outputs are torch tensors
+(int64 ids, float32 logits) whatever the runtime speaks, so the rest of validation does not know
+the runtimes' details.
+
+- ``torch``: the elastic forward of the nested weights (:class:`TorchElastic`): the reference.
+  As a backend (not the reference) it checks that cached decode steps match the prefill.
+- ``sliced``: each budget cut into a standalone checkpoint by ``elastic_export.slicing.slice_budget``,
+  written and read back (:class:`Sliced`), run with no subnet.
+- ``torch-engine``, ``ort-<mode>``, ``trt``: engines (``engines.*``, issues 5 and 6) wrapped by
+  :class:`EngineBackend`; their numpy or torch outputs and logits shapes are normalized here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from elastic_export.elastic import Subnet
+from elastic_export.errors import BudgetError
+
+from .thresholds import precision_name
+
+
+@dataclass
+class Family:
+    """What validation runs on: the nested weights (as a torch model), the budgets and a tokenizer.
+
+    ``model`` holds the full weights in float32 (the reference); each budget is a subnet of it.
+    ``engines``: backend name -> (engine factory, precision of its artefacts), e.g. a bf16 ONNX
+    build is judged with the bf16 thresholds. ``path``: the nested checkpoint; ``build``: the
+    build directory when one was given.
+    """
+    model: torch.nn.Module
+    budgets: dict[str, Subnet]
+    tokenizer: object
+    path: str | None = None
+    build: str | None = None
+    engines: dict[str, tuple[Callable[[], object], str]] = field(default_factory=dict)
+    threads: int | None = None  # CPU threads for the engines (None: each runtime's default)
+
+
+class Backend:
+    """Shared greedy ``generate`` on top of ``prefill``/``decode``; subclasses provide the rest."""
+    name = "backend"
+    precision = "fp32"
+    budgets: list[str] = []
+
+    def set_budget(self, name: str) -> None:
+        raise NotImplementedError
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        out = [ids]
+        logits = self.prefill(ids)[:, -1]
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)[:, None]
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self.decode(nxt)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def close(self) -> None:
+        pass
+
+    def _check(self, name: str) -> None:
+        if name not in self.budgets:
+            raise BudgetError(f"unknown budget {name!r} for backend {self.name}", field="budget",
+                              fix=f"use one of {self.budgets}")
+
+
+class TorchElastic(Backend):
+    """The elastic forward over views of the one weight copy (the reference when float32)."""
+
+    def __init__(self, model, budgets: dict[str, Subnet], name: str = "torch", dtype=torch.float32):
+        self.model = (model if model.dtype == dtype else copy.deepcopy(model).to(dtype)).eval()
+        self.subnets = dict(budgets)
+        self.budgets = list(budgets)
+        self.name = name
+        self.precision = precision_name(dtype)
+        self.subnet = None
+        self.cache = None
+
+    def set_budget(self, name: str) -> None:
+        self._check(name)
+        self.subnet = self.subnets[name]
+        self.cache = None
+
+    @torch.no_grad()
+    def prefill(self, ids, attention_mask=None):
+        self.cache = self.model.new_cache()
+        return self.model(ids, subnet=self.subnet, cache=self.cache, attention_mask=attention_mask).float()
+
+    @torch.no_grad()
+    def decode(self, ids):
+        return self.model(ids, subnet=self.subnet, cache=self.cache).float()
+
+
+class Sliced(TorchElastic):
+    """Each budget as a standalone checkpoint (``slice_fn(model, subnet)``), one held at a time.
+
+    ``via_disk``: write the slice with ``save_pretrained`` and read it back with
+    ``elastic_export.load``, so the checkpoint users get (HF head order, config) is what runs.
+    """
+
+    def __init__(self, model, budgets: dict[str, Subnet], slice_fn: Callable | None = None, name: str = "sliced",
+                 dtype=torch.float32, via_disk: bool = True):
+        super().__init__(model, budgets, name)  # the float32 parent; each slice is cast to dtype
+        if slice_fn is None:
+            from elastic_export.slicing import slice_budget as slice_fn
+        self.slice_fn = slice_fn
+        self.parent = self.model
+        self.dtype = dtype
+        self.via_disk = via_disk
+
+    def set_budget(self, name: str) -> None:
+        self._check(name)
+        model = self.slice_fn(self.parent, self.subnets[name])
+        if self.via_disk:
+            import tempfile
+
+            from elastic_export import load
+
+            with tempfile.TemporaryDirectory(prefix="ee-validate-slice-") as tmp:
+                model.save_pretrained(f"{tmp}/{name}")
+                model = load(f"{tmp}/{name}")
+        self.model = model.to(self.dtype).eval()
+        self.subnet = None
+        self.cache = None
+
+
+class EngineBackend(Backend):
+    """An engine of the build package (ONNX Runtime, TensorRT, torch engine) seen through torch tensors.
+
+    The engine interface (issue 5): ``budgets``, ``set_budget(name)``, ``prefill(input_ids,
+    attention_mask=None)``, ``decode(token_ids)`` (logits [B, V] or [B, 1, V]),
+    ``generate(ids, max_new_tokens)``. Torch tensors go in (engines take them through
+    ``torch.as_tensor`` / ``np.asarray``); numpy or torch may come out.
+    """
+
+    def __init__(self, engine, name: str, precision: str = "fp32"):
+        self.engine = engine
+        self.name = name
+        self.precision = precision
+        self.budgets = list(engine.budgets)
+
+    def set_budget(self, name: str) -> None:
+        self._check(name)
+        self.engine.set_budget(name)
+
+    @staticmethod
+    def _out(x) -> torch.Tensor:
+        return torch.as_tensor(x).float().cpu()
+
+    def prefill(self, ids, attention_mask=None):
+        if attention_mask is None:  # not every engine takes a mask (TensorRT's does not)
+            return self._out(self.engine.prefill(ids))
+        return self._out(self.engine.prefill(ids, attention_mask=attention_mask))
+
+    def decode(self, ids):
+        out = self._out(self.engine.decode(ids))
+        return out[:, None] if out.dim() == 2 else out  # engines return [B, V] or [B, 1, V]
+
+    def generate(self, ids, max_new_tokens):
+        gen = getattr(self.engine, "generate", None)
+        if gen is None:
+            return super().generate(ids, max_new_tokens)
+        return torch.as_tensor(gen(ids, max_new_tokens)).long().cpu()
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+
+# ---- which backends exist here -------------------------------------------------------------------
+
+def slicing_available() -> bool:
+    try:
+        from elastic_export.slicing import slice_budget  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def available(family: Family) -> list[str]:
+    """Backend names that can run on this machine for this family, in comparison order."""
+    names = ["torch"]
+    if slicing_available():
+        names.append("sliced")
+    names += list(family.engines)
+    return names
+
+
+def make_backend(name: str, family: Family) -> Backend:
+    """Construct one backend by name (see :func:`available`)."""
+    if name == "torch":
+        return TorchElastic(family.model, family.budgets)
+    if name == "sliced":
+        if not slicing_available():
+            raise BudgetError("the sliced backend needs elastic_export.slicing (not installed)", field="--backends")
+        return Sliced(family.model, family.budgets)
+    if name in family.engines:
+        factory, precision = family.engines[name]
+        return EngineBackend(factory(), name, precision)
+    raise BudgetError(f"backend {name!r} is not available here", field="--backends",
+                      fix=f"use some of {available(family)}")
+
+
+def reference(family: Family) -> TorchElastic:
+    """The float32 elastic forward of the nested weights: what every backend is compared with."""
+    return TorchElastic(family.model, family.budgets, name="reference", dtype=torch.float32)

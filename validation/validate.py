@@ -1,0 +1,294 @@
+"""`elastic-export validate`: load a family, run accuracy parity, memory parity and the device plan,
+write the report. setup -> run -> save, as a recipe.
+
+Sources: a nested checkpoint (elastic.json), a build directory (ONNX / TensorRT artefacts with the
+nested weights they were built from), or a plain HF checkpoint (one budget, "full").
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from elastic_export.errors import CheckpointError, ConfigError
+
+from .backends import Family, available, make_backend, reference
+from .parity import make_eval_data, run_parity
+from .thresholds import THRESHOLDS, thresholds as apply_overrides
+
+ORT_MODES = ("standard", "decomposed")
+
+
+def _tokenizer(path: Path | None, vocab_size: int):
+    from elastic_export.tokenizer import ByteTokenizer, load_tokenizer
+
+    if path is not None and path.exists():
+        return load_tokenizer(path)
+    tok = ByteTokenizer()
+    if vocab_size < tok.vocab_size:
+        raise ConfigError(f"the checkpoint has no tokenizer/ and its vocabulary ({vocab_size}) is smaller than the "
+                          f"byte-level tokenizer's ({tok.vocab_size})", path=path,
+                          fix="add the tokenizer to the checkpoint (tokenizer/tokenizer.json)")
+    return tok
+
+
+def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Family:
+    """A Family (float32 reference weights, budgets, tokenizer, engines) from a nested checkpoint, a
+    build directory (its source nested checkpoint is the reference) or an HF checkpoint (one budget);
+    None: the shipped default model.
+
+    ``builds``: further build directories (ONNX or TensorRT) whose engines join the comparison.
+    """
+    from elastic_export.nested import is_nested, load_nested
+
+    if path is None:
+        from elastic_export.build import default_model_path
+
+        path = default_model_path()
+        if not (path / "elastic.json").is_file():
+            raise CheckpointError("the shipped default model is not installed", path=path,
+                                  fix="give a nested checkpoint or a build directory")
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("does not exist", path=path, fix="give a nested checkpoint or a build directory")
+    manifest = read_build_manifest(path)
+    if manifest is not None:
+        src = manifest.get("source")
+        if not src or not is_nested(src):
+            raise CheckpointError(f"was built from {src!r}, which is not a nested checkpoint here", path=path,
+                                  field="source", fix="give the nested checkpoint and this directory with --build")
+        fam = load_family(src)
+        fam.engines = {k: v for k, v in fam.engines.items() if not k.startswith("ort-")}
+        fam.budgets = {b: fam.budgets[b] for b in fam.budgets if b in manifest.get("budgets", fam.budgets)}
+        attach_build(fam, path, manifest)
+    elif is_nested(path):
+        ckpt = load_nested(path, dtype=torch.float32)
+        fam = Family(ckpt.model, dict(ckpt.budgets), _tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size),
+                     path=str(path))
+        fam.engines.update(_torch_engine(fam))
+        fam.engines.update(_ort_exports(fam))
+    elif (path / "config.json").is_file():
+        from elastic_export import full_subnet, load
+
+        model = load(path, dtype=torch.float32)
+        fam = Family(model, {"full": full_subnet(model.config)},
+                     _tokenizer(path / "tokenizer", model.config.vocab_size), path=str(path))
+        fam.engines.update(_torch_engine(fam))
+    else:
+        raise CheckpointError("is neither a nested checkpoint (elastic.json), a build directory (build.json, "
+                              "trt_manifest.json) nor an HF checkpoint (config.json)", path=path,
+                              fix="give the output of `elastic-export nest` or `elastic-export build`")
+    for b in builds:
+        attach_build(fam, Path(b))
+    return fam
+
+
+# ---- build directories and engines (issues 5 and 6) ------------------------------------------------
+
+ONNX_MANIFEST, TRT_MANIFEST = "build.json", "trt_manifest.json"
+
+
+def read_build_manifest(path: Path) -> dict | None:
+    """The manifest of a build directory (checksums verified for ONNX builds), or None."""
+    path = Path(path)
+    if (path / ONNX_MANIFEST).is_file():
+        from elastic_export.build import read_build, verify_build
+
+        verify_build(path)
+        return read_build(path)
+    if (path / TRT_MANIFEST).is_file():
+        import json
+
+        try:
+            return {"target": "trt", **json.loads((path / TRT_MANIFEST).read_text())}
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"is not valid JSON ({e})", path=path / TRT_MANIFEST) from None
+    return None
+
+
+def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
+    """Add the engine of a build directory to ``fam.engines``: ort-<ssm mode> or trt, with a -bf16
+    suffix for bf16 builds (and -2, -3... when the name is taken)."""
+    from .thresholds import precision_name
+
+    manifest = manifest or read_build_manifest(path)
+    if manifest is None:
+        raise CheckpointError("is not a build directory (no build.json or trt_manifest.json)", path=path,
+                              fix="run elastic-export build first")
+    missing = [b for b in manifest.get("budgets", {}) if b not in fam.budgets]
+    if missing:
+        raise CheckpointError(f"holds budgets {missing} that the nested checkpoint does not have", path=path,
+                              field="budgets", fix="validate the build against the checkpoint it was built from")
+    precision = precision_name(manifest.get("dtype", "float32"))
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    if manifest.get("target") == "trt":
+        name, factory = f"trt{suffix}", lambda: _trt_engine(path)
+    else:
+        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}", lambda: _ort_engine(path, fam.threads)
+    base, k = name, 2
+    while name in fam.engines:
+        name, k = f"{base}-{k}", k + 1
+    fam.engines[name] = (factory, precision)
+    fam.build = fam.build or str(path)
+
+
+def _torch_engine(fam: Family) -> dict:
+    try:
+        from engines.torch_engine import TorchEngine
+    except ImportError:
+        return {}
+    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets, threads=fam.threads), "fp32")}
+
+
+def _ort_engine(path: Path, threads: int | None = None):
+    from engines.ort_engine import OrtEngine
+
+    return OrtEngine(path, threads=threads)
+
+
+def _trt_engine(path: Path):
+    from engines.trt.engine import TrtEngine
+
+    return TrtEngine(path)
+
+
+def _ort_exports(fam: Family) -> dict:
+    """ONNX Runtime per SSM mode, each built from the nested checkpoint into a temporary directory."""
+    try:
+        import onnxruntime  # noqa: F401
+        from elastic_export.build import build  # noqa: F401
+        from engines.ort_engine import OrtEngine  # noqa: F401
+    except ImportError:
+        return {}
+    return {f"ort-{mode}": (lambda m=mode: _ort_from_export(fam, m), "fp32") for mode in ORT_MODES}
+
+
+def _ort_from_export(fam: Family, mode: str):
+    """Build the family's ONNX graphs for one SSM mode into a temporary directory and open them."""
+    from elastic_export.build import build
+
+    tmp = tempfile.TemporaryDirectory(prefix=f"ee-validate-{mode}-")
+    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode, dtype="fp32"), fam.threads)
+    engine._validation_tmp = tmp  # the directory lives as long as the engine
+    return engine
+
+
+# ---- the recipe ------------------------------------------------------------------------------------
+
+def validate(family: Family, report_dir: str | Path | None = None, backends: list[str] | None = None,
+             device: str | None = None, context: int = 8192, batch: int = 1,
+             overrides: dict[str, dict[str, float]] | None = None, measure_memory: bool = True,
+             budgets: list[str] | None = None, progress: bool = True, eval_kwargs: dict | None = None,
+             memory_isolation: str | None = None, threads: int | None = None) -> dict:
+    """Run every check and (with ``report_dir``) write the report. Returns the report dict; its
+    ``passed`` is False when any backend fails a threshold."""
+    from elastic_export import __version__
+    from elastic_export.accounting import count_params
+
+    from . import memory as memory_lib
+    from . import planner
+    from .report import write_report
+
+    limits = apply_overrides(overrides)
+    if threads is not None:  # this process's torch threads, and the engines'
+        torch.set_num_threads(threads)
+        family.threads = threads
+
+    def say(msg: str) -> None:
+        if progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+    here = available(family)
+    for b in backends or ():
+        if not _known_name(b):
+            raise ConfigError(f"unknown backend {b!r}", field="--backends",
+                              fix="use torch, sliced, torch-engine, ort-standard, ort-decomposed or trt")
+        if b not in here:
+            raise ConfigError(f"backend {b!r} is not available here (or for this source)", field="--backends",
+                              fix=f"use some of {', '.join(here)}")
+    wanted = list(backends or here)
+    skipped = {b: "not available on this machine or for this source" for b in ALL_BACKENDS if b not in here}
+    names = [b for b in wanted if b in here]
+    budget_names = budgets or list(family.budgets)
+    for b in budget_names:
+        if b not in family.budgets:
+            raise ConfigError(f"unknown budget {b!r}", field="--budget", fix=f"use one of {list(family.budgets)}")
+    cfg = family.model.config
+    data = make_eval_data(family.tokenizer, cfg.vocab_size, **(eval_kwargs or {}))
+    built, broken = [], []
+    for n in names:
+        say(f"loading backend {n}")
+        try:
+            built.append(make_backend(n, family))
+        except Exception as e:  # an artefact that does not even load fails validation, it does not crash it
+            msg = f"could not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            prec = family.engines[n][1] if n in family.engines else "fp32"
+            broken += [{"backend": n, "budget": b, "precision": prec, "metrics": {}, "failed": [msg],
+                        "passed": False} for b in budget_names]
+    try:
+        parity = run_parity(reference(family), built, data, limits, budget_names, progress=progress)
+    finally:
+        for be in built:
+            be.close()
+    parity["rows"] += broken
+
+    mem = None
+    if measure_memory:
+        say("measuring memory: one process serving every budget, one process per standalone budget")
+        # device memory on a GPU (bf16 there, as served), resident memory on the CPU (float32)
+        on_gpu = torch.cuda.is_available()
+        mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names},
+                                       torch.bfloat16 if on_gpu else torch.float32, nested_dir=family.path,
+                                       measure=True, device="cuda" if on_gpu else "cpu", isolation=memory_isolation)
+    plan = planner.plan(cfg, {b: family.budgets[b] for b in budget_names}, [device] if device else
+                        list(planner.PROFILES), context, batch, dtypes=("bfloat16", "float32"))
+
+    failures = [f"{r['backend']} / {r['budget']}: {'; '.join(r['failed'])}" for r in parity["rows"] if not r["passed"]]
+    report = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        "machine": _machine(),
+        "source": {"path": family.path, "build": family.build, "kind": "build" if family.build else "nested",
+                   "reference": "torch elastic forward, float32",
+                   "budgets": {b: {"params": count_params(cfg, family.budgets[b]),
+                                   "subnet": family.budgets[b].to_dict()} for b in budget_names}},
+        "eval": {"rows": list(data.rows.shape), "decode_steps": data.decode_steps, "n_tasks": len(data.tasks),
+                 "task_source": data.task_source, "greedy_tokens": data.greedy_tokens},
+        "thresholds": {p: limits[p] for p in THRESHOLDS},
+        "backends": [be.name for be in built] + list(dict.fromkeys(r["backend"] for r in broken)),
+        "skipped_backends": skipped,
+        "reference": parity["reference"],
+        "parity": parity["rows"],
+        "memory": mem,
+        "plan": plan,
+        "passed": not failures,
+        "failures": failures,
+    }
+    if report_dir is not None:
+        write_report(report, report_dir)
+    return report
+
+
+ALL_BACKENDS = ("torch", "sliced", "torch-engine", *(f"ort-{m}" for m in ORT_MODES), "trt")
+
+
+def _known_name(name: str) -> bool:
+    return name in ALL_BACKENDS or name.startswith(("ort-", "trt-"))
+
+
+def _machine() -> dict:
+    out = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.cuda.is_available(), "cpu_threads": torch.get_num_threads()}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
