@@ -215,6 +215,25 @@ def slice_cmd(nested, budget, out, dtype):
 
 # ---- training: train ---------------------------------------------------------------------------
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", help="Run directory (checkpoints, metrics.jsonl); default: the recipe's `out`.")
+@click.option("--fresh", is_flag=True, help="Start over instead of resuming from OUT/checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl).")
+@user_errors
+def train(recipe, out, fresh, no_progress):
+    """Train a recipe: pretrain a parent and/or elastify it; writes a nested checkpoint.
+
+    Runs on N processes unchanged: torchrun --nproc-per-node N -m elastic_export.cli train RECIPE
+    """
+    from training.recipe import load_recipe
+    from training.trainer import train as run_training
+
+    path = run_training(load_recipe(recipe), out=out, resume=not fresh, progress=False if no_progress else None)
+    if path is not None:
+        click.echo(f"nested checkpoint: {path}")
+
+
 
 # ---- build and run: build, run -----------------------------------------------------------------
 

@@ -281,8 +281,14 @@ class NemotronHForCausalLM(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
                       cache: InferenceCache | None = None, attention_mask: torch.Tensor | None = None,
-                      skip_layer: int | None = None) -> torch.Tensor:
-        """Final normed hidden states [B, L, d]. ``skip_layer`` drops one layer (depth importance)."""
+                      skip_layer: int | None = None, gates: tuple | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, L, d]. ``skip_layer`` drops one layer (depth importance).
+
+        ``gates = (embedding_gate, [layer_gate or None per layer])``: optional scalar tensors that
+        multiply the embedding output and each kept layer's mixer output. The router's hard mask
+        passes straight-through values (exactly 1 in the forward, gradient to the router), so the
+        result equals the plain budget forward.
+        """
         subnet, views = self.layer_views(subnet)
         d = subnet.hidden
         b, l = input_ids.shape
@@ -296,6 +302,9 @@ class NemotronHForCausalLM(nn.Module):
         if new_mask is not None and bool(new_mask.all()):
             new_mask = None
         h = F.embedding(input_ids, elastic.embedding_view(self.backbone.embeddings.weight, d))
+        embedding_gate, layer_gates = gates if gates is not None else (None, None)
+        if embedding_gate is not None:
+            h = h * embedding_gate.to(h.dtype)
         eps = self.config.layer_norm_epsilon
         for i, (blk, w, v) in enumerate(zip(self.backbone.layers, subnet.layers, views)):
             if v is None or i == skip_layer:
@@ -307,6 +316,8 @@ class NemotronHForCausalLM(nn.Module):
                 x = blk.mixer(x, v, cache, key_mask)
             else:
                 x = blk.mixer(x, v)
+            if layer_gates is not None and layer_gates[i] is not None:
+                x = x * layer_gates[i].to(x.dtype)
             h = h + x
         if cache is not None:
             cache.seen += l
@@ -314,8 +325,8 @@ class NemotronHForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None, cache: InferenceCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
-                skip_layer: int | None = None) -> torch.Tensor:
-        h = self.hidden_states(input_ids, subnet, cache, attention_mask, skip_layer)
+                skip_layer: int | None = None, gates: tuple | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, subnet, cache, attention_mask, skip_layer, gates)
         if last_only:
             h = h[:, -1:]
         d = h.shape[-1]

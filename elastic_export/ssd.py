@@ -111,7 +111,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order:
     causal = torch.ones(cs, cs, dtype=torch.bool, device=X.device).tril()
     Lmat = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # [b,g,r,c,l,s]
     CB = C @ B.transpose(-1, -2)  # [b,g,1,c,l,s]
-    Y_diag = Lmat.mul_(CB) @ X  # [b,g,r,c,l,p]
+    # in place only without autograd: exp_'s backward needs its output unmodified (training)
+    Y_diag = (Lmat.mul_(CB) if not torch.is_grad_enabled() else Lmat * CB) @ X  # [b,g,r,c,l,p]
 
     # 2. State of each chunk from its own inputs: sum_l exp(A_cum_last - A_cum_l) B_l X_l^T
     decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # [b,g,r,c,l]

@@ -1,1 +1,11 @@
-"""training package (see DESIGN.md)."""
+"""Elastic training (Nemotron Elastic, arXiv 2511.16664): one run that produces every budget.
+
+- :mod:`training.space`    elastic axes, choices, differentiable parameter / memory cost
+- :mod:`training.router`   one MLP per axis, Gumbel-Softmax with straight-through hard choices, budget loss
+- :mod:`training.distill`  forward KL from a frozen teacher; trainable-teacher KD + alpha * CE
+- :mod:`training.sampler`  budget sampling per step (uniform or weighted)
+- :mod:`training.data`     byte-level / HF tokenizers, packed windows from text, JSONL, tokens, the CPython stdlib
+- :mod:`training.tasks`    synthetic multi-step arithmetic with worked steps; exact-match evaluation
+- :mod:`training.recipe`   TOML recipes, validated before training
+- :mod:`training.trainer`  stages, exact resume, torchrun (DDP), nested checkpoint output
+"""

@@ -1,0 +1,469 @@
+"""The trainer: setup -> stages -> nested checkpoint, on 1 process or N (torchrun, DDP).
+
+One step of an ``elastic`` stage (Nemotron Elastic, Eq. 17):
+1. the sampler draws a budget (the same on every rank: a function of (seed, step));
+2. the full budget runs the parent; any other budget asks the router for hard Gumbel-Softmax
+   choices, builds the Subnet, and runs it through the weight views with straight-through gates;
+3. loss = KD(teacher -> student) [+ alpha * CE in trainable-teacher mode] + lambda * budget loss.
+A ``pretrain`` stage trains the parent alone with cross-entropy.
+
+Exact resume: data windows, budget draws and Gumbel noise are functions of (seed, step), so the
+checkpoint holds model, router, optimizer, the frozen teacher, the depth ranking and the step;
+the learning rates and the Gumbel schedule are functions of the step too.
+Multi-process: the global batch of a step is split over ranks x gradient-accumulation micro-batches;
+DDP averages gradients (gloo on CPU, NCCL on GPU); rank 0 evaluates, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from elastic_export.elastic import full_subnet, validate_subnet
+from elastic_export.errors import ConfigError
+
+from . import checkpoint as ckpt
+from .data import build_mixture
+from .distill import ce_loss, distill_loss
+from .recipe import load_recipe, make_space, parent_config
+from .router import Router, budget_loss, gumbel_schedule
+from .sampler import BudgetSampler
+from .tasks import answer_loss, evaluate as evaluate_tasks, make_tasks
+
+
+@dataclass
+class Stage:
+    index: int
+    spec: dict
+    start: int  # first global step
+    steps: int
+    window_offset: int  # windows consumed by earlier stages
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def plan_stages(stages: list[dict]) -> list[Stage]:
+    out, step, windows = [], 0, 0
+    for i, s in enumerate(stages):
+        n = max(1, s["tokens"] // (s["batch_size"] * s["seq_len"]))
+        out.append(Stage(i, s, step, n, windows))
+        step += n
+        windows += n * s["batch_size"]
+    return out
+
+
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class ElasticStep(nn.Module):
+    """Model + router behind one forward, so that DDP synchronizes both."""
+
+    def __init__(self, model, router: Router, recipe: dict):
+        super().__init__()
+        self.model, self.router = model, router
+        self.space = router.space
+        ro = recipe["router"]
+        self.metric, self.context = ro["budget_metric"], ro["memory_context"]
+        self.lam, self.tol = ro["lambda"], ro["tolerance"]
+        self.distill = recipe["distill"]
+        full = full_subnet(model.config)
+        self.full_cost = self.space.subnet_cost(full, self.metric, self.context)
+
+    def forward(self, x, y, kind: str, budget: int, fraction: float, tau: float, scale: float, noise_seed: int,
+                teacher_logits=None):
+        zero = x.new_zeros((), dtype=torch.float32)
+        if kind == "pretrain":
+            loss = ce_loss(self.model(x), y)
+            return loss, loss.detach(), zero, zero + 1
+        dm = self.distill
+        if fraction >= 1.0:  # the full budget is the parent itself (not routed)
+            logits = self.model(x)
+            task = distill_loss(logits, logits if teacher_logits is None else teacher_logits, y, dm["mode"],
+                                dm["temperature"], dm["alpha"], same=teacher_logits is None)
+            return task, task.detach(), zero, zero + 1
+        gen = torch.Generator().manual_seed(noise_seed)
+        y_st, index = self.router.sample(budget, tau, scale, gen)
+        subnet = self.space.subnet(index)
+        gates = self.space.gates(y_st, index)
+        logits = self.model(x, subnet=subnet, gates=gates)
+        if teacher_logits is None:  # trainable teacher: the model's own full budget
+            teacher_logits = self.model(x)
+        task = distill_loss(logits, teacher_logits, y, dm["mode"], dm["temperature"], dm["alpha"])
+        cost = self.space.cost(self.space.soft_widths(y_st), self.metric, self.context)
+        bl = budget_loss(cost, fraction * self.full_cost, self.tol)
+        return task + self.lam * bl, task.detach(), bl.detach(), (cost / self.full_cost).detach()
+
+
+class Trainer:
+    def __init__(self, recipe: dict, out: str | Path | None = None, progress: bool | None = None):
+        self.r = recipe
+        self.out = Path(out or recipe["out"])
+        tr = recipe["train"]
+        if tr["threads"] > 0:
+            torch.set_num_threads(tr["threads"])
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.distributed = self.world > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        prec = tr["precision"]
+        self.bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.main = self.rank == 0
+        self.progress = tr["progress"] if progress is None else progress
+
+        from elastic_export.tokenizer import load_tokenizer
+
+        tok = recipe["model"]["tokenizer"]
+        self.tokenizer = load_tokenizer(None if tok == "byte" else tok)
+        self.mixture = build_mixture(recipe["data"], self.tokenizer, recipe["seed"])
+        self.cfg = parent_config(recipe)
+        if recipe["model"]["init"] == "scratch":
+            from elastic_export.model import build_model
+
+            self.model = build_model(self.cfg, seed=recipe["seed"])
+        elif (Path(recipe["model"]["init"]) / "elastic.json").is_file():  # derive new budgets from a nested one
+            from elastic_export.nested import load_nested
+
+            self.model = load_nested(recipe["model"]["init"], dtype=torch.float32).model.train()
+        else:
+            from elastic_export.hf_io import load
+
+            self.model = load(recipe["model"]["init"], dtype=torch.float32)
+        if self.tokenizer.vocab_size > self.cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids, the parent {self.cfg.vocab_size}",
+                              field="model.tokenizer")
+        self.model.to(self.device)
+        self.space = make_space(self.cfg, recipe)
+        torch.manual_seed(recipe["seed"])
+        self.router = Router(self.space, len(recipe["budgets"]["names"]), recipe["router"]["hidden"]).to(self.device)
+        self.stages = plan_stages(recipe["stages"])
+        self.total_steps = self.stages[-1].end
+        first = [s for s in self.stages if s.spec["kind"] == "elastic"]
+        self.elastic_start = first[0].start if first else None
+        self.elastic_steps = sum(s.steps for s in first)
+        for s in self.stages:
+            if s.spec["batch_size"] % (self.world * tr["grad_accum"]):
+                raise ConfigError(f"{s.spec['batch_size']} is not divisible by {self.world} processes x "
+                                  f"grad_accum {tr['grad_accum']}", field=f"stages[{s.index}].batch_size")
+        self._set_model(self.model)
+        self.teacher = None
+        self.step = 0
+        self.elapsed = 0.0
+        self.evals: list[dict] = []
+
+    def _set_model(self, model) -> None:
+        """(Re)build what wraps the model: the step module, DDP and a fresh optimizer."""
+        self.model = model.to(self.device)
+        self.cfg = model.config
+        self.space.cfg = model.config
+        self.step_module = ElasticStep(self.model, self.router, self.r)
+        self.ddp = nn.parallel.DistributedDataParallel(self.step_module, find_unused_parameters=True) \
+            if self.distributed else self.step_module
+        params_m = list(self.model.parameters())
+        self.opt = torch.optim.AdamW([
+            {"params": [p for p in params_m if p.dim() >= 2], "weight_decay": 0.0},
+            {"params": [p for p in params_m if p.dim() < 2], "weight_decay": 0.0},
+            {"params": list(self.router.parameters()), "weight_decay": 0.0},
+        ], lr=1e-3, betas=(0.9, 0.95))
+
+    # ---- state ---------------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save(self) -> None:
+        if not self.main:
+            return
+        ckpt.save_state(self.ckpt_dir, {
+            "step": self.step, "elapsed": self.elapsed, "model": self.model.state_dict(),
+            "router": self.router.state_dict(), "optimizer": self.opt.state_dict(), "rng": ckpt.rng_states(),
+            "depth_ranking": self.space.depth_ranking, "evals": self.evals, "recipe": self.r["name"],
+            "head_order": self.cfg.head_order,
+        })
+
+    def resume(self) -> bool:
+        state = ckpt.load_state(self.ckpt_dir)
+        if state is None:
+            return False
+        if state.get("recipe") != self.r["name"]:
+            raise ConfigError(f"{self.ckpt_dir} belongs to recipe {state.get('recipe')!r}", field="out",
+                              fix="use another output directory or delete the old run")
+        if state.get("head_order", self.cfg.head_order) != self.cfg.head_order:  # sorted at the elastic start
+            from elastic_export.model import NemotronHForCausalLM
+
+            self._set_model(NemotronHForCausalLM(self.cfg.replace(head_order=state["head_order"])))
+        self.model.load_state_dict(state["model"])
+        self.router.load_state_dict(state["router"])
+        self.opt.load_state_dict(state["optimizer"])
+        ckpt.set_rng_states(state["rng"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.space.depth_ranking = list(state["depth_ranking"])
+        self.evals = state.get("evals", [])
+        if self.elastic_start is not None and self.step > self.elastic_start and self.r["distill"]["mode"] == "frozen":
+            self.teacher = self._new_teacher()
+            self.teacher.load_state_dict(ckpt.load_state(self.out / "teacher")["model"])
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        f = self.out / "metrics.jsonl"
+        if not self.main or not f.is_file():
+            return
+        keep = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= self.step]
+        ckpt.atomic_write_bytes(f, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _new_teacher(self):
+        t = copy.deepcopy(self.model).eval()
+        for p in t.parameters():
+            p.requires_grad_(False)
+        return t
+
+    # ---- elastic phase start -------------------------------------------------------------------
+    def _begin_elastic(self) -> None:
+        """At the first elastic step: rank and sort the parent by importance (function preserving, so
+        every budget is a prefix of the most important components), freeze it as the teacher, and take
+        the depth ranking (Eq. 5) from the same calibration passes. The optimizer starts afresh."""
+        from elastic_export.importance import compute_importance
+        from elastic_export.sorting import sort_model
+
+        s = self.stages[[st.start for st in self.stages].index(self.elastic_start)].spec
+        n = self.r["router"]["calibration_windows"]
+        calib = self.mixture.batch(range(2 * 10**9, 2 * 10**9 + n), min(s["seq_len"], 512))[:, :-1]
+        imp = compute_importance(self.model, calib.to(self.device),
+                                 depth="oneshot" if "depth" in self.space.axes else "none")
+        sorted_model, imp = sort_model(self.model, imp)
+        self._set_model(sorted_model)
+        if "depth" in self.space.axes and self.r["router"]["depth_ranking"] is None:
+            self.space.depth_ranking = list(imp.depth_order)
+        if self.r["distill"]["mode"] == "frozen":
+            self.teacher = self._new_teacher()
+            if self.main:
+                ckpt.save_state(self.out / "teacher", {"model": self.teacher.state_dict(),
+                                                       "head_order": self.cfg.head_order})
+        if self.main:
+            self.log({"step": self.step, "event": "elastic_start", "depth_ranking": self.space.depth_ranking})
+
+    # ---- one step ------------------------------------------------------------------------------
+    def train_step(self, stage: Stage) -> dict:
+        s, tr, ro = stage.spec, self.r["train"], self.r["router"]
+        local = self.step - stage.start
+        f = lr_factor(local, stage.steps, s["warmup_steps"], s["min_lr_ratio"])
+        lr = s["lr"] * f
+        elastic = s["kind"] == "elastic"
+        e_step = self.step - self.elastic_start if elastic else 0
+        router_lr = ro["lr"] * min(1.0, (e_step + 1) / max(1, ro["warmup_steps"])) if elastic else 0.0
+        for g, v in zip(self.opt.param_groups, (lr, lr, router_lr)):
+            g["lr"] = v
+        self.opt.param_groups[0]["weight_decay"] = s["weight_decay"]
+        tau, scale = gumbel_schedule(e_step / max(1, self.elastic_steps - 1), (ro["tau_start"], ro["tau_end"]),
+                                     (ro["scale_start"], ro["scale_end"])) if elastic else (1.0, 1.0)
+        names, fracs = self.r["budgets"]["names"], self.r["budgets"]["fractions"]
+        budget = 0
+        if elastic:
+            weights = s["weights"] if s["sampling"] == "weighted" else None
+            budget = BudgetSampler(len(names), weights, self.r["seed"])(self.step)
+        A = tr["grad_accum"]
+        mb = s["batch_size"] // (self.world * A)
+        base = stage.window_offset + local * s["batch_size"]
+        sums = torch.zeros(4, dtype=torch.float64)
+        self.opt.zero_grad(set_to_none=True)
+        for m in range(A):
+            first = base + (self.rank * A + m) * mb
+            batch = self.mixture.batch(range(first, first + mb), s["seq_len"]).to(self.device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            sync = m == A - 1 or not self.distributed
+            ctx = self.ddp.no_sync() if not sync else _null()
+            with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                t_logits = None
+                if elastic and self.teacher is not None:
+                    with torch.no_grad():
+                        t_logits = self.teacher(x)
+                loss, task, bl, frac = self.ddp(x, y, s["kind"], budget, float(fracs[budget]), tau, scale,
+                                                self.r["seed"] * 1_000_003 + self.step + 17, t_logits)
+                (loss / A).backward()
+            sums += torch.tensor([float(loss.detach()), float(task), float(bl), float(frac)], dtype=torch.float64) / A
+        if tr["grad_clip"] > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), tr["grad_clip"])
+        self.opt.step()
+        if self.distributed:
+            dist.all_reduce(sums)
+            sums /= self.world
+        self.step += 1
+        return {"step": self.step, "stage": s["name"], "kind": s["kind"], "budget": names[budget] if elastic else None,
+                "loss": sums[0].item(), "task_loss": sums[1].item(), "budget_loss": sums[2].item(),
+                "cost_frac": sums[3].item(), "lr": lr, "router_lr": router_lr, "tau": tau, "scale": scale,
+                "tokens": s["batch_size"] * s["seq_len"]}
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def budget_subnets(self) -> dict:
+        out = {}
+        for i, (name, f) in enumerate(zip(self.r["budgets"]["names"], self.r["budgets"]["fractions"])):
+            out[name] = full_subnet(self.cfg) if f >= 1.0 else self.router.subnet(i)
+        return out
+
+    def evaluate(self, stage: Stage, elastic: bool) -> dict:
+        subnets = self.budget_subnets() if elastic else {"parent": full_subnet(self.cfg)}
+        d = self.r["data"]
+        seq = max(s.spec["seq_len"] for s in self.stages)  # one length for every evaluation of the run
+        result = evaluate_budgets(self.model, subnets, self.mixture, self.tokenizer, seq,
+                                  d["eval_windows"], d["eval_tasks"], self.r["seed"], self.r["train"]["eval_batch_size"])
+        return {"step": self.step, "stage": stage.spec["name"], **result}
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self, resume: bool = True, stop_after_step: int | None = None) -> Path | None:
+        """Train every stage, then write the nested checkpoint (rank 0); returns its path.
+
+        ``stop_after_step``: stop after that global step without a final checkpoint, as if killed.
+        """
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and self.resume():
+            if self.main:
+                print(f"resumed {self.ckpt_dir} at step {self.step}/{self.total_steps}", flush=True)
+        elif self.main and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        tr = self.r["train"]
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.main and self.progress),
+                   dynamic_ncols=True)
+        self.model.train()
+        t0, tokens_window, time_window = time.time(), 0, 0.0
+        while self.step < self.total_steps:
+            stage = next(s for s in self.stages if s.start <= self.step < s.end)
+            elastic = stage.spec["kind"] == "elastic"
+            if elastic and self.step == self.elastic_start:
+                self._begin_elastic()
+            ts = time.time()
+            rec = self.train_step(stage)
+            dt = time.time() - ts
+            self.elapsed += dt
+            tokens_window += rec["tokens"]
+            time_window += dt
+            if self.step % tr["log_every"] == 0 or self.step == stage.end:
+                rec["tok_s"] = tokens_window / max(time_window, 1e-9)
+                rec["elapsed"] = self.elapsed
+                tokens_window, time_window = 0, 0.0
+                self.log(rec)
+            bar.update(1)
+            bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.3f}", budget=rec["budget"] or "parent")
+            if self.step == stage.end:
+                if self.main:
+                    ev = self.evaluate(stage, elastic)
+                    self.evals.append(ev)
+                    self.log({"step": self.step, "event": "eval", **ev})
+                    bar.write(format_eval(ev))
+                self._barrier()
+            if self.step % tr["checkpoint_every"] == 0 or self.step == stage.end:
+                self.save()
+                self._barrier()
+            if stop_after_step is not None and self.step >= stop_after_step:
+                bar.close()
+                return None
+        bar.close()
+        path = self.finish()
+        self._barrier()
+        return path
+
+    def finish(self) -> Path | None:
+        if not self.main:
+            return None
+        subnets = self.budget_subnets()
+        for name, sub in subnets.items():
+            validate_subnet(self.cfg, sub, where=f"budgets.{name}")
+        path = Path(self.r["output"]["path"] or self.out / "nested")
+        dtype = torch.bfloat16 if self.r["output"]["dtype"] == "bfloat16" else None
+        training = {"recipe": self.r["name"], "steps": self.step, "evals": self.evals,
+                    "depth_ranking": self.space.depth_ranking,
+                    "tokens": sum(s.steps * s.spec["batch_size"] * s.spec["seq_len"] for s in self.stages)}
+        from elastic_export.nested import save_nested
+
+        save_nested(path, self.model, subnets, router=self.router, tokenizer=self.tokenizer, dtype=dtype,
+                    extra={"fractions": dict(zip(self.r["budgets"]["names"], self.r["budgets"]["fractions"])),
+                           "training": training})
+        return path
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+@torch.no_grad()
+def evaluate_budgets(model, subnets: dict, mixture, tokenizer, seq_len: int, n_windows: int, n_tasks: int,
+                     seed: int = 0, batch_size: int = 64) -> dict:
+    """Per budget: parameters, held-out loss (mean CE over fixed held-out windows) and exact-match
+    accuracy on short and long tasks (fixed seeds, so every run and stage is scored on the same items)."""
+    from elastic_export.accounting import count_params
+
+    was_training = model.training
+    model.eval()
+    split = "held" if any(len(s.held) > seq_len + 1 for s in mixture.sources) else "train"
+    windows = mixture.batch(range(10**9, 10**9 + n_windows), seq_len, split).to(model.device)
+    tasks = {v: make_tasks(n_tasks, v, seed=10_000 + seed) for v in ("short", "long")}
+    out = {}
+    for name, sub in subnets.items():
+        losses = [float(ce_loss(model(w[None, :-1], subnet=sub), w[None, 1:])) for w in windows]
+        entry = {"params": count_params(model.config, sub), "held_out_loss": sum(losses) / max(1, len(losses))}
+        for v, ts in tasks.items():
+            entry[f"acc_{v}"] = evaluate_tasks(model, tokenizer, ts, sub, batch_size) if ts else None
+            entry[f"answer_loss_{v}"] = answer_loss(model, tokenizer, ts, sub, batch_size) if ts else None
+        out[name] = entry
+    model.train(was_training)
+    return {"budgets": out}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def format_eval(ev: dict) -> str:
+    lines = [f"eval after {ev['stage']} (step {ev['step']}):"]
+    for name, e in ev["budgets"].items():
+        lines.append(f"  {name:>8}: {e['params']:>10,} params  held-out loss {e['held_out_loss']:.4f}  "
+                     f"short {e['acc_short']:.1%}  long {e['acc_long']:.1%}  "
+                     f"answer loss short {e.get('answer_loss_short', float('nan')):.3f} "
+                     f"long {e.get('answer_loss_long', float('nan')):.3f}")
+    return "\n".join(lines)
+
+
+def train(recipe, out: str | Path | None = None, resume: bool = True, progress: bool | None = None,
+          stop_after_step: int | None = None, overrides: dict | None = None) -> Path | None:
+    """Run a recipe (a path or a validated dict); returns the nested checkpoint's path (rank 0)."""
+    if not isinstance(recipe, dict):
+        recipe = load_recipe(recipe, overrides)
+    trainer = Trainer(recipe, out, progress)
+    try:
+        return trainer.run(resume=resume, stop_after_step=stop_after_step)
+    finally:
+        if trainer.distributed and dist.is_initialized():
+            dist.destroy_process_group()
