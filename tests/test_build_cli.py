@@ -67,6 +67,17 @@ def test_run_nested_with_torch(nested):
     assert "[b2] 4 tokens" in r.output
 
 
+def test_run_default_model_static_decode():
+    """No PATH: the shipped model; --static compiles the fixed-shape step and reports it apart."""
+    from elastic_export.build import default_model_path
+
+    if not (default_model_path() / "elastic.json").is_file():
+        pytest.skip("the default model is not shipped in this checkout")
+    r = _run("run", "--budget", "50pct", "--static", "--prompt", "Q: 3, +4", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "[50pct] 4 tokens" in r.output and "first decode step (compilation)" in r.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budget", "huge"], "unknown budget 'huge'"),
     (["--opset", "18"], "opset 18 is not supported by --ssm-op standard"),
