@@ -26,21 +26,23 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, subnet: Subnet | None = None,
-             attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
-    """Return [B, L + new] token ids. Sequences that emit ``eos_token_id`` are padded with it.
+def decode_loop(logits: torch.Tensor, decode, max_new_tokens: int, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                generator: torch.Generator | None = None, callback=None) -> list[torch.Tensor]:
+    """The token loop shared by every runtime: ``logits`` [B, V] of the prompt's last position,
+    ``decode(tokens [B]) -> logits [B, V]``. Returns the new tokens, one [B, 1] tensor per step.
 
-    ``callback(step, tokens [B])`` is called after each new token (progress displays).
+    Greedy choices stay on the logits' device (no host round trip on a GPU); sampling draws on the
+    CPU so that a CPU ``generator`` reproduces. Sequences that emitted ``eos_token_id`` are padded
+    with it, and the loop stops when all have. ``callback(step, tokens [B])`` follows each token.
     """
-    cache = model.new_cache()
-    logits = model(input_ids, subnet=subnet, cache=cache, attention_mask=attention_mask, last_only=True)
-    out = [input_ids]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    out = []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        if temperature <= 0:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = sample_next(logits.float().cpu(), temperature, top_k, top_p, generator).to(logits.device)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done |= nxt == eos_token_id
@@ -50,5 +52,16 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, subnet: Subnet
         if eos_token_id is not None and bool(done.all()):
             break
         if step + 1 < max_new_tokens:
-            logits = model(nxt[:, None], subnet=subnet, cache=cache)
-    return torch.cat(out, dim=1)
+            logits = decode(nxt)
+    return out
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, subnet: Subnet | None = None,
+             attention_mask: torch.Tensor | None = None, **sampling) -> torch.Tensor:
+    """Return [B, L + new] token ids from the torch model (sampling options: see decode_loop)."""
+    cache = model.new_cache()
+    logits = model(input_ids, subnet=subnet, cache=cache, attention_mask=attention_mask, last_only=True)
+    new = decode_loop(logits[:, -1], lambda tok: model(tok[:, None], subnet=subnet, cache=cache)[:, -1],
+                      max_new_tokens, **sampling)
+    return torch.cat([input_ids, *new], dim=1)

@@ -5,7 +5,7 @@ import torch
 
 from elastic_export.tokenizer import ByteTokenizer
 from training.data import Mixture, Source, stdlib_files
-from training.tasks import Task, evaluate, make_task, make_tasks, parse_answer
+from elastic_export.tasks import Task, evaluate, make_task, make_tasks, parse_answer
 
 
 def test_tasks_have_correct_worked_steps():
@@ -87,7 +87,7 @@ def test_hf_tokenizer_json_source(tmp_path):
 
 
 def test_answer_loss_scores_only_the_answer():
-    from training.tasks import answer_loss
+    from elastic_export.tasks import answer_loss
 
     tok = ByteTokenizer()
 

@@ -5,7 +5,7 @@
 - :mod:`training.distill`  forward KL from a frozen teacher; trainable-teacher KD + alpha * CE
 - :mod:`training.sampler`  budget sampling per step (uniform or weighted)
 - :mod:`training.data`     byte-level / HF tokenizers, packed windows from text, JSONL, tokens, the CPython stdlib
-- :mod:`training.tasks`    synthetic multi-step arithmetic with worked steps; exact-match evaluation
+- :mod:`elastic_export.tasks` synthetic multi-step arithmetic with worked steps; exact-match evaluation
 - :mod:`training.recipe`   TOML recipes, validated before training
 - :mod:`training.trainer`  stages, exact resume, torchrun (DDP), nested checkpoint output
 """

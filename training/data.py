@@ -6,7 +6,7 @@ Sources (recipe ``[[data.sources]]``):
 - ``text``: a file, or a directory's files matching ``glob``.
 - ``jsonl``: one JSON object per line, text under ``field``.
 - ``tokens``: pre-tokenized ids, ``.npy`` or raw ``.bin`` of ``dtype``.
-- ``tasks``: synthetic reasoning tasks (training.tasks), ``variant`` short / long / mixed.
+- ``tasks``: synthetic reasoning tasks (elastic_export.tasks), ``variant`` short / long / mixed.
 
 Each document becomes [bos] + ids + [eos]; documents are concatenated into one stream per source.
 A held-out share of documents (the last ones in a fixed shuffled order) feeds evaluation.
@@ -27,7 +27,7 @@ import torch
 
 from elastic_export.errors import ConfigError
 
-from .tasks import make_tasks
+from elastic_export.tasks import make_tasks
 
 
 def stdlib_files() -> list[Path]:

@@ -37,7 +37,7 @@ from .distill import ce_loss, distill_loss
 from .recipe import load_recipe, make_space, parent_config
 from .router import Router, budget_loss, gumbel_schedule
 from .sampler import BudgetSampler
-from .tasks import answer_loss, evaluate as evaluate_tasks, make_tasks
+from elastic_export.tasks import answer_loss, evaluate as evaluate_tasks, make_tasks
 
 
 @dataclass

@@ -193,35 +193,15 @@ class TrtEngine:
         return outs["logits"][:, -1]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 callback=None) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None, **sampling) -> torch.Tensor:
         """[b, l] -> [b, l + new] token ids (on the CPU, as the other engines). Greedy stays on the
-        device (argmax there; the token is fed back without a host round trip); sampling draws on
-        the CPU."""
-        from elastic_export.generate import sample_next
+        device (the token is fed back without a host round trip); see elastic_export.generate.decode_loop."""
+        from elastic_export.generate import decode_loop
 
         input_ids = torch.as_tensor(input_ids).to(self.device, torch.int64)
         logits = self.prefill(input_ids, attention_mask, last_only=True)
-        out = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for step in range(max_new_tokens):
-            if temperature <= 0:
-                nxt = logits.float().argmax(-1)
-            else:
-                nxt = sample_next(logits.float().cpu(), temperature, top_k, top_p, generator).to(self.device)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if callback is not None:
-                callback(step, nxt)
-            if eos_token_id is not None and bool(done.all()):
-                break
-            if step + 1 < max_new_tokens:
-                logits = self.decode(nxt)
-        return torch.cat(out, dim=1).cpu()
+        new = decode_loop(logits.float(), lambda tok: self.decode(tok).float(), max_new_tokens, **sampling)
+        return torch.cat([input_ids, *new], dim=1).cpu()
 
     # ---- helpers ---------------------------------------------------------------------------------
     @staticmethod

@@ -86,7 +86,7 @@ def parse_answer(text: str) -> int | None:
 def evaluate(model, tokenizer, tasks: list[Task], subnet=None, batch_size: int = 64,
              max_new_tokens: int | None = None) -> float:
     """Exact-match accuracy of greedy answers (left-padded batches, stop at a newline)."""
-    from elastic_export.generate import generate
+    from .generate import generate
 
     if not tasks:
         return float("nan")
