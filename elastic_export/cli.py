@@ -44,11 +44,24 @@ def main():
 @click.option("--preset", help="Inspect a built-in config instead (e.g. nemotron-nano-v2-12b).")
 @user_errors
 def inspect(path, preset):
-    """Layer table, parameter counts and sizes of a checkpoint or a config.json (no weights needed)."""
-    from .inspect import inspect_text, resolve_config, weights_summary
+    """Layer table, parameter counts and sizes of a checkpoint, a nested checkpoint or a config.json
+    (no weights needed). With neither PATH nor --preset: the shipped default model."""
+    from .inspect import inspect_text, nested_summary, resolve_config, weights_summary
+    from .nested import is_nested
 
+    path = _default(path) if not preset else path
+    if is_nested(path):
+        click.echo(nested_summary(path))
+        return
     cfg = resolve_config(path, preset)
     click.echo(inspect_text(cfg, weights_summary(None if preset else path, cfg)))
+
+
+def _default(path: str | None) -> str:
+    """The checkpoint a command works on: the given one, else the shipped default model."""
+    from .build import default_model_path
+
+    return path if path is not None else str(default_model_path())
 
 
 # ---- elastic core: rank, plan, nest, slice -----------------------------------------------------
@@ -92,7 +105,7 @@ def _plan(cfg, importance, budgets, mode, divisor, depth):
 
 
 @main.command()
-@click.argument("parent")
+@click.argument("parent", required=False)
 @click.option("--calib", multiple=True, required=True, help="Token files (.npy/.bin/.txt ids) or text files.")
 @click.option("--out", required=True, help="Output: a nested checkpoint with the sorted weights and scores.")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration window.")
@@ -113,7 +126,7 @@ def rank(parent, calib, out, seq_len, samples, batch_size, depth_mode, head_chan
     from .sorting import sort_model
     from .tokenizer import load_tokenizer
 
-    model, _, tok_dir = _load_parent(parent, dtype)
+    model, _, tok_dir = _load_parent(_default(parent), dtype)
     tok = load_tokenizer(tokenizer or tok_dir)
     ids = load_calibration(calib, model.config.vocab_size, seq_len, samples, tok)
     t0 = time.perf_counter()
@@ -146,6 +159,8 @@ def plan(parent, preset, budgets, mode, divisor, depth, context, batch, dtype, j
 
     parse_dtype(dtype)
     importance = None
+    if preset is None:
+        parent = _default(parent)
     if parent is not None and is_nested(parent):
         _, cfg, _ = read_manifest(parent)
         importance = read_importance(parent, cfg)
@@ -163,7 +178,7 @@ def plan(parent, preset, budgets, mode, divisor, depth, context, batch, dtype, j
 
 
 @main.command()
-@click.argument("parent_sorted")
+@click.argument("parent_sorted", required=False)
 @search_options
 @click.option("--out", required=True, help="Output nested checkpoint directory.")
 @click.option("--dtype", default=None, help="Save dtype [as stored].")
@@ -173,7 +188,7 @@ def nest(parent_sorted, budgets, mode, divisor, depth, out, dtype):
     from .nested import check_budgets, save_nested
     from .search import plan_text
 
-    model, importance, tok_dir = _load_parent(parent_sorted)
+    model, importance, tok_dir = _load_parent(_default(parent_sorted))
     chosen = _plan(model.config, importance, budgets, mode, divisor, depth)
     check_budgets(model.config, chosen)  # refuse before warning or writing
     if importance is None:
@@ -185,7 +200,7 @@ def nest(parent_sorted, budgets, mode, divisor, depth, out, dtype):
 
 
 @main.command(name="slice")
-@click.argument("nested")
+@click.argument("nested", required=False)
 @click.option("--budget", "budget", required=True, help="A budget name from the manifest, or 'all'.")
 @click.option("--out", required=True, help="Output checkpoint directory (with 'all': one subdirectory per budget).")
 @click.option("--dtype", default=None, help="Save dtype [as stored].")
@@ -198,7 +213,7 @@ def slice_cmd(nested, budget, out, dtype):
     from .nested import load_nested
 
     dt = parse_dtype(dtype)
-    ck = load_nested(nested)
+    ck = load_nested(_default(nested))
     names = list(ck.budgets) if budget == "all" else [budget]
     subnets = {n: ck.subnet(n) for n in names}  # unknown names fail here, before any write
     with atomic_dir(out) as tmp:

@@ -66,6 +66,22 @@ def weights_summary(path: str | None, cfg: ModelConfig) -> str | None:
     return f"weights on disk: {len(headers)} tensors, {'/'.join(dtypes)}, {gb(nbytes)} (shapes match the config)"
 
 
+def nested_summary(path: str) -> str:
+    """The parent's layer table plus every budget of a nested checkpoint (manifest only, no weights)."""
+    from .accounting import count_params
+    from .nested import read_manifest
+    from .search import describe
+
+    manifest, cfg, budgets = read_manifest(path)
+    lines = [inspect_text(cfg), "", f"nested checkpoint {path} (format {manifest.get('format_version')}): "
+             f"{len(budgets)} budgets over one weight copy"]
+    full = count_params(cfg)
+    for name, subnet in budgets.items():
+        n = count_params(cfg, subnet)
+        lines.append(f"  {name:<10} {n:>14,} params ({100 * n / full:5.1f}%)  {describe(cfg, subnet)}")
+    return "\n".join(lines)
+
+
 def inspect_text(cfg: ModelConfig, weights: str | None = None) -> str:
     emb, per_layer, head = layer_parameter_counts(cfg)
     total = emb + sum(per_layer) + head

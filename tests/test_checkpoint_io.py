@@ -158,3 +158,16 @@ def test_rank_major_model_saves_in_hf_head_order(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 13))
     with torch.no_grad():
         assert (hf_model(tmp_path)(ids).logits - sorted_like(ids)).abs().max().item() <= 1e-4
+
+
+def test_commands_default_to_the_shipped_model(tmp_path):
+    from elastic_export.build import default_model_path
+
+    if not (default_model_path() / "elastic.json").is_file():
+        pytest.skip("the default model is not shipped in this checkout")
+    r = CliRunner().invoke(main, ["inspect"])
+    assert r.exit_code == 0, r.output
+    assert "3 budgets over one weight copy" in r.output and "50pct" in r.output
+    r = CliRunner().invoke(main, ["slice", "--budget", "75pct", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert ee.load(tmp_path / "s").num_parameters() < ee.load_nested(default_model_path()).model.num_parameters()
