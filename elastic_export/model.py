@@ -81,6 +81,9 @@ class Mamba2Mixer(nn.Module):
         self.n_groups, self.ssm_state_size = cfg.n_groups, cfg.ssm_state_size
         self.conv_kernel, self.chunk_size = cfg.conv_kernel, cfg.chunk_size
         self.eps, self.head_order = cfg.layer_norm_epsilon, cfg.head_order
+        # dt = softplus(.) is clamped below at time_step_min as transformers' NemotronH does in its chunked
+        # scan; we apply the same clamp in the decode step too (transformers does not), so that decode
+        # equals prefill. The two differ only where softplus(dt) < time_step_min (1e-3 by default).
         self.dt_min, self.dt_max = max(cfg.time_step_min, cfg.time_step_limit[0]), cfg.time_step_limit[1]
         I, GN = self.num_heads * self.head_dim, cfg.n_groups * cfg.ssm_state_size
         self.in_proj = nn.Linear(cfg.hidden_size, 2 * I + 2 * GN + self.num_heads, bias=cfg.use_bias)
