@@ -69,8 +69,9 @@ class GraphDecoder:
         self.token = torch.zeros(batch, dtype=torch.long, device=dev)  # next input token (in place)
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=dev)  # False on prompt padding
         self.logits = None
-        if compile and not self.use_graph:  # CPU: inductor fuses the step's many small ops
-            self._step = torch.compile(self._step, dynamic=False)
+        if compile and not self.use_graph:  # CPU: inductor fuses the step's many small ops; its C++
+            # wrapper (instead of a Python one) saves ~10% of a small model's step
+            self._step = torch.compile(self._step, dynamic=False, options={"cpp_wrapper": True})
 
     # ---- prefill: the model's forward, then states into the static buffers ------------------------
     @torch.no_grad()
