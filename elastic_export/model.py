@@ -23,7 +23,7 @@ from torch import nn
 from . import elastic
 from .cache import InferenceCache
 from .config import ModelConfig
-from .elastic import LayerWidths, Subnet, full_subnet
+from .elastic import Subnet, full_subnet
 from .ssd import group_heads, ssd_scan, ssd_update, ungroup_heads
 
 

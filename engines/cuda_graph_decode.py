@@ -48,7 +48,7 @@ class GraphDecoder:
         dev = model.device
         self.use_graph = dev.type == "cuda" if use_graph is None else use_graph
         self.graph = None
-        cfg, d = model.config, self.subnet.hidden
+        cfg = model.config
         self.conv, self.ssm, self.k, self.v = {}, {}, {}, {}
         for i, (blk, v) in enumerate(zip(model.backbone.layers, self.views)):
             if v is None:

@@ -2,7 +2,7 @@
 
 import torch
 
-from elastic_export.elastic import LayerWidths, Subnet, full_subnet
+from elastic_export.elastic import full_subnet
 from elastic_export.model import build_model
 from helpers import randomize, tiny_config
 from training.recipe import load_recipe, parent_config

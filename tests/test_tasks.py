@@ -1,11 +1,10 @@
-import random
 import re
 
 import torch
 
 from elastic_export.tokenizer import ByteTokenizer
 from training.data import Mixture, Source, stdlib_files
-from elastic_export.tasks import Task, evaluate, make_task, make_tasks, parse_answer
+from elastic_export.tasks import Task, evaluate, make_tasks, parse_answer
 
 
 def test_tasks_have_correct_worked_steps():

@@ -354,7 +354,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.main and self.progress),
                    dynamic_ncols=True)
         self.model.train()
-        t0, tokens_window, time_window = time.time(), 0, 0.0
+        tokens_window, time_window = 0, 0.0
         while self.step < self.total_steps:
             stage = next(s for s in self.stages if s.start <= self.step < s.end)
             elastic = stage.spec["kind"] == "elastic"

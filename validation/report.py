@@ -81,7 +81,7 @@ def plot_memory(report: dict, path: Path) -> None:
     if "disk" in mem and "separate" in mem["disk"]:
         groups.append(("weights on disk", mem["disk"]["nested"], mem["disk"]["separate"]))
     if "peak" in mem:
-        groups.append((f"measured peak\n(net of baseline)", mem["peak"]["family_net"], mem["peak"]["separate_net"]))
+        groups.append(("measured peak\n(net of baseline)", mem["peak"]["family_net"], mem["peak"]["separate_net"]))
     fig, ax = plt.subplots(figsize=(7, 4))
     if groups:
         xs = range(len(groups))
