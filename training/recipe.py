@@ -260,8 +260,6 @@ def parent_config(r: dict, path=None):
 
 def check_parent(r: dict, path=None) -> None:
     """Refuse budgets the parent cannot reach and axes its head order cannot prefix."""
-    from .space import ElasticSpace
-
     cfg = parent_config(r, path)
     tok = r["model"]["tokenizer"]
     if tok == "byte":
