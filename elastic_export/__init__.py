@@ -1,16 +1,34 @@
-"""elastic-export: one elastic hybrid Mamba2-Attention model in, every deployable size out."""
+"""elastic-export: one elastic hybrid Mamba2-Attention model in, every deployable size out.
 
-from .build import default_model_path
-from .config import ModelConfig, preset
-from .elastic import LayerWidths, Subnet, full_subnet
-from .errors import BudgetError, CheckpointError, ConfigError, ElasticExportError
-from .hf_io import load, load_config
-from .model import NemotronHForCausalLM, build_model
-from .nested import load_nested, save_nested
-from .slicing import slice_budget
+The public API is flat (``elastic_export.load``, ``slice_budget``, ``build``...) but imported on
+first use, so ``elastic-export --help`` and the CLI's argument errors never pay for importing torch.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "preset", "LayerWidths", "Subnet", "full_subnet", "ElasticExportError", "ConfigError",
-           "CheckpointError", "BudgetError", "load", "load_config", "NemotronHForCausalLM", "build_model",
-           "load_nested", "save_nested", "slice_budget", "default_model_path"]
+_EXPORTS = {
+    "ModelConfig": "config", "preset": "config",
+    "LayerWidths": "elastic", "Subnet": "elastic", "full_subnet": "elastic",
+    "ElasticExportError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "BudgetError": "errors",
+    "load": "hf_io", "load_config": "hf_io",
+    "NemotronHForCausalLM": "model", "build_model": "model",
+    "load_nested": "nested", "save_nested": "nested",
+    "slice_budget": "slicing",
+    "default_model_path": "build",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -171,3 +171,12 @@ def test_commands_default_to_the_shipped_model(tmp_path):
     r = CliRunner().invoke(main, ["slice", "--budget", "75pct", "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     assert ee.load(tmp_path / "s").num_parameters() < ee.load_nested(default_model_path()).model.num_parameters()
+
+
+def test_cli_help_does_not_import_torch():
+    """The CLI imports its machinery inside each command: --help stays fast and needs no torch."""
+    code = ("import sys; from click.testing import CliRunner; from elastic_export.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0 and 'build' in r.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
