@@ -58,6 +58,15 @@ def _mm(a, b, DOT: tl.constexpr, LOW: tl.constexpr):
 
 
 @triton.jit
+def _group_of(h, nheads, ngroups, RANK_MAJOR: tl.constexpr):
+    """The group of head h in either head order (as elastic_export.ssd.group_heads)."""
+    if RANK_MAJOR:
+        return h % ngroups
+    else:
+        return h // (nheads // ngroups)
+
+
+@triton.jit
 def ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, s0_ptr,
     seqlen, nheads, headdim, ngroups, dstate,
@@ -74,10 +83,7 @@ def ssd_scan_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
     h = pid_bh % nheads
-    if RANK_MAJOR:
-        g = h % ngroups
-    else:
-        g = h // (nheads // ngroups)
+    g = _group_of(h, nheads, ngroups, RANK_MAJOR)
     b64 = b.to(tl.int64)
     LOW: tl.constexpr = x_ptr.dtype.element_ty
 
@@ -156,10 +162,7 @@ def ssd_step_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
     h = pid_bh % nheads
-    if RANK_MAJOR:
-        g = h % ngroups
-    else:
-        g = h // (nheads // ngroups)
+    g = _group_of(h, nheads, ngroups, RANK_MAJOR)
     b64 = b.to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
