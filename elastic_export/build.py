@@ -33,6 +33,7 @@ import torch
 from .elastic import Subnet
 from .errors import BudgetError, CheckpointError, ConfigError
 from .hf_io import atomic_dir, dtype_name, parse_dtype
+from .nested import sha256_file
 
 BUILD_FORMAT = "elastic-export-build"
 BUILD_VERSION = 1
@@ -217,16 +218,11 @@ def read_build(path: str | Path) -> dict:
 
 def verify_build(path: str | Path) -> None:
     """Refuse a build directory whose files do not match their recorded SHA-256."""
-    import hashlib
 
     path = Path(path)
     for fname, rec in read_build(path)["files"].items():
         f = path / fname
         if not f.is_file():
             raise CheckpointError("is missing", path=f, fix="rebuild with elastic-export build")
-        sha = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                sha.update(chunk)
-        if sha.hexdigest() != rec["sha256"]:
+        if sha256_file(f) != rec["sha256"]:
             raise CheckpointError("fails its SHA-256 check", path=f, fix="the file changed; rebuild")

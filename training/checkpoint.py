@@ -8,7 +8,6 @@ written once to ``OUT/teacher/`` when elastification starts.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -51,7 +50,3 @@ def set_rng_states(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -30,6 +30,7 @@ from torch import nn
 
 from elastic_export.elastic import full_subnet, validate_subnet
 from elastic_export.errors import ConfigError
+from elastic_export.hf_io import atomic_write_bytes
 
 from . import checkpoint as ckpt
 from .data import build_mixture
@@ -232,7 +233,7 @@ class Trainer:
         if not self.main or not f.is_file():
             return
         keep = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= self.step]
-        ckpt.atomic_write_bytes(f, ("\n".join(keep) + "\n" if keep else "").encode())
+        atomic_write_bytes(f, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def log(self, record: dict) -> None:
         if self.main:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
+
+from elastic_export.hf_io import atomic_write_bytes
 
 MANIFEST = "trt_manifest.json"
 
@@ -99,10 +100,6 @@ def profile_shapes(onnx_path: str | Path, dims: dict[str, tuple[int, int, int]])
     return shapes
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, profiles: dict[str, dict[str, tuple]],
@@ -149,9 +146,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profiles: dict[
     data = bytes(serialized)
     engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(engine_path, data)
+    atomic_write_bytes(engine_path, data)
     if cache_path:
-        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return {"file": engine_path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "onnx": Path(onnx_path).name, "profiles": {p: {k: list(v) for k, v in d.items()} for p, d in profiles.items()},
             "build_seconds": round(time.time() - t0, 2), "tensorrt": trt.__version__}
@@ -189,5 +186,5 @@ def build_family(graphs: dict[str, dict[str, str | Path]], out_dir: str | Path,
         f"costs about {total / 2**20:.1f} MiB of GPU memory for engines (per budget: "
         + ", ".join(f"{b} {n / 2**20:.1f} MiB" for b, n in per_budget.items()) + ")"
         if sum(len(k) for k in graphs.values()) > 1 else "a single engine: weights exist once on the GPU")
-    _atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
+    atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
