@@ -19,6 +19,8 @@ from .generation import generate
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # model.rms_norm spells the same norm out in ops so that the model exports to ONNX (aten::rms_norm
+    # does not); the engine only runs, so it takes the fused op.
     return F.rms_norm(x, w.shape, w, eps)  # one fused op: x * rsqrt(mean(x^2) + eps) * w
 
 
