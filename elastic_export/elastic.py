@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .errors import BudgetError
+from .ssd import group_heads
 
 
 @dataclass(frozen=True)
@@ -204,10 +205,7 @@ def embedding_view(emb: torch.Tensor, d: int) -> torch.Tensor:
 def group_members(heads: int, groups: int, head_order: str) -> list[list[int]]:
     """Head indices of each group: ``group_contiguous`` puts head h in group h // (heads/groups),
     ``rank_major`` in group h % groups (position j*G + g holds the rank-j head of group g)."""
-    r = heads // groups
-    if head_order == "group_contiguous":
-        return [[g * r + j for j in range(r)] for g in range(groups)]
-    return [[j * groups + g for j in range(r)] for g in range(groups)]
+    return group_heads(torch.arange(heads), groups, head_order, 0).tolist()
 
 
 def head_order_index(heads: int, groups: int, src: str, dst: str) -> torch.Tensor:
