@@ -300,10 +300,9 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static):
 
     import torch
 
-    from .build import default_model_path
     from .tokenizer import load_tokenizer
 
-    p = Path(path) if path else default_model_path()
+    p = Path(_default(path))
     if (p / "build.json").is_file():
         from .build import read_build, verify_build
 
