@@ -112,18 +112,29 @@ def _choices(n: int, step: int) -> list[int]:
     return sorted((v for v in vals if 0 < v <= n), reverse=True)
 
 
-def _retained(scores, choices: list[int]) -> list[float]:
-    """Importance kept by each choice (a prefix of sorted scores), as a fraction of the total."""
+def retained_fraction(scores, choices: list[int], full: int | None = None) -> list[float]:
+    """Importance kept by each width choice (a prefix of sorted scores), as a fraction of the total.
+
+    Without scores (or with no positive mass) the kept fraction of the width, ``c / full``
+    (``full`` defaults to the largest choice).
+    """
+    full = full or max(choices)
     if scores is None:
-        return [c / choices[0] for c in choices]
+        return [c / full for c in choices]
     s = [max(0.0, float(v)) for v in scores]
     total = sum(s)
     if total <= 0:
-        return [c / choices[0] for c in choices]
+        return [c / full for c in choices]
     prefix = [0.0]
     for v in s:
         prefix.append(prefix[-1] + v)
     return [prefix[c] / total for c in choices]
+
+
+def objective(weight: float, retained: float) -> float:
+    """The search's loss of one knob: w * (u + u^2), u = -log(retained importance) (see the module doc)."""
+    u = -math.log(max(retained, 1e-300))
+    return weight * (u + u * u)
 
 
 @dataclass
@@ -152,18 +163,18 @@ class _Search:
         knobs: list[_Knob] = []
         D = cfg.hidden_size
         dch = _choices(D, embed_divisor or default_divisor(D))
-        knobs.append(_Knob("hidden", "hidden", [], dch, _retained(None if imp is None else imp.hidden, dch), 1.0))
+        knobs.append(_Knob("hidden", "hidden", [], dch, retained_fraction(None if imp is None else imp.hidden, dch), 1.0))
 
         def add(kind, field, layers, n, step, scores_of):
             ch = _choices(n, step)
             share = sum(lp_full[i] for i in layers) / total
             if mode == "homogeneous":
-                rs = [_retained(scores_of(i), ch) for i in layers]
+                rs = [retained_fraction(scores_of(i), ch) for i in layers]
                 ret = [math.prod(r[k] for r in rs) ** (1 / len(rs)) for k in range(len(ch))]  # geometric mean
                 knobs.append(_Knob(kind, field, layers, ch, ret, share))
             else:
                 for i in layers:
-                    knobs.append(_Knob(f"{kind}[{i}]", field, [i], ch, _retained(scores_of(i), ch),
+                    knobs.append(_Knob(f"{kind}[{i}]", field, [i], ch, retained_fraction(scores_of(i), ch),
                                        lp_full[i] / total))
 
         def scores(key):
@@ -258,8 +269,7 @@ class _Search:
     @staticmethod
     def _cost(k: _Knob, j: int) -> float:
         """Objective loss of knob k at choice j: w * (u + u^2), u = -log(retained importance)."""
-        u = -math.log(max(k.retained[j], 1e-300))
-        return k.weight * (u + u * u)
+        return objective(k.weight, k.retained[j])
 
     def run(self, target: int) -> Subnet:
         self._reset()

@@ -112,3 +112,26 @@ def test_calibration_errors(tmp_path):
     (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
     with pytest.raises(ConfigError, match="whole number"):
         load_calibration(tmp_path / "odd.bin", 100, 2)
+
+
+def test_iterative_depth_rescores_after_each_removal():
+    """Each layer's iterative score is Eq. 5 measured with the layers removed before it already gone."""
+    from elastic_export.importance import _skip_subnet
+
+    m = random_model(3).eval()
+    cfg = m.config
+    ids = calib_ids(cfg, 2, 16)
+    scores, order = depth_scores(m, [ids], "iterative")
+    with torch.no_grad():
+        full = m(ids).double()
+        den = float((full ** 2).sum())
+        for k, j in enumerate(order[:-1]):
+            gone = set(order[:k])
+            ref = float(((full - m(ids, subnet=_skip_subnet(cfg, gone), skip_layer=j).double()) ** 2).sum()) / den
+            assert abs(scores[j].item() - ref) <= 1e-6 * max(1.0, ref), (k, j)
+            rest = [i for i in range(cfg.num_hidden_layers) if i not in gone]
+            cand = {i: float(((full - m(ids, subnet=_skip_subnet(cfg, gone), skip_layer=i).double()) ** 2).sum())
+                    for i in rest}
+            assert j == min(rest, key=lambda i: (cand[i], i))  # the least important of what is left goes next
+    oneshot, _ = depth_scores(m, [ids], "oneshot")
+    assert not torch.allclose(scores[order[1]], oneshot[order[1]])  # re-scored, not the one-shot score

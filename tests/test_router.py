@@ -73,26 +73,100 @@ def test_straight_through_gates_leave_forward_unchanged_and_reach_router():
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_budget_loss_pulls_parameter_count_toward_target():
-    cfg = rank_major(3)
-    space = ElasticSpace(cfg, (0.25, 0.5, 0.75, 1.0), max_dropped_layers=1)
-    full = space.subnet_cost(full_subnet(cfg))
-    torch.manual_seed(0)
+def _train_router(space, seed, cost_of, steps=150, target_frac=0.5):
+    full = space.subnet_cost(full_subnet(space.cfg))
+    torch.manual_seed(seed)
     router = Router(space, 2, hidden=32)
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
-    target = 0.5 * full
-    start = space.subnet_cost(router.subnet(1)) / full
-    for step in range(150):
-        tau, scale = gumbel_schedule(step / 149)
-        y, idx = router.sample(1, tau, scale, gen)
-        loss = budget_loss(space.cost(space.soft_widths(y)), target, tolerance=0.05)
+    for step in range(steps):
+        tau, scale = gumbel_schedule(step / (steps - 1))
+        y, _ = router.sample(1, tau, scale, gen)
+        loss = budget_loss(space.cost(cost_of(router, y)), target_frac * full, tolerance=0.05)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    end = space.subnet_cost(router.subnet(1)) / full
-    assert abs(end - 0.5) < 0.08, (start, end)
-    assert abs(end - 0.5) <= abs(start - 0.5) + 1e-9
+    return router, full
+
+
+def test_expected_cost_budget_loss_reaches_the_band_and_keeps_a_gradient():
+    cfg = rank_major(3)
+    space = ElasticSpace(cfg, (0.25, 0.5, 0.75, 1.0), max_dropped_layers=1)
+    for seed in range(2):
+        router, full = _train_router(space, seed, lambda r, y: space.expected_widths(r.probabilities(1)), steps=100)
+        with torch.no_grad():
+            expected = float(space.cost(space.expected_widths(router.probabilities(1)))) / full
+        assert abs(expected / 0.5 - 1) <= 0.05 + 1e-6, (seed, expected)
+    # a router pushed far off target: at the end of the schedule (tau 0.05, scale 10) the sampled
+    # straight-through cost has (almost) no gradient left; the expected cost still has one
+    torch.manual_seed(0)
+    router = Router(space, 2, hidden=32)
+    with torch.no_grad():
+        for ax in router.axes.values():
+            ax.net[2].bias.copy_(torch.arange(ax.choices, dtype=torch.float32).repeat(ax.rows) * 3.0)
+    full = space.subnet_cost(full_subnet(cfg))
+    grads = {}
+    for mode in ("sampled", "expected"):
+        router.zero_grad()
+        y, _ = router.sample(1, 0.05, 10.0, torch.Generator().manual_seed(0))
+        w = space.soft_widths(y) if mode == "sampled" else space.expected_widths(router.probabilities(1))
+        budget_loss(space.cost(w), 0.5 * full, 0.05).backward()
+        grads[mode] = sum(float(p.grad.norm()) for p in router.parameters() if p.grad is not None)
+    assert grads["expected"] > 1e-3 and grads["sampled"] < 1e-3 * grads["expected"], grads
+
+
+def _random_index(space, gen):
+    return {n: [int(torch.randint(0, ax.choices, (1,), generator=gen)) for _ in range(ax.rows)]
+            for n, ax in space.axes.items()}
+
+
+def test_repair_lands_in_band_nested_and_deterministic():
+    from elastic_export.importance import compute_importance
+    from elastic_export.sorting import sort_model
+    from helpers import randomize
+
+    cfg = rank_major(4)
+    model = randomize(build_model(cfg, seed=4), 4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    model, imp = sort_model(model, compute_importance(model, ids, depth="oneshot"))
+    space = ElasticSpace(model.config, (0.5, 0.625, 0.75, 0.875, 1.0), max_dropped_layers=1,
+                         depth_ranking=imp.depth_order)
+    full = space.subnet_cost(full_subnet(model.config))
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(4):
+        upper = space.extreme_index(True)
+        for frac in (0.75, 0.5):
+            raw = _random_index(space, gen)
+            idx, ok = space.repair(raw, frac * full, 0.05, imp=imp, upper=upper)
+            cost = space.subnet_cost(space.subnet(idx))
+            assert ok and abs(cost / (frac * full) - 1) <= 0.05, (trial, frac, cost / full)
+            assert space.repair(raw, frac * full, 0.05, imp=imp, upper=upper) == (idx, ok)  # deterministic
+            assert space.repair(idx, frac * full, 0.05, imp=imp, upper=upper)[0] == idx  # in band: unchanged
+            big, small = space.subnet(upper), space.subnet(idx)  # nested: never wider than the larger budget
+            assert small.hidden <= big.hidden
+            for a, b in zip(small.layers, big.layers):
+                assert a.kept <= b.kept
+                for f in ("mamba_heads", "mamba_head_dim", "attn_heads", "ffn"):
+                    if getattr(a, f) is not None:
+                        assert getattr(a, f) <= getattr(b, f), (trial, f)
+            upper = idx
+
+
+def test_duplicate_width_choices_are_never_picked():
+    cfg = rank_major(3)
+    space = ElasticSpace(cfg, (0.25, 0.5, 0.75, 1.0), max_dropped_layers=1)
+    dup = [(n, r, k) for n, ax in space.axes.items() for r, row in enumerate(ax.valid) for k, ok in enumerate(row)
+           if not ok]
+    assert dup, "the test config should round two choices to one width"
+    for n, r, k in dup:
+        assert space.axes[n].values[r][k] in space.axes[n].values[r][:k]
+    router = Router(space, 2, hidden=32)
+    for seed in range(20):
+        _, index = router.sample(1, 1.0, 1.0, torch.Generator().manual_seed(seed))
+        for n, r, k in dup:
+            assert int(index[n][r]) != k
+    for n, r, k in dup:
+        assert float(router.probabilities(0)[n][r, k]) == 0.0
 
 
 def test_parameter_count_matches_weight_views():

@@ -45,6 +45,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                "calibration_windows": (int, 32, None),
                "budget_metric": (str, "params", ("params", "memory")), "memory_context": (int, 4096, None),
                "lambda": (NUM, 1.0, None), "tolerance": (NUM, 0.05, None),
+               "budget_cost": (str, "expected", ("expected", "sampled")), "repair": (bool, True, None),
+               "freeze_after": (str, None, None), "nested": (bool, False, None),
                "tau_start": (NUM, 1.0, None), "tau_end": (NUM, 0.05, None),
                "scale_start": (NUM, 1.0, None), "scale_end": (NUM, 10.0, None)},
     "distill": {"mode": (str, "frozen", ("frozen", "trainable")), "temperature": (NUM, 1.0, None),
@@ -52,7 +54,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "stage": {"name": (str, REQ, None), "kind": (str, REQ, ("pretrain", "elastic")), "tokens": (int, REQ, None),
               "seq_len": (int, REQ, None), "batch_size": (int, REQ, None), "lr": (NUM, REQ, None),
               "warmup_steps": (int, 60, None), "min_lr_ratio": (NUM, 0.1, None),
-              "weight_decay": (NUM, 0.0, None), "sampling": (str, "uniform", ("uniform", "weighted")),
+              "weight_decay": (NUM, 0.0, None), "sampling": (str, "uniform", ("uniform", "weighted", "sandwich")),
               "weights": (list, None, None)},
     "train": {"grad_accum": (int, 1, None), "checkpoint_every": (int, 100, None), "log_every": (int, 10, None),
               "precision": (str, "auto", ("auto", "float32", "bf16")), "grad_clip": (NUM, 1.0, None),
@@ -77,6 +79,9 @@ def _check_table(raw: dict, section: str, where: str, path) -> dict:
             out[key] = default
             continue
         v = raw[key]
+        if v is None and default is None:  # an optional field given as "not set" (a validated recipe re-checked)
+            out[key] = None
+            continue
         types = typ if isinstance(typ, tuple) else (typ,)
         if isinstance(v, bool) and bool not in types or not isinstance(v, types):
             names = "/".join(t.__name__ if t is not dict else "table" for t in types)
@@ -199,7 +204,7 @@ def validate_recipe(raw: dict, path=None, base: Path | None = None, overrides: d
         for k in ("tokens", "seq_len", "batch_size"):
             if s[k] <= 0:
                 raise ConfigError(f"must be positive, got {s[k]}", path=path, field=where + k)
-        if s["sampling"] == "weighted":
+        if s["sampling"] == "weighted" or s["weights"] is not None:
             w = s["weights"]
             if w is None or len(w) != len(b["names"]) or any(isinstance(x, bool) or not isinstance(x, NUM) or x < 0
                                                               for x in w) or sum(w) <= 0:
@@ -211,6 +216,11 @@ def validate_recipe(raw: dict, path=None, base: Path | None = None, overrides: d
                               path=path, field=where + "batch_size")
         stages.append(s)
     r["stages"] = stages
+    fa = ro["freeze_after"]
+    if fa is not None and fa != "start" and fa not in [s["name"] for s in stages if s["kind"] == "elastic"]:
+        raise ConfigError(f"is {fa!r}, not the name of an elastic stage", path=path, field="router.freeze_after",
+                          fix="name the elastic stage after which the router's choices are fixed (e.g. 'stage1'), "
+                              "or 'start' for architectures from the importance search with no router")
     if r["train"]["grad_accum"] < 1:
         raise ConfigError("must be at least 1", path=path, field="train.grad_accum")
     if r["train"]["checkpoint_every"] < 1:

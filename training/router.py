@@ -6,7 +6,8 @@ hidden 256. Training samples hard choices with Gumbel-Softmax (temperature annea
 logits scaled 1 -> 10, both linear in training progress; the paper does not give the curve's
 shape) and passes a straight-through one-hot (value 1 forward, soft-probability gradient) to the
 model through :meth:`ElasticSpace.gates` and to the budget loss through the differentiable cost.
-Inference takes the argmax with weight 1.
+Inference takes the argmax with weight 1, repaired into the budget's tolerance band by importance
+(:meth:`ElasticSpace.repair`) when the router ends outside it.
 
 The full budget (fraction 1.0) is not routed: it is the parent itself. The paper's budget loss
 pushes the full budget's router to the largest choices; fixing it there is the same end point.
@@ -44,14 +45,18 @@ def gumbel_softmax_st(logits: torch.Tensor, tau: float, generator: torch.Generat
 
 
 class AxisRouter(nn.Module):
-    def __init__(self, n_budgets: int, rows: int, choices: int, hidden: int = 256):
+    def __init__(self, n_budgets: int, rows: int, choices: int, hidden: int = 256, valid=None):
         super().__init__()
         self.rows, self.choices = rows, choices
         self.net = nn.Sequential(nn.Linear(n_budgets, hidden, bias=False), nn.LeakyReLU(),
                                  nn.Linear(hidden, rows * choices))
+        # choices that repeat a width of their row (after rounding) are never picked
+        mask = torch.ones(rows, choices, dtype=torch.bool) if valid is None else torch.tensor(valid)
+        self.register_buffer("valid", mask, persistent=False)
 
     def forward(self, onehot: torch.Tensor) -> torch.Tensor:
-        return self.net(onehot).view(self.rows, self.choices)  # [rows, choices]
+        logits = self.net(onehot).view(self.rows, self.choices)  # [rows, choices]
+        return logits.masked_fill(~self.valid, float("-inf"))
 
 
 class Router(nn.Module):
@@ -61,7 +66,7 @@ class Router(nn.Module):
         super().__init__()
         self.space = space
         self.n_budgets = n_budgets
-        self.axes = nn.ModuleDict({name: AxisRouter(n_budgets, ax.rows, ax.choices, hidden)
+        self.axes = nn.ModuleDict({name: AxisRouter(n_budgets, ax.rows, ax.choices, hidden, ax.valid)
                                    for name, ax in space.axes.items()})
 
     def logits(self, budget: int) -> dict[str, torch.Tensor]:
@@ -78,16 +83,25 @@ class Router(nn.Module):
             y[name], index[name] = gumbel_softmax_st(logit * scale, tau, generator)
         return y, index
 
+    def probabilities(self, budget: int) -> dict[str, torch.Tensor]:
+        """The router's own distribution per axis (softmax of its logits, no noise, no schedule) [rows, C]."""
+        return {name: F.softmax(logit.float(), dim=-1) for name, logit in self.logits(budget).items()}
+
     @torch.no_grad()
     def argmax(self, budget: int) -> dict[str, torch.Tensor]:
         return {name: logit.argmax(-1) for name, logit in self.logits(budget).items()}
 
     def subnet(self, budget: int) -> Subnet:
-        """The inference configuration of a budget: the argmax choice on every axis."""
+        """The router's raw configuration of a budget: the argmax choice on every axis (before any repair)."""
         return self.space.subnet(self.argmax(budget))
 
 
 def budget_loss(cost: torch.Tensor, target: float, tolerance: float = 0.05) -> torch.Tensor:
-    """|C / C_target - 1|, zero within ``tolerance`` (Eq. 12 in the public implementation's form)."""
+    """|C / C_target - 1|, zero within ``tolerance`` (Eq. 12 in the public implementation's form).
+
+    The trainer applies it to the expected cost under :meth:`Router.probabilities` by default
+    (``router.budget_cost = "expected"``), or to the sampled straight-through cost (``"sampled"``,
+    the paper's form, whose gradient vanishes as the temperature falls and the logit scale grows).
+    """
     rel = (cost / target - 1).abs()
     return torch.where(rel > tolerance, rel, torch.zeros_like(rel))

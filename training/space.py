@@ -13,7 +13,12 @@ An axis is one elastic dimension of the model (METHOD.md "Elastic axes"):
 
 Heterogeneous mode has one row per layer; homogeneous mode one row shared by the axis's layers.
 Width choices are fractions of each layer's full width (``width_choices``), rounded to the axis's
-multiple; every row has the same number of choices (rounding may repeat a value, which is harmless).
+multiple; every row has the same number of choices. Rounding may repeat a value (heads [4, 4, 6, 8, 8]):
+such duplicates are masked out (``Axis.valid``), so the router's prior does not count a width twice.
+
+:meth:`ElasticSpace.repair` moves a configuration into its budget's tolerance band by single grid
+steps chosen by importance (the objective of ``elastic_export.search``), optionally under an upper bound
+per row (a larger budget's choice), which keeps budgets nested in each other.
 
 Costs are written in terms of widths so that the same function takes Python ints (an exact count for
 a ``Subnet``) or tensors (the router's straight-through widths, differentiable). Exact counts of a Subnet come from
@@ -55,8 +60,21 @@ class Axis:
     def row_of(self, layer: int) -> int:
         return self.layers.index(layer) if self.per_layer else 0
 
+    @property
+    def valid(self) -> list[list[bool]]:
+        """[rows][choices]: False where a choice repeats an earlier value of its row (after rounding)."""
+        return [[v not in row[:k] for k, v in enumerate(row)] for row in self.values]
+
+    def size_key(self, row: int, k: int) -> int:
+        """Orders the choices of a row by the size they give: widths grow with the value, depth shrinks."""
+        v = self.values[row][k]
+        return -v if self.name == "depth" else v
+
 
 def _round(full: int, frac: float, multiple: int) -> int:
+    """A fraction of a width, rounded to the axis's multiple; 1.0 is always the full width itself."""
+    if frac >= 1.0:
+        return full
     return min(full, max(multiple, round(full * frac / multiple) * multiple))
 
 
@@ -187,11 +205,168 @@ class ElasticSpace:
         out = {}
         for name, ax in self.axes.items():
             best = []
-            for row in ax.values:
-                order = sorted(range(len(row)), key=lambda k: row[k])
-                best.append(order[-1] if largest != (name == "depth") else order[0])
+            for r, ok in enumerate(ax.valid):
+                order = sorted((k for k in range(ax.choices) if ok[k]), key=lambda k: ax.size_key(r, k))
+                best.append(order[-1] if largest else order[0])
             out[name] = best
         return out
+
+    # ---- expected cost and the final repair -----------------------------------------------------
+    def expected_widths(self, probs: dict[str, torch.Tensor]) -> tuple:
+        """Router probabilities per axis ([rows, choices]) -> expected widths (differentiable).
+
+        The budget loss acts on this expected configuration: unlike a straight-through one-hot, its
+        gradient does not vanish as the Gumbel temperature falls and the logit scale grows.
+        """
+        return self.soft_widths(probs)
+
+    def retained(self, imp=None) -> dict[str, list[list[float]]]:
+        """Importance mass each choice keeps, per axis [rows][choices] (the kept fraction without scores).
+
+        ``imp``: an ``elastic_export.importance.Importance`` in the weights' current (sorted) order, so that
+        a choice keeps a prefix of the scores; homogeneous rows take the geometric mean over their layers.
+        """
+        from elastic_export.search import retained_fraction
+
+        def scores(name, layer):
+            if imp is None:
+                return None
+            if name == "embedding":
+                return imp.hidden
+            key = {"mamba_heads": "heads", "mamba_head_dim": "channels", "attn_heads": "heads", "ffn": "ffn"}[name]
+            return imp.layers[layer][key]
+
+        out = {}
+        for name, ax in self.axes.items():
+            if name == "depth":
+                d = None if imp is None or imp.depth is None else [max(0.0, float(imp.depth[j]))
+                                                                    for j in self.depth_ranking]
+                tot = sum(d) if d else 0.0
+                L = self.cfg.num_hidden_layers
+                out[name] = [[1 - sum(d[:k]) / tot if tot > 0 else 1 - k / L for k in ax.values[0]]]
+                continue
+            rows = []
+            for r, vals in enumerate(ax.values):
+                layers = [None] if name == "embedding" else [ax.layers[r]] if ax.per_layer else ax.layers
+                rs = [retained_fraction(scores(name, i), vals, full=self._full_width(name, i)) for i in layers]
+                rows.append([float(torch.tensor([x[k] for x in rs]).prod() ** (1 / len(rs))) for k in range(len(vals))])
+            out[name] = rows
+        return out
+
+    def _full_width(self, name: str, layer) -> int:
+        return self.cfg.hidden_size if name == "embedding" else self.cfg.layer_dims(layer)[WIDTH_KEY[name]]
+
+    def _weights(self) -> dict[str, list[float]]:
+        """Share of the parent's parameters each row acts on (the search objective's w)."""
+        cfg = self.cfg
+        full = [layer_params(cfg, t, cfg.hidden_size, {k: cfg.layer_dims(i)[WIDTH_KEY[k]] for k in LAYER_AXES[t]})
+                for i, t in enumerate(cfg.layers_block_type)]
+        total = float(self.params(cfg.hidden_size, [1] * cfg.num_hidden_layers,
+                                  [{k: cfg.layer_dims(i)[WIDTH_KEY[k]] for k in LAYER_AXES[t]}
+                                   for i, t in enumerate(cfg.layers_block_type)]))
+        out = {}
+        for name, ax in self.axes.items():
+            if name in ("embedding",):
+                out[name] = [1.0]
+            elif name == "depth":
+                out[name] = [sum(full) / total]
+            else:
+                out[name] = [(full[ax.layers[r]] if ax.per_layer else sum(full[i] for i in ax.layers)) / total
+                             for r in range(ax.rows)]
+        return out
+
+    def repair(self, index: dict, target: float, tolerance: float, metric: str = "params", context: int = 4096,
+               imp=None, upper: dict | None = None) -> tuple[dict[str, list[int]], bool]:
+        """Move a configuration (choice indices per axis) into ``target * (1 +- tolerance)``.
+
+        Deterministic and greedy on the router's grid: while over the band, take the one-step shrink that
+        loses the least importance per unit of cost saved (objective ``w * (u + u^2)``, u = -log retained
+        importance, as ``elastic_export.search``); then, while under it, the one-step growth that gains the
+        most per unit of cost added without leaving the band. ``upper`` (a larger budget's indices) caps
+        every row at that budget's size, so the budgets stay nested. Returns (indices, in_band).
+        """
+        from elastic_export.search import objective
+
+        # a repeated width is the same choice as its first occurrence (the router never picks the repeat)
+        idx = {n: [ax.values[r].index(ax.values[r][int(v)]) for r, v in enumerate(index[n])]
+               for n, ax in self.axes.items()}
+        valid = {n: ax.valid for n, ax in self.axes.items()}
+        if upper is not None:  # start inside the bound
+            for n, ax in self.axes.items():
+                for r in range(ax.rows):
+                    if ax.size_key(r, idx[n][r]) > ax.size_key(r, int(upper[n][r])):
+                        idx[n][r] = int(upper[n][r])
+        ret, wts = self.retained(imp), self._weights()
+        lo, hi = target * (1 - tolerance), target * (1 + tolerance)
+
+        def cost(ix):
+            return self.subnet_cost(self.subnet(ix), metric, context)
+
+        def neighbour(ix, n, r, grow):
+            ax = self.axes[n]
+            cur = ax.size_key(r, ix[n][r])
+            cand = [k for k in range(ax.choices) if valid[n][r][k] and
+                    (ax.size_key(r, k) > cur if grow else ax.size_key(r, k) < cur)]
+            if grow and upper is not None:
+                cand = [k for k in cand if ax.size_key(r, k) <= ax.size_key(r, int(upper[n][r]))]
+            if not cand:
+                return None
+            return (min if grow else max)(cand, key=lambda k: ax.size_key(r, k))
+
+        def moves(ix, grow):  # every one-step change of one row: (cost, objective change, indices)
+            for n, ax in self.axes.items():
+                for r in range(ax.rows):
+                    k = neighbour(ix, n, r, grow)
+                    if k is None:
+                        continue
+                    trial = {**ix, n: ix[n][:r] + [k] + ix[n][r + 1:]}
+                    try:
+                        c = cost(trial)
+                    except ValueError:
+                        continue
+                    d_obj = objective(wts[n][r], ret[n][r][k]) - objective(wts[n][r], ret[n][r][ix[n][r]])
+                    yield c, d_obj, trial
+
+        def total(ix):  # the objective of a whole configuration
+            return sum(objective(wts[n][r], ret[n][r][ix[n][r]]) for n, ax in self.axes.items() for r in range(ax.rows))
+
+        def shrink(ix, c):  # cheapest importance per unit of cost saved, until under the band's top
+            while c > hi:
+                best = None
+                for c2, d_obj, trial in moves(ix, grow=False):
+                    if c2 < c and (best is None or d_obj / (c - c2) < best[0]):
+                        best = (d_obj / (c - c2), c2, trial)
+                if best is None:
+                    break
+                _, c, ix = best
+            return ix, c
+
+        def fill(ix, c):  # largest importance gain per unit of cost added, staying in the band
+            while c < lo:
+                best = None
+                for c2, d_obj, trial in moves(ix, grow=True):
+                    if c < c2 <= hi and (best is None or -d_obj / (c2 - c) > best[0]):
+                        best = (-d_obj / (c2 - c), c2, trial)
+                if best is None:
+                    break
+                _, c, ix = best
+            return ix, c
+
+        idx, c = fill(*shrink(idx, cost(idx)))
+        for _ in range(4 * sum(ax.rows for ax in self.axes.values())):
+            if c >= lo:
+                break
+            # stuck under the band (every single growth overshoots it): grow one row past the top, shrink
+            # the others back, keep the result in band with the best objective (else the largest one)
+            cands = []
+            for c2, _, trial in moves(idx, grow=True):
+                t, tc = fill(*shrink(trial, c2))
+                if c < tc <= hi:
+                    cands.append((lo <= tc, -total(t) if lo <= tc else tc, tc, t))
+            if not cands:
+                break
+            _, _, c, idx = max(cands, key=lambda x: (x[0], x[1]))
+        return idx, lo <= c <= hi
 
     # ---- gates: the hard mask's straight-through scalars ---------------------------------------
     def gates(self, y: dict[str, torch.Tensor], index: dict[str, torch.Tensor]) -> tuple:

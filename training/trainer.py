@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from elastic_export.elastic import full_subnet, validate_subnet
+from elastic_export.elastic import Subnet, full_subnet, validate_subnet
 from elastic_export.errors import ConfigError
 from elastic_export.hf_io import atomic_write_bytes
 
@@ -73,7 +73,12 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 
 
 class ElasticStep(nn.Module):
-    """Model + router behind one forward, so that DDP synchronizes both."""
+    """Model + router behind one forward, so that DDP synchronizes both.
+
+    One call runs every budget of the step's plan (one budget for the paper's per-step sampling, all of
+    them for ``sandwich``) over the same batch and the same teacher logits, and returns the weighted sum
+    of their losses: one backward, one DDP synchronization.
+    """
 
     def __init__(self, model, router: Router, recipe: dict):
         super().__init__()
@@ -82,33 +87,49 @@ class ElasticStep(nn.Module):
         ro = recipe["router"]
         self.metric, self.context = ro["budget_metric"], ro["memory_context"]
         self.lam, self.tol = ro["lambda"], ro["tolerance"]
+        self.expected = ro["budget_cost"] == "expected"
         self.distill = recipe["distill"]
         full = full_subnet(model.config)
         self.full_cost = self.space.subnet_cost(full, self.metric, self.context)
 
-    def forward(self, x, y, kind: str, budget: int, fraction: float, tau: float, scale: float, noise_seed: int,
-                teacher_logits=None):
-        zero = x.new_zeros((), dtype=torch.float32)
+    def forward(self, x, y, kind: str, plan: list, tau: float, scale: float, noise_seed: int, teacher_logits=None):
+        """``plan``: [(budget index, fraction, loss weight, fixed Subnet or None)]. Returns (loss, stats
+        [len(plan), 3] = task loss, budget loss, cost fraction per planned budget)."""
         if kind == "pretrain":
             loss = ce_loss(self.model(x), y)
-            return loss, loss.detach(), zero, zero + 1
+            return loss, torch.stack([loss.detach(), loss.new_zeros(()), loss.new_ones(())])[None]
         dm = self.distill
-        if fraction >= 1.0:  # the full budget is the parent itself (not routed)
-            logits = self.model(x)
-            task = distill_loss(logits, logits if teacher_logits is None else teacher_logits, y, dm["mode"],
-                                dm["temperature"], dm["alpha"], same=teacher_logits is None)
-            return task, task.detach(), zero, zero + 1
-        gen = torch.Generator().manual_seed(noise_seed)
-        y_st, index = self.router.sample(budget, tau, scale, gen)
-        subnet = self.space.subnet(index)
-        gates = self.space.gates(y_st, index)
-        logits = self.model(x, subnet=subnet, gates=gates)
-        if teacher_logits is None:  # trainable teacher: the model's own full budget
-            teacher_logits = self.model(x)
-        task = distill_loss(logits, teacher_logits, y, dm["mode"], dm["temperature"], dm["alpha"])
-        cost = self.space.cost(self.space.soft_widths(y_st), self.metric, self.context)
-        bl = budget_loss(cost, fraction * self.full_cost, self.tol)
-        return task + self.lam * bl, task.detach(), bl.detach(), (cost / self.full_cost).detach()
+        total, stats = 0.0, []
+        for budget, fraction, weight, fixed in plan:
+            zero = x.new_zeros((), dtype=torch.float32)
+            if fraction >= 1.0:  # the full budget is the parent itself (not routed)
+                logits = self.model(x)
+                task = distill_loss(logits, logits if teacher_logits is None else teacher_logits, y, dm["mode"],
+                                    dm["temperature"], dm["alpha"], same=teacher_logits is None)
+                loss, bl, frac = task, zero, zero + 1
+            else:
+                if fixed is not None:  # router frozen: the budget's fixed architecture, no gates
+                    logits = self.model(x, subnet=fixed)
+                    bl = zero
+                    frac = zero + self.space.subnet_cost(fixed, self.metric, self.context) / self.full_cost
+                else:
+                    gen = torch.Generator().manual_seed(noise_seed * 31 + budget)
+                    y_st, index = self.router.sample(budget, tau, scale, gen)
+                    logits = self.model(x, subnet=self.space.subnet(index), gates=self.space.gates(y_st, index))
+                    widths = self.space.expected_widths(self.router.probabilities(budget)) if self.expected \
+                        else self.space.soft_widths(y_st)
+                    cost = self.space.cost(widths, self.metric, self.context)
+                    bl = budget_loss(cost, fraction * self.full_cost, self.tol)
+                    frac = self.space.subnet_cost(self.space.subnet(index), self.metric, self.context) / self.full_cost
+                    frac = zero + frac
+                t_logits = teacher_logits
+                if t_logits is None:  # trainable teacher: the model's own full budget
+                    t_logits = self.model(x)
+                task = distill_loss(logits, t_logits, y, dm["mode"], dm["temperature"], dm["alpha"])
+                loss = task + self.lam * bl
+            total = total + weight * loss
+            stats.append(torch.stack([task.detach().float(), bl.detach().float(), frac.detach().float()]))
+        return total, torch.stack(stats)
 
 
 class Trainer:
@@ -164,6 +185,18 @@ class Trainer:
         first = [s for s in self.stages if s.spec["kind"] == "elastic"]
         self.elastic_start = first[0].start if first else None
         self.elastic_steps = sum(s.steps for s in first)
+        freeze = recipe["router"]["freeze_after"]
+        if freeze == "start":  # no router: architectures from the importance search at the elastic start
+            self.freeze_step = self.elastic_start
+        elif freeze is not None:
+            idx = [s.spec["name"] for s in self.stages].index(freeze)
+            self.freeze_step = self.stages[idx].end
+        else:
+            self.freeze_step = None
+        # the Gumbel schedule anneals over the steps in which the router learns
+        self.router_steps = sum(s.steps for s in first if self.freeze_step is None or s.end <= self.freeze_step)
+        self.fixed: dict = {}  # budget name -> Subnet once the router is frozen
+        self.importance = None  # sorted-order scores from the elastic start (the repair's preferences)
         for s in self.stages:
             if s.spec["batch_size"] % (self.world * tr["grad_accum"]):
                 raise ConfigError(f"{s.spec['batch_size']} is not divisible by {self.world} processes x "
@@ -201,7 +234,8 @@ class Trainer:
             "step": self.step, "elapsed": self.elapsed, "model": self.model.state_dict(),
             "router": self.router.state_dict(), "optimizer": self.opt.state_dict(), "rng": ckpt.rng_states(),
             "depth_ranking": self.space.depth_ranking, "evals": self.evals, "recipe": self.r["name"],
-            "head_order": self.cfg.head_order,
+            "head_order": self.cfg.head_order, "fixed": {n: b.to_dict() for n, b in self.fixed.items()},
+            "importance": None if self.importance is None else self.importance.to_tensors(),
         })
 
     def resume(self) -> bool:
@@ -222,6 +256,11 @@ class Trainer:
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.space.depth_ranking = list(state["depth_ranking"])
         self.evals = state.get("evals", [])
+        self.fixed = {n: Subnet.from_dict(d) for n, d in state.get("fixed", {}).items()}
+        if state.get("importance") is not None:
+            from elastic_export.importance import Importance
+
+            self.importance = Importance.from_tensors(state["importance"], self.cfg.num_hidden_layers)
         if self.elastic_start is not None and self.step > self.elastic_start and self.r["distill"]["mode"] == "frozen":
             self.teacher = self._new_teacher()
             self.teacher.load_state_dict(ckpt.load_state(self.out / "teacher")["model"])
@@ -261,6 +300,7 @@ class Trainer:
                                  depth="oneshot" if "depth" in self.space.axes else "none")
         sorted_model, imp = sort_model(self.model, imp)
         self._set_model(sorted_model)
+        self.importance = imp
         if "depth" in self.space.axes and self.r["router"]["depth_ranking"] is None:
             self.space.depth_ranking = list(imp.depth_order)
         if self.r["distill"]["mode"] == "frozen":
@@ -270,6 +310,8 @@ class Trainer:
                                                        "head_order": self.cfg.head_order})
         if self.main:
             self.log({"step": self.step, "event": "elastic_start", "depth_ranking": self.space.depth_ranking})
+        if self.freeze_step == self.elastic_start:
+            self.freeze_router(from_largest=True)
 
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self, stage: Stage) -> dict:
@@ -283,17 +325,20 @@ class Trainer:
         for g, v in zip(self.opt.param_groups, (lr, lr, router_lr)):
             g["lr"] = v
         self.opt.param_groups[0]["weight_decay"] = s["weight_decay"]
-        tau, scale = gumbel_schedule(e_step / max(1, self.elastic_steps - 1), (ro["tau_start"], ro["tau_end"]),
-                                     (ro["scale_start"], ro["scale_end"])) if elastic else (1.0, 1.0)
+        routed = elastic and not self.fixed
+        tau, scale = gumbel_schedule(e_step / max(1, self.router_steps - 1), (ro["tau_start"], ro["tau_end"]),
+                                     (ro["scale_start"], ro["scale_end"])) if routed else (1.0, 1.0)
+        if not routed:
+            self.opt.param_groups[2]["lr"] = router_lr = 0.0
         names, fracs = self.r["budgets"]["names"], self.r["budgets"]["fractions"]
-        budget = 0
+        plan = [(0, 1.0, 1.0, None)]
         if elastic:
-            weights = s["weights"] if s["sampling"] == "weighted" else None
-            budget = BudgetSampler(len(names), weights, self.r["seed"])(self.step)
+            plan = self.step_plan(s)
         A = tr["grad_accum"]
         mb = s["batch_size"] // (self.world * A)
         base = stage.window_offset + local * s["batch_size"]
-        sums = torch.zeros(4, dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        stat_sum = torch.zeros(len(plan), 3, dtype=torch.float64)
         self.opt.zero_grad(set_to_none=True)
         for m in range(A):
             first = base + (self.rank * A + m) * mb
@@ -306,28 +351,112 @@ class Trainer:
                 if elastic and self.teacher is not None:
                     with torch.no_grad():
                         t_logits = self.teacher(x)
-                loss, task, bl, frac = self.ddp(x, y, s["kind"], budget, float(fracs[budget]), tau, scale,
-                                                self.r["seed"] * 1_000_003 + self.step + 17, t_logits)
+                loss, stats = self.ddp(x, y, s["kind"], plan, tau, scale,
+                                       self.r["seed"] * 1_000_003 + self.step + 17, t_logits)
                 (loss / A).backward()
-            sums += torch.tensor([float(loss.detach()), float(task), float(bl), float(frac)], dtype=torch.float64) / A
-        if tr["grad_clip"] > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), tr["grad_clip"])
-        self.opt.step()
+            loss_sum += float(loss.detach()) / A
+            stat_sum += stats.double().cpu() / A
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), tr["grad_clip"] if tr["grad_clip"] > 0 else math.inf)
+        # A step with no signal (the full budget while the student still equals the frozen teacher: KD = 0)
+        # has only rounding noise as gradient, which Adam would scale up to a full learning-rate step in a
+        # random direction (its second moment is as small as the noise). Such a step is skipped.
+        skipped = elastic and float(norm) < 1e-6
+        if not skipped:
+            self.opt.step()
         if self.distributed:
-            dist.all_reduce(sums)
-            sums /= self.world
+            flat = torch.cat([loss_sum[None], stat_sum.flatten()])
+            dist.all_reduce(flat)
+            flat /= self.world
+            loss_sum, stat_sum = flat[0], flat[1:].view_as(stat_sum)
         self.step += 1
-        return {"step": self.step, "stage": s["name"], "kind": s["kind"], "budget": names[budget] if elastic else None,
-                "loss": sums[0].item(), "task_loss": sums[1].item(), "budget_loss": sums[2].item(),
-                "cost_frac": sums[3].item(), "lr": lr, "router_lr": router_lr, "tau": tau, "scale": scale,
-                "tokens": s["batch_size"] * s["seq_len"]}
+        w = torch.tensor([p[2] for p in plan], dtype=torch.float64)
+        mean = (stat_sum * w[:, None]).sum(0) / w.sum()  # loss-weighted over the planned budgets
+        rec = {"step": self.step, "stage": s["name"], "kind": s["kind"],
+               "budget": (names[plan[0][0]] if len(plan) == 1 else "all") if elastic else None,
+               "loss": float(loss_sum), "task_loss": mean[0].item(), "budget_loss": mean[1].item(),
+               "cost_frac": mean[2].item(), "lr": lr, "router_lr": router_lr, "tau": tau, "scale": scale,
+               "tokens": s["batch_size"] * s["seq_len"],
+               "forwards": self.step_forwards(plan, elastic, s), "skipped": skipped}
+        if elastic and len(plan) > 1:
+            rec["budgets"] = {names[p[0]]: {"task_loss": stat_sum[k, 0].item(), "budget_loss": stat_sum[k, 1].item(),
+                                            "cost_frac": stat_sum[k, 2].item()} for k, p in enumerate(plan)}
+        return rec
+
+    def step_plan(self, s: dict) -> list:
+        """The budgets one elastic step trains: [(index, fraction, loss weight, fixed Subnet or None)].
+
+        ``uniform`` / ``weighted``: one budget per step, drawn from (seed, step) as the paper does.
+        ``sandwich`` (our departure from the paper): every budget with a positive weight, each step, over
+        one shared teacher forward; the loss is their weighted mean (weights default to equal).
+        """
+        names, fracs = self.r["budgets"]["names"], self.r["budgets"]["fractions"]
+
+        def entry(b, weight):
+            return (b, float(fracs[b]), weight, self.fixed.get(names[b]) if fracs[b] < 1.0 else None)
+
+        if s["sampling"] == "sandwich":
+            w = s["weights"] or [1.0] * len(names)
+            return [entry(b, w[b] / sum(w)) for b in range(len(names)) if w[b] > 0]
+        weights = s["weights"] if s["sampling"] == "weighted" else None
+        return [entry(BudgetSampler(len(names), weights, self.r["seed"])(self.step), 1.0)]
+
+    def step_forwards(self, plan: list, elastic: bool, s: dict) -> float:
+        """Compute of a step in full-model forward equivalents (a backward counts as two forwards,
+        a budget's cost scales with its parameters): teacher forward + 3 x each student's share."""
+        if not elastic:
+            return 3.0
+        teacher = 1.0 if self.teacher is not None else 0.0
+        return teacher + sum(3.0 * (1.0 if f >= 1.0 else self._cost_share(b, fixed)) for b, f, _, fixed in plan)
+
+    def _cost_share(self, b: int, fixed) -> float:
+        from elastic_export.accounting import count_params
+
+        sub = fixed if fixed is not None else self.router.subnet(b)
+        return count_params(self.cfg, sub) / count_params(self.cfg)  # a routed budget: the router's argmax
 
     # ---- evaluation ----------------------------------------------------------------------------
     def budget_subnets(self) -> dict:
-        out = {}
-        for i, (name, f) in enumerate(zip(self.r["budgets"]["names"], self.r["budgets"]["fractions"])):
-            out[name] = full_subnet(self.cfg) if f >= 1.0 else self.router.subnet(i)
-        return out
+        """The configuration of every budget: the frozen ones, or the router's argmax repaired now."""
+        if self.fixed:
+            return dict(self.fixed)
+        return self.final_subnets()[0]
+
+    def final_subnets(self, from_largest: bool = False) -> tuple[dict, dict]:
+        """Each budget's router argmax, moved into its tolerance band by importance when ``router.repair``
+        and kept inside the next larger budget when ``router.nested`` (largest budget first).
+        ``from_largest``: start every budget from the largest configuration instead of the router's argmax
+        (the importance search alone, ``router.freeze_after = "start"``).
+        Returns (subnets by name, report by name: raw and final cost fractions, in band)."""
+        ro = self.r["router"]
+        names, fracs = self.r["budgets"]["names"], self.r["budgets"]["fractions"]
+        full = self.space.subnet_cost(full_subnet(self.cfg), ro["budget_metric"], ro["memory_context"])
+        out, report, upper = {}, {}, None
+        for b in sorted(range(len(names)), key=lambda b: -fracs[b]):
+            if fracs[b] >= 1.0:
+                out[names[b]] = full_subnet(self.cfg)
+                upper = self.space.extreme_index(True)
+                continue
+            raw = self.space.extreme_index(True) if from_largest else \
+                {k: v.tolist() for k, v in self.router.argmax(b).items()}
+            tol = ro["tolerance"] if ro["repair"] or from_largest else float("inf")
+            idx, in_band = self.space.repair(raw, fracs[b] * full, tol, ro["budget_metric"], ro["memory_context"],
+                                             self.importance, upper if ro["nested"] else None)
+            sub = self.space.subnet(idx)
+            cost = self.space.subnet_cost
+            report[names[b]] = {"raw": cost(self.space.subnet(raw), ro["budget_metric"], ro["memory_context"]) / full,
+                                "final": cost(sub, ro["budget_metric"], ro["memory_context"]) / full,
+                                "target": fracs[b], "in_band": bool(abs(cost(sub, ro["budget_metric"],
+                                                                             ro["memory_context"]) / full / fracs[b] - 1)
+                                                                    <= ro["tolerance"])}
+            out[names[b]] = sub
+            upper = idx
+        return {n: out[n] for n in names}, report
+
+    def freeze_router(self, from_largest: bool = False) -> None:
+        """Fix every budget's architecture (repaired argmax); later stages train these, not the router."""
+        self.fixed, report = self.final_subnets(from_largest)
+        self._warn_out_of_band(report)
+        self.log({"step": self.step, "event": "router_frozen", "budgets": report})
 
     def evaluate(self, stage: Stage, elastic: bool) -> dict:
         subnets = self.budget_subnets() if elastic else {"parent": full_subnet(self.cfg)}
@@ -375,6 +504,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.3f}", budget=rec["budget"] or "parent")
             if self.step == stage.end:
+                if self.freeze_step == self.step and not self.fixed and self.step != self.elastic_start:
+                    self.freeze_router()
                 if self.main:
                     ev = self.evaluate(stage, elastic)
                     self.evals.append(ev)
@@ -396,19 +527,57 @@ class Trainer:
         if not self.main:
             return None
         subnets = self.budget_subnets()
+        report = {} if self.fixed else self.final_subnets()[1]
         for name, sub in subnets.items():
             validate_subnet(self.cfg, sub, where=f"budgets.{name}")
+        if report:
+            self.log({"step": self.step, "event": "budgets_final", "budgets": report})
+            self._warn_out_of_band(report)
         path = Path(self.r["output"]["path"] or self.out / "nested")
         dtype = torch.bfloat16 if self.r["output"]["dtype"] == "bfloat16" else None
         training = {"recipe": self.r["name"], "steps": self.step, "evals": self.evals,
+                    "stages": self.stage_records(),
                     "depth_ranking": self.space.depth_ranking,
                     "tokens": sum(s.steps * s.spec["batch_size"] * s.spec["seq_len"] for s in self.stages)}
         from elastic_export.nested import save_nested
 
-        save_nested(path, self.model, subnets, router=self.router, tokenizer=self.tokenizer, dtype=dtype,
+        save_nested(path, self.model, subnets, router=self.router, importance=self.importance,
+                    tokenizer=self.tokenizer, dtype=dtype,
                     extra={"fractions": dict(zip(self.r["budgets"]["names"], self.r["budgets"]["fractions"])),
                            "training": training})
         return path
+
+    def _warn_out_of_band(self, report: dict) -> None:
+        tol = self.r["router"]["tolerance"]
+        for name, v in report.items():
+            if not v["in_band"] and self.main:
+                print(f"warning: budget {name!r} ends at {v['final']:.1%} of the parent, outside {v['target']:.0%} "
+                      f"+- {tol:.0%}: no configuration of the router's grid is in the band (finer "
+                      "router.width_choices or router.embedding_multiple, or a larger tolerance, would reach it)",
+                      flush=True)
+
+    def stage_records(self) -> list[dict]:
+        """Per stage: steps, tokens and (elastic) steps per budget, counted from the plan of every step
+        (pure functions of seed and step), so reports derive these figures from the run itself."""
+        names = self.r["budgets"]["names"]
+        out = []
+        for st in self.stages:
+            s = st.spec
+            rec = {"name": s["name"], "kind": s["kind"], "steps": st.steps, "seq_len": s["seq_len"],
+                   "batch_size": s["batch_size"], "tokens": st.steps * s["batch_size"] * s["seq_len"],
+                   "sampling": s["sampling"] if s["kind"] == "elastic" else None}
+            if s["kind"] == "elastic":
+                counts = dict.fromkeys(names, 0)
+                for step in range(st.start, st.end):
+                    saved, self.step = self.step, step
+                    try:
+                        for b, *_ in self.step_plan(s):
+                            counts[names[b]] += 1
+                    finally:
+                        self.step = saved
+                rec["steps_per_budget"] = counts
+            out.append(rec)
+        return out
 
     def _barrier(self) -> None:
         if self.distributed:
