@@ -50,7 +50,18 @@ def _skip_reason(words):
     return next((why for head, why in SKIP.items() if tuple(words[:len(head)]) == head), None)
 
 
-def test_every_readme_command_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (the suite shares a small, busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_every_readme_command_runs(tmp_path, monkeypatch, one_thread):
     from engines import trt
 
     random_model(0, vocab_size=300).save_pretrained(tmp_path / "parent")
