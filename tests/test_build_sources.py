@@ -96,3 +96,21 @@ def test_build_dir_is_not_tied_to_the_cwd(hf_dir, tmp_path, monkeypatch):
     r = _validate(work / "b", "report3")
     assert r.exit_code == 2 and "no longer exists" in r.output and str(work / "ck") in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_build_of_a_nested_checkpoint_knows_its_source(tmp_path):
+    """The record of a nested source is its manifest's checksums; another checkpoint in its place is refused."""
+    from elastic_export.build import build_source
+
+    model = random_model(8, head_order="rank_major", vocab_size=300)
+    save_nested_fixture(tmp_path / "nested", model, family(model.config, 8, 2))
+    r = run("build", tmp_path / "nested", "--budget", "full", "--target", "onnx", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "b" / "build.json").read_text())["source"]
+    assert rec["kind"] == "nested" and rec["files"]["model.safetensors"] == \
+        json.loads((tmp_path / "nested" / "elastic.json").read_text())["files"]["model.safetensors"]
+    assert build_source(tmp_path / "b") == (tmp_path / "nested").resolve()
+    other = random_model(9, head_order="rank_major", vocab_size=300)
+    save_nested_fixture(tmp_path / "nested", other, family(other.config, 9, 2))  # replaced in place
+    with pytest.raises(ee.CheckpointError, match="model.safetensors has changed"):
+        build_source(tmp_path / "b")
