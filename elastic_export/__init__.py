@@ -12,7 +12,7 @@ _EXPORTS = {
     "ModelConfig": "config", "preset": "config",
     "LayerWidths": "elastic", "Subnet": "elastic", "full_subnet": "elastic",
     "ElasticExportError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "BudgetError": "errors",
-    "load": "hf_io", "load_config": "hf_io",
+    "load": "loading", "load_config": "hf_io",
     "NemotronHForCausalLM": "model", "build_model": "model",
     "load_nested": "nested", "save_nested": "nested",
     "slice_budget": "slicing",

@@ -1,30 +1,29 @@
-"""`elastic-export build`: a nested checkpoint -> a self-describing build directory.
+"""`elastic-export build`: any checkpoint we read -> a self-describing build directory.
+
+The source is a nested checkpoint (every budget of its manifest), a plain HF ``nemotron_h``
+checkpoint or one of our slices (a one-budget family, its budget named ``full``): whatever
+:func:`elastic_export.loading.load_family` opens.
 
 Layout of an ONNX build (every budget reads the one weight file; nothing else holds weights):
     build.json                  manifest: format, target, ssm_op, opset, dtype, config, budgets
-                                (subnet, graphs, states), files (bytes, sha256), weight layout
-    weights.bin                 the nested weights once, at the build dtype
+                                (subnet, graphs, states), files (bytes, sha256), weight layout,
+                                source (absolute path, kind, its weight files' sha256 and bytes)
+    weights.bin                 the source weights once, at the build dtype
     {budget}.prefill.onnx       input_ids, attention_mask -> logits, present states
     {budget}.decode.onnx        one token, attention_mask, past states -> logits, present states
-    tokenizer/                  copied from the nested checkpoint when it has one
+    tokenizer/                  copied from the source checkpoint when it has one
 
 The directory is written to a temporary sibling and renamed into place, so a failure leaves nothing.
 
-``--target trt`` adds TensorRT engines built from those graphs by ``engines.trt``:
-    {budget}.{prefill,decode}.engine   strongly typed engines, one optimization profile each
-    trt_manifest.json                  engines, profiles, bytes per budget (engines.trt.builder)
-In order: ``engines.trt.require()`` (TensorRT and a CUDA GPU, else a one-line error and nothing
-written); the SSM mode from ``engines.trt.ssm_op_for_trt`` (``plugin`` where tensorrt.plugin exists,
-else ``decomposed``, saying so); the ONNX graphs exported with compute at the build dtype (bf16: a
-strongly typed BF16 network, float32 where model.py computes in float32); then the engines. The
-budgets are different graphs, so each has its own engines holding its own weights; build.json
-states the GPU memory that costs per budget (``trt.budget_engine_bytes``).
+This module builds the ONNX part and imports no runtime. TensorRT engines are added by
+``engines.trt.target.build_trt``, which calls :func:`build` with ``engines=``: a callable run
+inside the temporary directory after the export, whose result joins the manifest. The command
+line (elastic_export/cli.py) chooses between the two for ``--target``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -33,11 +32,11 @@ import torch
 from .elastic import Subnet
 from .errors import BudgetError, CheckpointError, ConfigError
 from .hf_io import atomic_dir, dtype_name, parse_dtype
+from .loading import load_family as _open_family
 from .nested import sha256_file
 
 BUILD_FORMAT = "elastic-export-build"
 BUILD_VERSION = 1
-TARGETS = ("onnx", "trt", "auto")
 
 
 def default_model_path() -> Path:
@@ -45,19 +44,15 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "default_model"
 
 
-def load_family(path: str | Path | None):
-    """(model, budgets name -> Subnet largest first, checkpoint dir) of a nested checkpoint.
-
-    The one place that reads nested checkpoints for building and serving (elastic_export.nested)."""
+def load_family(path: str | Path | None, dtype=None):
+    """(model, budgets name -> Subnet largest first, checkpoint dir) of a nested or an HF checkpoint
+    (None: the shipped default model); see :func:`elastic_export.loading.load_family`."""
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
-        hint = "the shipped default model is not installed; give a NESTED checkpoint path" \
-            if path == default_model_path() else "give the path of a nested checkpoint"
+        hint = "the shipped default model is not installed; give a checkpoint path" \
+            if path == default_model_path() else "give the path of a nested or an HF checkpoint"
         raise CheckpointError("does not exist", path=path, fix=hint)
-    from .nested import load_nested  # verifies the manifest and every file's SHA-256
-
-    nested = load_nested(path)
-    return nested.model, dict(nested.budgets), Path(nested.path)
+    return _open_family(path, dtype=dtype)
 
 
 def select_budgets(budgets: dict[str, Subnet], names: list[str] | tuple[str, ...]) -> dict[str, Subnet]:
@@ -70,99 +65,98 @@ def select_budgets(budgets: dict[str, Subnet], names: list[str] | tuple[str, ...
     return {n: budgets[n] for n in budgets if n in names}  # keep the checkpoint's order (largest first)
 
 
-def resolve_target(target: str) -> str:
-    """onnx | trt | auto -> onnx or trt; trt needs engines.trt, TensorRT and a GPU, else a clear error."""
-    if target not in TARGETS:
-        raise ConfigError(f"unknown target {target!r}", field="target", fix=f"use one of {TARGETS}")
-    if target == "onnx":
-        return "onnx"
-    ok, why = trt_availability()
-    if target == "auto":
-        return "trt" if ok else "onnx"
-    if not ok:
-        raise ConfigError(f"TensorRT target is unavailable: {why}", field="target",
-                          fix="use --target onnx (or auto) on this machine")
-    return "trt"
+# ---- the source a build was made from ---------------------------------------------------------
+
+def source_record(src: Path) -> dict:
+    """What build.json keeps of its source: the resolved path, its kind and the SHA-256 and bytes of
+    its weight files (a nested checkpoint's from its verified manifest, an HF one's hashed here)."""
+    src = Path(src).resolve()
+    if (src / "elastic.json").is_file():
+        from .nested import read_manifest
+
+        files = {n: {"sha256": r["sha256"], "bytes": r["bytes"]} for n, r in read_manifest(src)[0]["files"].items()}
+        return {"path": str(src), "kind": "nested", "files": files}
+    names = sorted(p.name for p in src.glob("*.safetensors")) + ["config.json"]
+    names += [n for n in ("model.safetensors.index.json",) if (src / n).is_file()]
+    files = {n: {"sha256": sha256_file(src / n), "bytes": (src / n).stat().st_size} for n in names}
+    return {"path": str(src), "kind": "hf", "files": files}
 
 
-def trt_availability() -> tuple[bool, str]:
-    try:
-        from engines import trt
-    except ImportError as e:
-        return False, f"engines.trt is not installed ({e.name or e})"
-    if not hasattr(trt, "availability"):
-        return False, "engines.trt has no availability() check"
-    res = trt.availability(need_plugin=False)  # without tensorrt.plugin the scan is built decomposed
-    if isinstance(res, tuple):
-        return bool(res[0]), str(res[1])
-    return bool(res), "" if res else "tensorrt or a CUDA GPU is missing"
+def build_source(path: str | Path, manifest: dict | None = None) -> Path:
+    """The checkpoint a build directory was made from, checked against the checksums build.json
+    recorded; a CheckpointError saying so when it is gone, moved or changed."""
+    path = Path(path)
+    manifest = manifest or read_build(path)
+    mf = path / "build.json"
+    rec = manifest.get("source")
+    if isinstance(rec, str):  # builds written before sources were recorded: a path, maybe relative
+        rec = {"path": rec, "files": {}}
+    if not isinstance(rec, dict) or not rec.get("path"):
+        raise CheckpointError("records no source checkpoint", path=mf, field="source",
+                              fix="rebuild with this version of elastic-export build")
+    src = Path(rec["path"])
+    if not src.is_dir():
+        raise CheckpointError(f"was built from {str(src)!r}, which no longer exists", path=path, field="source",
+                              fix="put the source checkpoint back there, or rebuild from where it is now")
+    if rec.get("kind") == "nested" and (src / "elastic.json").is_file():
+        # the manifest's checksums, which load_nested then verifies every file against: no second hash
+        now = source_record(src)["files"]
+    else:
+        now = {n: {"sha256": sha256_file(src / n), "bytes": (src / n).stat().st_size}
+               for n in rec.get("files", {}) if (src / n).is_file()}
+    for name, want in rec.get("files", {}).items():
+        if now.get(name) != want:
+            raise CheckpointError(f"was built from {str(src)!r}, whose {name} has changed (or is missing) since",
+                                  path=path, field="source",
+                                  fix="rebuild from the checkpoint as it is now, or restore the original")
+    return src
 
 
-def default_timing_cache() -> Path:
-    """Where TensorRT builds keep their timing cache, shared by every build on this machine
-    (``ELASTIC_EXPORT_TRT_TIMING_CACHE``, else ``$XDG_CACHE_HOME/elastic-export/trt_timing.cache``)."""
-    env = os.environ.get("ELASTIC_EXPORT_TRT_TIMING_CACHE")
-    if env:
-        return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "elastic-export" / "trt_timing.cache"
+# ---- build ------------------------------------------------------------------------------------
 
+def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: str | None = None,
+          dtype: str = "fp32", opset: int | None = None, overwrite: bool = False, progress=None,
+          target: str = "onnx", compute_dtype: str | torch.dtype | None = None, note: str | None = None,
+          engines=None) -> Path:
+    """Build ``out`` from a nested or an HF checkpoint (None: the shipped default model). Returns ``out``.
 
-def default_ssm_op(target: str) -> tuple[str, str | None]:
-    """The SSM mode when none is asked for: ``standard`` for ONNX Runtime; for TensorRT ``plugin``
-    where tensorrt.plugin exists, else ``decomposed`` (with a note saying why)."""
-    if target != "trt":
-        return "standard", None
-    from engines import trt
-
-    return trt.ssm_op_for_trt(None)
-
-
-def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: str = "auto",
-          ssm_op: str | None = None, dtype: str = "fp32", opset: int | None = None,
-          overwrite: bool = False, progress=None, timing_cache: str | Path | None = None) -> Path:
-    """Build ``out`` from a nested checkpoint (None: the shipped default model). Returns ``out``.
-
-    ``target`` trt exports the ONNX graphs computing at ``dtype`` (bf16: the strongly typed BF16
-    network), then builds one TensorRT engine per budget and graph next to them
-    (engines.trt.builder.build_family, its manifest trt_manifest.json), reusing ``timing_cache``
-    (default: :func:`default_timing_cache`)."""
+    The ONNX graphs compute in float32 (ONNX Runtime on a CPU) unless ``compute_dtype`` says
+    otherwise. ``engines(tmp, info, chosen, progress) -> dict``, when given (a runtime's builder,
+    e.g. engines.trt.target), runs inside the temporary directory after the export; its dict's
+    ``files`` join the manifest's checksums and every other key joins the manifest, ``target``
+    included. ``note`` (why an SSM mode was chosen) is printed and recorded."""
     from .onnx_export import check_opset, export_family
 
     out = Path(out)
+    if target != "onnx" and engines is None:
+        raise ConfigError(f"target {target!r} needs a runtime's engine builder", field="target",
+                          fix="build TensorRT engines with `elastic-export build --target trt` "
+                              "(engines.trt.target.build_trt); this function builds ONNX")
     torch_dtype = parse_dtype(dtype)
     if torch_dtype not in (torch.float32, torch.bfloat16):
         raise ConfigError(f"unsupported build dtype {dtype!r}", field="dtype", fix="use fp32 or bf16")
-    real_target = resolve_target(target)
-    note = None
-    if real_target == "trt":
-        from engines import trt as etrt
-
-        etrt.require(need_plugin=False)  # TensorRT and a GPU, before anything is written
-        ssm_op, note = etrt.ssm_op_for_trt(ssm_op)  # plugin, or decomposed where tensorrt.plugin is missing
-    elif ssm_op is None:
-        ssm_op, note = default_ssm_op(real_target)
+    compute = parse_dtype(compute_dtype) or torch.float32
+    ssm_op = ssm_op or "standard"
     opset = check_opset(ssm_op, opset)  # validate every option before touching the disk
     if out.exists() and not overwrite:
         raise CheckpointError("already exists", path=out, fix="choose another --out or pass --overwrite")
-    model, family, src = load_family(nested)
+    model, family, src = load_family(source)
     chosen = select_budgets(family, list(budgets))
+    source_rec = source_record(src)
     with atomic_dir(out) as tmp:
         if progress:
             if note:
                 progress(note)
             progress(f"exporting {len(chosen)} budget(s) to ONNX ({ssm_op}, opset {opset}, {dtype_name(torch_dtype)})")
-        # ONNX Runtime on CPU computes in float32; TensorRT runs the graph's own types (strongly typed)
-        compute = torch_dtype if real_target == "trt" else torch.float32
         info = export_family(model, chosen, tmp, ssm_op=ssm_op, dtype=torch_dtype, opset=opset,
                              compute_dtype=compute)
         tok = src / "tokenizer"
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizer")
         manifest = {
-            "format": BUILD_FORMAT, "version": BUILD_VERSION, "target": real_target, "ssm_op": ssm_op,
+            "format": BUILD_FORMAT, "version": BUILD_VERSION, "target": "onnx", "ssm_op": ssm_op,
             "opset": info["opset"], "dtype": dtype_name(torch_dtype), "compute_dtype": info["compute_dtype"],
-            "source": str(src),
+            "source": source_rec,
             "config": model.config.to_dict(),
             "budgets": {n: {"subnet": s.to_dict(), "graphs": info["graphs"][n], "states": info["states"][n]}
                         for n, s in chosen.items()},
@@ -172,36 +166,12 @@ def build(nested: str | Path | None, out: str | Path, budgets=("all",), target: 
         }
         if note:
             manifest["ssm_op_note"] = note
-        if real_target == "trt":
-            manifest["trt"] = _build_engines(info, chosen, tmp, timing_cache, progress)
-            manifest["trt_manifest"] = manifest["trt"]["manifest"]
-            manifest["files"].update(manifest["trt"].pop("files"))
+        if engines is not None:
+            extra = dict(engines(tmp, info, chosen, progress))
+            manifest["files"].update(extra.pop("files", {}))
+            manifest.update(extra)
         (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
-
-
-def _build_engines(info: dict, chosen: dict, tmp: Path, timing_cache, progress) -> dict:
-    """TensorRT engines of every exported graph into ``tmp``; the build manifest's ``trt`` part."""
-    import hashlib
-
-    from engines.trt.builder import MANIFEST, build_family
-
-    cache = Path(timing_cache) if timing_cache else default_timing_cache()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    if progress:
-        progress(f"building TensorRT engines for {len(chosen)} budget(s) (timing cache {cache})")
-    graphs = {n: {kind: tmp / f for kind, f in info["graphs"][n].items()} for n in chosen}
-    tm = build_family(graphs, tmp, timing_cache=cache)
-    files = {e["file"]: {"sha256": e["sha256"], "bytes": e["bytes"]}
-             for kinds in tm["budgets"].values() for e in kinds.values()}
-    data = (tmp / MANIFEST).read_bytes()
-    files[MANIFEST] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    return {"manifest": MANIFEST, "timing_cache": str(cache),
-            "engines": {b: {k: e["file"] for k, e in kinds.items()} for b, kinds in tm["budgets"].items()},
-            "budget_engine_bytes": tm["budget_engine_bytes"], "total_engine_bytes": tm["total_engine_bytes"],
-            "weights_note": tm["weights_note"], "tensorrt": next(
-                (e.get("tensorrt") for kinds in tm["budgets"].values() for e in kinds.values()), None),
-            "files": files}
 
 
 def read_build(path: str | Path) -> dict:

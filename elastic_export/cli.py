@@ -50,7 +50,7 @@ def inspect(path, preset):
     from .nested import is_nested
 
     path = _default(path) if not preset else path
-    if is_nested(path):
+    if path is not None and is_nested(path):
         click.echo(nested_summary(path))
         return
     cfg = resolve_config(path, preset)
@@ -253,9 +253,9 @@ def train(recipe, out, fresh, no_progress):
 # ---- build and run: build, run -----------------------------------------------------------------
 
 @main.command()
-@click.argument("nested", required=False)
+@click.argument("source", required=False)
 @click.option("--budget", "budgets", multiple=True, default=("all",), show_default=True,
-              help="Budget name(s) to build, or 'all'.")
+              help="Budget name(s) to build, or 'all' (a plain HF checkpoint has one: full).")
 @click.option("--target", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True,
               help="auto: TensorRT where TensorRT and a CUDA GPU are present, else ONNX.")
 @click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default=None,
@@ -266,14 +266,21 @@ def train(recipe, out, fresh, no_progress):
 @click.option("--out", required=True, type=click.Path(), help="Build directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @user_errors
-def build(nested, budgets, target, ssm_op, dtype, opset, out, overwrite):
-    """Build ONNX graphs (or TensorRT engines) for budgets of a nested checkpoint (default: the shipped model)."""
+def build(source, budgets, target, ssm_op, dtype, opset, out, overwrite):
+    """Build ONNX graphs (or TensorRT engines) for budgets of a checkpoint: a nested one, a plain HF
+    nemotron_h one or one of our slices (one budget, full) [default: the shipped model]."""
     import time
 
-    from .build import build as run_build, read_build
+    from .build import build as onnx_build, read_build
 
+    run_build = onnx_build
+    if target != "onnx":  # TensorRT lives in engines/, imported only when asked for
+        from engines.trt.target import build_trt, resolve_target
+
+        if resolve_target(target) == "trt":
+            run_build = build_trt
     t0 = time.perf_counter()
-    path = run_build(nested, out, budgets=budgets, target=target, ssm_op=ssm_op, dtype=dtype, opset=opset,
+    path = run_build(source, out, budgets=budgets, ssm_op=ssm_op, dtype=dtype, opset=opset,
                      overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True))
     m = read_build(path)
     size = sum(f["bytes"] for f in m.get("files", {}).values())
@@ -292,7 +299,7 @@ def build(nested, budgets, target, ssm_op, dtype, opset, out, overwrite):
               "seconds of compilation first).")
 @user_errors
 def run(path, budget, prompt, max_new_tokens, temperature, threads, static):
-    """Generate text from a build directory (ONNX Runtime / TensorRT) or a nested checkpoint (torch).
+    """Generate text from a build directory (ONNX Runtime / TensorRT) or a checkpoint (torch engine).
 
     With no PATH it runs the shipped default model with the torch engine."""
     import time

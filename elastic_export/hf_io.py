@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -231,8 +232,36 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard
                                               indent=2) + "\n")
 
 
+def umask() -> int:
+    """This process's umask (read from /proc where it can be, so no other thread sees it change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain mkdir / open would: 0o777 (directories
+    and executables) or 0o666 (files), less the umask. ``tempfile.mkdtemp`` makes 0o700 and
+    safetensors writes 0o600; renamed into place, other users (or a container running as another
+    uid) could not read our outputs."""
+    mask = umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = stat.S_IMODE(p.stat().st_mode)
+        full = 0o777 if p.is_dir() or mode & 0o111 else 0o666
+        os.chmod(p, full & ~mask)
+
+
 class atomic_dir:
-    """``with atomic_dir(final) as tmp:`` write into tmp; on success tmp replaces final."""
+    """``with atomic_dir(final) as tmp:`` write into tmp; on success tmp replaces final, with the
+    ordinary permissions of :func:`plain_permissions`. Every output directory is written this way."""
 
     def __init__(self, final: str | Path, overwrite: bool = True):
         self.final = Path(final)
@@ -249,6 +278,7 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        plain_permissions(self.tmp)  # private while written, readable as the umask allows once in place
         if self.final.exists():
             old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
             os.replace(self.final, old)

@@ -121,9 +121,9 @@ def test_existing_output_needs_overwrite(nested, tmp_path):
 
 
 def test_trt_target_without_tensorrt(nested, tmp_path, monkeypatch):
-    import elastic_export.build as b
+    import engines.trt.target as t
 
-    monkeypatch.setattr(b, "trt_availability", lambda: (False, "tensorrt is not installed"))
+    monkeypatch.setattr(t, "trt_availability", lambda: (False, "tensorrt is not installed"))
     ck, _ = nested
     r = _run("build", ck, "--target", "trt", "--out", tmp_path / "b")
     assert r.exit_code == 2 and "tensorrt is not installed" in r.output

@@ -86,3 +86,17 @@ def test_plan_memory_cli(tmp_path):
         r = CliRunner().invoke(main, ["plan-memory", "--preset", "nemotron-nano-v2-12b", *args])
         assert r.exit_code == 2, (args, r.output)
         assert r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("budgets, lines", [
+    (["9B"], ["separate full + 9B: "]),
+    (["9B", "6B"], ["separate full + 9B: ", "separate full + 9B + 6B: "]),
+])
+def test_plan_memory_names_each_separate_deployment_once(budgets, lines, tmp_path):
+    """With two budgets the pair is every budget: one `separate` line (and one bar), not the same twice."""
+    args = ["plan-memory", "--preset", "nemotron-nano-v2-12b", "--device", "agx-orin-64gb"]
+    r = CliRunner().invoke(main, args + [a for b in budgets for a in ("--budget", b)] + ["--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 0, r.output
+    separate = [ln.strip() for ln in r.output.splitlines() if ln.strip().startswith("separate ")]
+    assert [s.split(": ")[0] + ": " for s in separate] == lines, r.output
+    assert (tmp_path / "p.png").stat().st_size > 0

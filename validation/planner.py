@@ -153,6 +153,15 @@ def deployment_comparison(cfg, budgets: dict, dtype: str = "bfloat16", pair: tup
             "separate_all": sum(per.values()), "pair": list(pair), "separate_pair": sum(per[n] for n in pair)}
 
 
+def separate_deployments(c: dict) -> list[tuple[list[str], int]]:
+    """(budget names, weight bytes) of each separate-models deployment to set beside the family:
+    the pair, then every budget, the latter left out when it names the same budgets as the pair."""
+    out = [(list(c["pair"]), c["separate_pair"])]
+    if sorted(c["pair"]) != sorted(c["per_budget"]):
+        out.append((list(c["per_budget"]), c["separate_all"]))
+    return out
+
+
 # ---- text ----------------------------------------------------------------------------------------
 
 def _gb(n: float) -> str:
@@ -169,8 +178,7 @@ def plan_text(p: dict, comparison: dict | None = None) -> str:
         c = comparison
         lines += [f"weights at {c['dtype']}:",
                   f"  nested family ({' + '.join(c['per_budget'])}), one copy: {_gb(c['nested'])}",
-                  f"  separate {' + '.join(c['pair'])}: {_gb(c['separate_pair'])}",
-                  f"  separate {' + '.join(c['per_budget'])}: {_gb(c['separate_all'])}", ""]
+                  *(f"  separate {' + '.join(names)}: {_gb(n)}" for names, n in separate_deployments(c)), ""]
     for dev in p["devices"]:
         prof = dev["profile"]
         lines.append(f"{prof['label']}: {prof['memory_gb']:g} GB, usable {prof['usable_gb']:.2f} GB "

@@ -155,12 +155,14 @@ def plot_deployment(comparison: dict, plans: list[dict], path: str | Path) -> No
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
     c = comparison
     names = list(c["per_budget"])
-    bars = [(f"nested\n{' + '.join(names)}", c["nested"]), (f"separate\n{' + '.join(c['pair'])}", c["separate_pair"]),
-            (f"separate\n{' + '.join(names)}", c["separate_all"])]
-    ax1.bar(range(3), [b[1] / 1e9 for b in bars], color=["tab:blue", "tab:orange", "tab:red"])
+    from .planner import separate_deployments
+
+    bars = [(f"nested\n{' + '.join(names)}", c["nested"])]
+    bars += [(f"separate\n{' + '.join(group)}", n) for group, n in separate_deployments(c)]
+    ax1.bar(range(len(bars)), [b[1] / 1e9 for b in bars], color=["tab:blue", "tab:orange", "tab:red"][:len(bars)])
     for i, (_, v) in enumerate(bars):
         ax1.text(i, v / 1e9, f"{v / 1e9:.1f} GB", ha="center", va="bottom", fontsize=8)
-    ax1.set_xticks(range(3), [b[0] for b in bars], fontsize=7)
+    ax1.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
     ax1.set_ylabel("GB")
     ax1.set_title(f"weights at {c['dtype']}")
     dt = next(iter(plans[0]["devices"][0]["dtypes"]))

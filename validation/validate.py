@@ -58,11 +58,9 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
         raise CheckpointError("does not exist", path=path, fix="give a nested checkpoint or a build directory")
     manifest = read_build_manifest(path)
     if manifest is not None:
-        src = manifest.get("source")
-        if not src or not is_nested(src):
-            raise CheckpointError(f"was built from {src!r}, which is not a nested checkpoint here", path=path,
-                                  field="source", fix="give the nested checkpoint and this directory with --build")
-        fam = load_family(src)
+        from elastic_export.build import build_source
+
+        fam = load_family(build_source(path, manifest))  # there, and unchanged since the build
         fam.engines = {k: v for k, v in fam.engines.items() if not k.startswith("ort-")}
         fam.budgets = {b: fam.budgets[b] for b in fam.budgets if b in manifest.get("budgets", fam.budgets)}
         attach_build(fam, path, manifest)
