@@ -121,7 +121,8 @@ class TorchEngine:
             elif t == "full_attention":
                 x = self._attention(i, blk.mixer, v, x)
             else:
-                x = blk.mixer(x, v)  # the model's MLP (its activation from the config)
+                bu, bd = v.biases if v.biases is not None else (None, None)
+                x = F.linear(blk.mixer.act(F.linear(x, v.Wup, bu)), v.Wdown, bd)  # act: mlp_hidden_act
             h = h + x
         self.pos += 1
         self.cache.seen = self.pos
