@@ -7,7 +7,7 @@ a meta-device model and against sliced checkpoints), so they hold at any scale:
 - each kept layer: its pre-norm d plus
   - Mamba2 (h heads x p channels, G groups, N state, K conv): in_proj d*(2hp + 2GN + h),
     conv (hp + 2GN)*K, dt_bias/A_log/D 3h, gated norm hp, out_proj hp*d (+ biases);
-  - attention (h query heads, nkv KV heads, head dim hd): (h + 2 nkv)*hd*d + d*h*hd (+ biases);
+  - attention (h query heads, nkv KV heads, head dim hd): (h + 2 nkv)*hd*d + d*h*hd (never biases);
   - MLP (f neurons): 2*f*d (+ biases).
 
 Memory at a context length T and batch b:
@@ -59,9 +59,7 @@ def layer_params(cfg: ModelConfig, i: int, d: int, w: LayerWidths) -> int:
             n += proj + d
     elif t == "full_attention":
         hd, nkv, h = cfg.head_dim, cfg.num_key_value_heads, w.attn_heads
-        n += (h + 2 * nkv) * hd * d + d * h * hd
-        if cfg.attention_bias:
-            n += (h + 2 * nkv) * hd + d
+        n += (h + 2 * nkv) * hd * d + d * h * hd  # attention_bias is ignored, as in transformers
     else:
         n += 2 * w.ffn * d
         if cfg.mlp_bias:

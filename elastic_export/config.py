@@ -1,8 +1,9 @@
 """Model configuration: one dataclass, read from and written to Hugging Face `nemotron_h` config.json.
 
 Layer types follow transformers: ``linear_attention`` (Mamba2), ``full_attention`` (GQA, no
-positional encoding), ``mlp`` (relu^2). The legacy ``hybrid_override_pattern`` string (M, *, -)
-and the legacy ``mamba_*`` key names are accepted on read.
+positional encoding), ``mlp`` (relu^2 by default; the activations are those of
+:mod:`elastic_export.activations`). The legacy ``hybrid_override_pattern`` string (M, *, -) and the
+legacy ``mamba_*`` key names are accepted on read.
 
 Two fields are ours and absent from plain HF configs:
 - ``layer_widths``: per-layer widths of a heterogeneous slice (a list with one dict per layer,
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import activations
 from .errors import ConfigError
 
 LAYER_TYPES = ("linear_attention", "full_attention", "mlp")
@@ -127,10 +129,11 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, f"must be a positive integer, got {v!r}")
-        if self.mlp_hidden_act != "relu2":
-            bad("mlp_hidden_act", f"unsupported activation {self.mlp_hidden_act!r}", "NemotronH uses 'relu2'")
-        if self.mamba_hidden_act != "silu":
-            bad("mamba_hidden_act", f"unsupported activation {self.mamba_hidden_act!r}", "Mamba2 uses 'silu'")
+        for fld, usual in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
+            why = activations.unsupported(getattr(self, fld))
+            if why is not None:
+                bad(fld, why, f"use one of transformers' ACT2FN names supported here (NemotronH uses {usual!r}): "
+                    f"{', '.join(activations.NAMES)}")
         if self.head_order not in HEAD_ORDERS:
             bad("head_order", f"unknown head order {self.head_order!r}", f"use one of {HEAD_ORDERS}")
         if self.layer_widths is not None:

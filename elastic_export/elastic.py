@@ -164,18 +164,13 @@ class AttentionViews(NamedTuple):
     Wq: torch.Tensor  # [h*hd, d]
     Wk: torch.Tensor  # [nkv*hd, d]
     Wv: torch.Tensor  # [nkv*hd, d]
-    Wo: torch.Tensor  # [d, h*hd]
-    biases: tuple | None  # (bq, bk, bv, bo)
+    Wo: torch.Tensor  # [d, h*hd]  (no biases: NemotronH attention has none, see model.Attention)
 
 
 def attention_views(a, w: LayerWidths, d: int) -> AttentionViews:
     rows = w.attn_heads * a.head_dim
-    bq = a.q_proj.bias
-    return AttentionViews(
-        Wq=a.q_proj.weight[:rows, :d], Wk=a.k_proj.weight[:, :d], Wv=a.v_proj.weight[:, :d],
-        Wo=a.o_proj.weight[:d, :rows],
-        biases=None if bq is None else (bq[:rows], a.k_proj.bias, a.v_proj.bias, a.o_proj.bias[:d]),
-    )
+    return AttentionViews(Wq=a.q_proj.weight[:rows, :d], Wk=a.k_proj.weight[:, :d], Wv=a.v_proj.weight[:, :d],
+                          Wo=a.o_proj.weight[:d, :rows])
 
 
 class MLPViews(NamedTuple):

@@ -55,8 +55,29 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
+LM_HEAD = "lm_head.weight"
+
+
+def resolve_tying(cfg: ModelConfig, tensor_names) -> ModelConfig:
+    """The tying rule, stated once: lm_head is the embeddings only when the config ties them AND the
+    weights hold no ``lm_head.weight``; a checkpoint that holds one projects with it.
+
+    transformers' NemotronH never ties on load (its ``_tied_weights_keys`` is empty) and writes its own
+    lm_head.weight even under ``tie_word_embeddings: true``. The config returned says what the weights
+    do (``tie_word_embeddings`` false when lm_head.weight is present), so the model, slicing, nesting,
+    the ONNX graphs and the engines, which all follow the config, follow the weights."""
+    if cfg.tie_word_embeddings and LM_HEAD in {_canonical(n) for n in tensor_names}:
+        return cfg.replace(tie_word_embeddings=False)
+    return cfg
+
+
 def load_config(path: str | Path) -> ModelConfig:
-    return ModelConfig.from_file(checkpoint_dir(path) / "config.json")
+    """config.json of a checkpoint directory, tying resolved against its weights when it has any."""
+    path = checkpoint_dir(path)
+    cfg = ModelConfig.from_file(path / "config.json")
+    if (path / INDEX).is_file() or any(path.glob("*.safetensors")):
+        cfg = resolve_tying(cfg, weight_files(path))
+    return cfg
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -124,9 +145,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_tensors(path: Path, cfg: ModelConfig, found: dict[str, tuple[int, ...]]) -> None:
     """Every tensor the config implies is present with its shape, and nothing else is."""
-    expected = expected_shapes(cfg)
-    if cfg.tie_word_embeddings:
-        found = {k: v for k, v in found.items() if k != "lm_head.weight"}
+    expected = expected_shapes(resolve_tying(cfg, found))
     for name, shape in expected.items():
         if name not in found:
             raise CheckpointError(f"tensor {name!r} is missing", path=path,
@@ -136,8 +155,12 @@ def check_tensors(path: Path, cfg: ModelConfig, found: dict[str, tuple[int, ...]
                                   path=path, fix="the weights do not match config.json")
     unexpected = sorted(n for n in set(found) - set(expected) if not n.startswith("mtp."))
     if unexpected:
+        attention_biases = all(n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias"))
+                               for n in unexpected)
         raise CheckpointError(f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}",
-                              path=path, fix="the weights do not match config.json (layer types or count)")
+                              path=path, fix="NemotronH attention has no biases (transformers ignores "
+                              "attention_bias and drops them); remove them from the file" if attention_biases
+                              else "the weights do not match config.json (layer types or count)")
 
 
 def tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -165,7 +188,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         model = NemotronHForCausalLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = read_tensors(path)
-    check_tensors(path, cfg, {k: tuple(v.shape) for k, v in tensors.items()})
+    check_tensors(path, cfg, {k: tuple(v.shape) for k, v in tensors.items()})  # cfg's tying is resolved
     state = {}
     for name in expected:
         t = tensors[name]
@@ -190,10 +213,10 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
     cfg = model.config
     state = {}
     sd = model.state_dict()
-    if cfg.tie_word_embeddings:
+    if model.lm_head is None:
         # transformers' NemotronH does not tie lm_head to the embeddings on load (its
         # _tied_weights_keys is empty), so tied checkpoints carry an explicit copy for it.
-        sd["lm_head.weight"] = sd["backbone.embeddings.weight"].clone()
+        sd[LM_HEAD] = sd["backbone.embeddings.weight"].clone()
     for name, t in sd.items():
         t = t.detach()
         if dtype is not None and t.is_floating_point():

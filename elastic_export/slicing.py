@@ -98,10 +98,6 @@ def slice_state(model, subnet: Subnet) -> dict[str, torch.Tensor]:
             o = _to_contiguous(v.Wo.unflatten(1, (-1, hd)).transpose(0, 1), nkv, order).transpose(0, 1).flatten(1)
             out.update({m + "q_proj.weight": q, m + "k_proj.weight": v.Wk, m + "v_proj.weight": v.Wv,
                         m + "o_proj.weight": o})
-            if v.biases is not None:
-                bq, bk, bv, bo = v.biases
-                out.update({m + "q_proj.bias": _to_contiguous(bq.unflatten(0, (-1, hd)), nkv, order).flatten(),
-                            m + "k_proj.bias": bk, m + "v_proj.bias": bv, m + "o_proj.bias": bo})
         else:
             v = elastic.mlp_views(blk.mixer, w, d)
             out[m + "up_proj.weight"], out[m + "down_proj.weight"] = v.Wup, v.Wdown

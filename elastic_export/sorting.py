@@ -106,13 +106,11 @@ def permute_state(cfg, state: dict[str, torch.Tensor], perms: Permutations) -> d
         elif t == "full_attention":
             hd = cfg.head_dim
             q = (p["heads"][:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
-            rows(m + "q_proj.weight", q)
-            rows(m + "q_proj.bias", q)
+            rows(m + "q_proj.weight", q)  # (attention has no biases: model.Attention)
             for name in ("q_proj", "k_proj", "v_proj"):
                 cols(m + name + ".weight", pi)
             cols(m + "o_proj.weight", q)
             rows(m + "o_proj.weight", pi)
-            rows(m + "o_proj.bias", pi)
         else:
             rows(m + "up_proj.weight", p["ffn"])
             rows(m + "up_proj.bias", p["ffn"])
@@ -150,8 +148,6 @@ def sort_model(model, imp: Importance):
     new_cfg = cfg.replace(head_order="rank_major")
     with torch.device("meta"):
         out = NemotronHForCausalLM(new_cfg)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     out.load_state_dict(state, assign=True)
     out.train(model.training)
     return out, permute_importance(cfg, imp, perms)

@@ -102,10 +102,9 @@ class GraphDecoder:
     def _attention(self, i, mixer, x, v):
         """Attention of one new token over the static KV cache [b, nkv, max_len, hd] up to pos."""
         hd, nkv = mixer.head_dim, mixer.num_kv_heads
-        bq, bk, bv, bo = v.biases if v.biases is not None else (None,) * 4
-        q = F.linear(x, v.Wq, bq).unflatten(-1, (-1, hd))  # [b, 1, h, hd]
-        k = F.linear(x, v.Wk, bk).unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, 1, hd]
-        val = F.linear(x, v.Wv, bv).unflatten(-1, (nkv, hd)).transpose(1, 2)
+        q = F.linear(x, v.Wq).unflatten(-1, (-1, hd))  # [b, 1, h, hd]
+        k = F.linear(x, v.Wk).unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, 1, hd]
+        val = F.linear(x, v.Wv).unflatten(-1, (nkv, hd)).transpose(1, 2)
         self.k[i].index_copy_(2, self.pos.view(1), k)
         self.v[i].index_copy_(2, self.pos.view(1), val)
         h = q.shape[2]
@@ -115,7 +114,7 @@ class GraphDecoder:
                                            enable_gqa=nkv != h)
         o = o.transpose(1, 2).unflatten(2, (nkv, h // nkv))  # [b, 1, nkv, h/nkv, hd]
         o = ungroup_heads(o, mixer.head_order, 2)
-        return F.linear(o.flatten(2), v.Wo, bo)
+        return F.linear(o.flatten(2), v.Wo)
 
     def _step(self):
         model, d = self.model, self.subnet.hidden

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from elastic_export.elastic import Subnet, validate_subnet
 from elastic_export.errors import BudgetError
-from elastic_export.model import _linear3, _out3
+from elastic_export.model import _linear3, _out3, clamp_dt
 
 from .generation import generate
 
@@ -122,7 +122,7 @@ class TorchEngine:
                 x = self._attention(i, blk.mixer, v, x)
             else:
                 bu, bd = v.biases if v.biases is not None else (None, None)
-                x = F.linear(torch.relu(F.linear(x, v.Wup, bu)).square(), v.Wdown, bd)
+                x = F.linear(blk.mixer.act(F.linear(x, v.Wup, bu)), v.Wdown, bd)  # act: mlp_hidden_act
             h = h + x
         self.pos += 1
         self.cache.seen = self.pos
@@ -153,8 +153,7 @@ class TorchEngine:
         hv, gv = ((-1, r, G), (-1, 1, G)) if rank_major else ((-1, G, r), (-1, G, 1))  # heads as 2 axes
         return dict(h=h, p=p, GN=v.WB.shape[0], G=G, hv=hv, gv=gv, axes=(1, 3) if rank_major else (2, 3),
                     conv_w=conv_w, conv_b=conv_b, A=-torch.exp(v.A_log.float()).view(hv[1:] + (1, 1)),
-                    D=v.D.view(hv[1:] + (1, 1)), norm=v.norm.reshape(-1), Wout=Wout, eps=m.eps,
-                    dt_min=m.dt_min, dt_max=m.dt_max)
+                    D=v.D.view(hv[1:] + (1, 1)), norm=v.norm.reshape(-1), Wout=Wout, eps=m.eps)
 
     def _mamba(self, i, m, v, x):
         c = self._plans[i]
@@ -175,10 +174,10 @@ class TorchEngine:
         xbc = (seq * c["conv_w"]).sum(-1)
         if c["conv_b"] is not None:
             xbc = xbc + c["conv_b"]
-        xs, B, C = F.silu(xbc).split([h * p, GN, GN], dim=-1)
+        xs, B, C = m.act(xbc).split([h * p, GN, GN], dim=-1)  # mamba_hidden_act, as the model
         # SSD step in place on [b, r, G, p, n] (rank-major heads; [b, G, r, ...] otherwise): B and C
         # broadcast over their group's heads. S = exp(dt A) S + dt x B^T, y = S C.
-        dt = F.softplus(dt + v.dt_bias).clamp(c["dt_min"], c["dt_max"]).view(*hv, 1, 1)
+        dt = clamp_dt(F.softplus(dt + v.dt_bias), m.dt_limit).view(*hv, 1, 1)  # the model's clamp
         x5 = xs.view(*hv, p, 1)
         S = self.cache.ssm[i].view(*hv, p, n)
         S.mul_(torch.exp(dt * c["A"])).addcmul_(x5 * dt, B.view(*gv, 1, n))
@@ -191,11 +190,10 @@ class TorchEngine:
 
     def _attention(self, i, a, v, x):
         nkv, hd = a.num_kv_heads, a.head_dim
-        bq, bk, bv, bo = v.biases if v.biases is not None else (None,) * 4
         rows = v.Wq.shape[0]
         r = rows // hd // nkv
-        k = F.linear(x, v.Wk, bk).view(-1, nkv, 1, hd)
-        val = F.linear(x, v.Wv, bv).view(-1, nkv, 1, hd)
+        k = F.linear(x, v.Wk).view(-1, nkv, 1, hd)
+        val = F.linear(x, v.Wv).view(-1, nkv, 1, hd)
         kv = self.kv[i]
         T = self.pos + 1
         if T > kv[0].shape[2]:  # grow by doubling
@@ -206,14 +204,14 @@ class TorchEngine:
         kv[0][:, :, self.pos:T] = k
         kv[1][:, :, self.pos:T] = val
         rank_major = a.head_order == "rank_major"  # query head j*nkv + g (else g*r + j)
-        q = F.linear(x, v.Wq, bq)
+        q = F.linear(x, v.Wq)
         q = q.view(-1, r, nkv, hd).transpose(1, 2) if rank_major else q.view(-1, nkv, r, hd)  # [b, nkv, r, hd]
         scores = (q @ kv[0][:, :, :T].transpose(2, 3)) * hd ** -0.5  # [b, nkv, r, T]
         if self.key_mask is not None:
             scores = scores.masked_fill(~self.key_mask[:, None, None, :T], float("-inf"))
         o = scores.softmax(-1) @ kv[1][:, :, :T]  # [b, nkv, r, hd]
         o = o.transpose(1, 2) if rank_major else o
-        return F.linear(o.reshape(-1, rows), v.Wo, bo)
+        return F.linear(o.reshape(-1, rows), v.Wo)
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, input_ids, max_new_tokens, **kwargs)

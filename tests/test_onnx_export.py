@@ -163,5 +163,5 @@ def test_group_contiguous_parent(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["standard", "decomposed"])
 def test_projection_biases(tmp_path, mode):
-    model, budgets = _export(tmp_path, 4, mode, n=3, use_bias=True, attention_bias=True, mlp_bias=True)
+    model, budgets = _export(tmp_path, 4, mode, n=3, use_bias=True, mlp_bias=True)
     _check(model, budgets, tmp_path, steps=2, b=2, l=11)

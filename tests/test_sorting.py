@@ -9,7 +9,7 @@ from elastic_export.importance import compute_importance
 from elastic_export.sorting import permutations, sort_model
 from helpers import random_model
 
-BIASES = dict(use_bias=True, attention_bias=True, mlp_bias=True)
+BIASES = dict(use_bias=True, mlp_bias=True)  # (attention never has biases: test_hf_parity.py)
 
 
 @pytest.mark.parametrize("seed,overrides", [(0, {}), (1, {}), (2, {}), (3, BIASES), (4, dict(n_groups=3,

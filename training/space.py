@@ -403,7 +403,6 @@ def layer_params(cfg, layer_type: str, d, w: dict):
         return rows * d + bias * rows + conv + 3 * h + h * p + d * h * p + bias * d + d
     if layer_type == "full_attention":
         h, hd, nkv = w["attn_heads"], cfg.head_dim, cfg.num_key_value_heads
-        ab = int(cfg.attention_bias)
-        return (h * hd + 2 * nkv * hd) * d + d * h * hd + ab * (h * hd + 2 * nkv * hd + d) + d
+        return (h * hd + 2 * nkv * hd) * d + d * h * hd + d  # no attention biases (model.Attention)
     f, mb = w["ffn"], int(cfg.mlp_bias)
     return 2 * f * d + mb * (f + d) + d
