@@ -147,11 +147,13 @@ class Trainer:
         elif (Path(recipe["model"]["init"]) / "elastic.json").is_file():  # derive new budgets from a nested one
             from elastic_export.nested import load_nested
 
-            self.model = load_nested(recipe["model"]["init"], dtype=torch.float32).model.train()
+            self.model = load_nested(recipe["model"]["init"]).model.train()
         else:
             from elastic_export.hf_io import load
 
-            self.model = load(recipe["model"]["init"], dtype=torch.float32)
+            self.model = load(recipe["model"]["init"])
+        self.parent_dtype = self.model.dtype  # output.dtype "parent" saves the result as the parent is stored
+        self.model.float()  # trained in float32
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids, the parent {self.cfg.vocab_size}",
                               field="model.tokenizer")
@@ -399,7 +401,8 @@ class Trainer:
         for name, sub in subnets.items():
             validate_subnet(self.cfg, sub, where=f"budgets.{name}")
         path = Path(self.r["output"]["path"] or self.out / "nested")
-        dtype = torch.bfloat16 if self.r["output"]["dtype"] == "bfloat16" else None
+        dtype = {"parent": self.parent_dtype, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16}[self.r["output"]["dtype"]]
         training = {"recipe": self.r["name"], "steps": self.step, "evals": self.evals,
                     "depth_ranking": self.space.depth_ranking,
                     "tokens": sum(s.steps * s.spec["batch_size"] * s.spec["seq_len"] for s in self.stages)}
