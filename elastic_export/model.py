@@ -10,6 +10,11 @@ Block: h = h + mixer(rmsnorm(h)); final norm_f; lm_head. Mixers:
   D skip, gated RMSNorm (y * silu(z), RMS over the channels of each group), out_proj.
 - Attention: GQA, no positional encoding, no biases by default.
 - MLP: down(relu(up(x))^2).
+
+``decode_step`` is the one-token step of generation (the torch engine's decode, dynamic and
+static): each mixer's ``step`` (the MLP's forward) on states updated in place, checked against the
+full forward (tests/test_decode_step.py). It shares with forward() the projections' views, the conv
+activation, the dt discretization and the gated RMSNorm.
 """
 
 from __future__ import annotations
@@ -34,15 +39,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight.float() * xf).to(x.dtype)
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # no op at all when already float32 (decode steps)
+
+
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, head_order: str,
                    eps: float) -> torch.Tensor:
     """Mamba2's gated RMSNorm: y * silu(z), RMS over the channels of each group, times weight.
     y, z, weight [..., h, p] -> float32 [..., h, p]."""
-    y = y * F.silu(z.float())
-    dim = y.dim() - 2
-    yg = group_heads(y, groups, head_order, dim)  # [..., G, h/G, p]
-    yg = yg * torch.rsqrt(yg.pow(2).mean(dim=(-1, -2), keepdim=True) + eps)
-    return ungroup_heads(yg, head_order, dim) * weight.float()
+    y = y * F.silu(_f32(z))
+    dim, r = y.dim() - 2, y.shape[-2] // groups
+    # the head axis as two axes without a copy: rank-major head j*G + g -> [r, G], else [G, r]
+    yg, axes = (y.unflatten(dim, (r, groups)), (dim, -1)) if head_order == "rank_major" else \
+        (y.unflatten(dim, (groups, r)), (dim + 1, -1))
+    yg = yg * torch.rsqrt(yg.pow(2).mean(dim=axes, keepdim=True) + eps)
+    return yg.flatten(dim, dim + 1) * _f32(weight)
 
 
 def _linear3(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -90,6 +101,9 @@ class MambaStep(NamedTuple):
     conv_w: torch.Tensor  # [C, K] the conv kernel of the kept channels [x | B | C] (~0.1% of the layer's bytes)
     conv_b: torch.Tensor | None  # [C]
     A: torch.Tensor  # [h] -exp(A_log), float32
+    D: torch.Tensor  # [h, 1] float32
+    norm: torch.Tensor  # [h, p] float32, the gated norm's weight
+    Wout: torch.Tensor | None  # [d, h*p] a 2-D view of out_proj when the budget keeps whole heads
 
 
 class Mamba2Mixer(nn.Module):
@@ -176,13 +190,15 @@ class Mamba2Mixer(nn.Module):
 
     def discretize(self, dt: torch.Tensor, v: elastic.MambaViews) -> torch.Tensor:
         """dt projection [..., h] -> softplus(dt + dt_bias), clamped (see __init__), float32."""
-        return F.softplus(dt.float() + v.dt_bias.float()).clamp(self.dt_min, self.dt_max)
+        return F.softplus(_f32(dt) + _f32(v.dt_bias)).clamp(self.dt_min, self.dt_max)
 
     def step_constants(self, v: elastic.MambaViews) -> MambaStep:
         h, p = v.Wz.shape[0], v.Wz.shape[1]
         K = v.conv_bc.shape[-1]
         conv_b = None if v.conv_bias_x is None else torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc])
-        return MambaStep(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]), conv_b, -torch.exp(v.A_log.float()))
+        Wout = v.Wout.flatten(1, 2) if v.Wout.stride(1) == p * v.Wout.stride(2) else None
+        return MambaStep(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]), conv_b, -torch.exp(v.A_log.float()),
+                         v.D.float()[:, None], _f32(v.norm), Wout)
 
     def step(self, hs: torch.Tensor, v: elastic.MambaViews, c: MambaStep, conv: torch.Tensor,
              ssm: torch.Tensor) -> torch.Tensor:
@@ -210,10 +226,11 @@ class Mamba2Mixer(nn.Module):
         x = x.view(b, h, p)
         # 3. SSD step (float32, in place), D skip.
         y = ssd_step_(ssm, x, self.discretize(dt, v), c.A, B.view(b, G, -1), C.view(b, G, -1), self.head_order)
-        y = y + x.float() * v.D.float()[:, None]  # [b, h, p]
+        y = torch.addcmul(y, _f32(x), c.D)  # [b, h, p]
         # 4. Gated RMSNorm, out_proj.
-        y = gated_rms_norm(y, z.view(b, h, p), v.norm, G, self.head_order, self.eps)
-        out = _out3(y.to(hs.dtype), v.Wout)
+        y = gated_rms_norm(y, z.view(b, h, p), c.norm, G, self.head_order, self.eps)
+        y = y if y.dtype == hs.dtype else y.to(hs.dtype)
+        out = F.linear(y.view(b, h * p), c.Wout) if c.Wout is not None else _out3(y, v.Wout)
         return out if v.bout is None else out + v.bout
 
 

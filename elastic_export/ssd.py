@@ -167,11 +167,12 @@ def ssd_step_(state, x, dt, A, B, C, head_order: str = "group_contiguous"):
     b, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
     heads, groups = ((h // g, g), (1, g)) if head_order == "rank_major" else ((g, h // g), (g, 1))
+    f32 = [t if t.dtype == torch.float32 else t.float() for t in (dt, x, A, B, C)]  # no op when float32
+    dt, x, A, B, C = f32
     S = state.view(b, *heads, p, n)
-    dt = dt.float().view(b, *heads, 1, 1)
-    x = x.float().view(b, *heads, p, 1)
-    S.mul_(torch.exp(dt * A.float().view(*heads, 1, 1))).addcmul_(x * dt, B.float().view(b, *groups, 1, n))
-    return (S @ C.float().view(b, *groups, n, 1)).view(b, h, p)
+    dt = dt.view(b, *heads, 1, 1)
+    S.mul_(torch.exp(dt * A.view(*heads, 1, 1))).addcmul_(x.view(b, *heads, p, 1) * dt, B.view(b, *groups, 1, n))
+    return (S @ C.view(b, *groups, n, 1)).view(b, h, p)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: str = "group_contiguous"):

@@ -26,8 +26,8 @@ class GraphDecoder:
     def __init__(self, model, subnet=None, batch: int = 1, max_len: int = 2048, use_graph: bool | None = None,
                  compile: bool = False):
         self.model = model
-        self.subnet, self.views = model.layer_views(subnet)
-        self.plan = model.step_plan(self.subnet)
+        self.subnet = model.layer_views(subnet)[0]
+        self.plan = model.step_plan(self.subnet)  # views of the one weight copy
         self.batch, self.max_len = batch, max_len
         dev = model.device
         self.use_graph = dev.type == "cuda" if use_graph is None else use_graph
