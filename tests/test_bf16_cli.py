@@ -61,6 +61,9 @@ def test_every_command_runs_on_a_bf16_parent(parent, tmp_path):
     for path in ("nested", "build"):
         out = _run("run", tmp_path / path, "--budget", "50pct", "--prompt", "ab", "--max-new-tokens", 4)
         assert out.startswith("ab")
+    out = _run("run", tmp_path / "nested", "--dtype", "float32", "--prompt", "ab", "--max-new-tokens", 2)
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "build"), "--dtype", "bf16", "--prompt", "ab"])
+    assert r.exit_code == 2 and "--dtype" in r.output and "Traceback" not in r.output
     _run("validate", tmp_path / "nested", "--report", tmp_path / "report", "--backends", "torch,torch-engine,sliced",
          "--no-memory", "--tasks", 2, "--greedy-tokens", 4, "--quiet")
 
