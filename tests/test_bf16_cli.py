@@ -95,8 +95,7 @@ def test_bf16_rank_orders_equal_fp32_up_to_ties(parent):
     assert _same_order_up_to_ties(pb.hidden, pf.hidden, i_f.hidden)
     for lb, lf, sf in zip(pb.layers, pf.layers, i_f.layers):
         for axis in lb:
-            score = sf["heads" if axis == "heads" else axis]
-            assert _same_order_up_to_ties(lb[axis], lf[axis], score), axis
+            assert _same_order_up_to_ties(lb[axis], lf[axis], sf[axis]), axis
     assert _same_order_up_to_ties(torch.tensor(ib.depth_order), torch.tensor(i_f.depth_order), i_f.depth)
 
 
@@ -113,8 +112,9 @@ def test_bf16_torch_engine_close_to_the_fp32_model(parent):
     eng = TorchEngine(b16, {"full": sub})
     got = [eng.prefill(ids[:, :6], last_only=True)] + [eng.decode(ids[:, t]) for t in range(6, 9)]
     got = torch.stack(got, dim=1)
-    assert got.dtype == torch.float32 and eng.state.ssm[[t is not None for t in eng.state.ssm].index(True)].dtype \
-        == torch.float32
+    assert got.dtype == torch.float32
+    assert {t.dtype for t in eng.state.ssm if t is not None} == {torch.float32}  # the SSM state, always
+    assert {t.dtype for t in eng.state.conv + eng.state.k if t is not None} == {BF16}  # the rest as stored
     err = (got - ref[:, 5:9]).abs().max().item()
     assert err <= 0.05 * ref.abs().max().item(), err
     assert (got.argmax(-1) == ref[:, 5:9].argmax(-1)).float().mean() >= 0.75
