@@ -78,13 +78,13 @@ class InferenceCache:
 
 class StepState:
     """Per layer index (None elsewhere): conv [b, C, K-1], ssm [b, h, p, n] float32, k, v [b, nkv, cap, hd].
-    ``pos`` (0-d long tensor, so a compiled or captured step reads it): the position of the next token.
+    ``pos`` ([1] long tensor, so a compiled or captured step reads it): the position of the next token.
     ``key_valid`` [b, cap] bool: False on prompt padding; None when nothing is padded."""
 
     def __init__(self, conv: list, ssm: list, k: list, v: list, pos: int, key_valid: torch.Tensor | None,
                  device=None):
         self.conv, self.ssm, self.k, self.v = conv, ssm, k, v
-        self.pos = torch.tensor(pos, dtype=torch.long, device=device)
+        self.pos = torch.tensor([pos], dtype=torch.long, device=device)
         self.key_valid = key_valid
 
     @classmethod

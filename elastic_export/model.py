@@ -104,6 +104,7 @@ class MambaStep(NamedTuple):
     D: torch.Tensor  # [h, 1] float32
     norm: torch.Tensor  # [h, p] float32, the gated norm's weight
     Wout: torch.Tensor | None  # [d, h*p] a 2-D view of out_proj when the budget keeps whole heads
+    Wzx: tuple | None  # ([h*p, d], [h*p, d]) 2-D views of the z and x rows, likewise
 
 
 class Mamba2Mixer(nn.Module):
@@ -197,8 +198,9 @@ class Mamba2Mixer(nn.Module):
         K = v.conv_bc.shape[-1]
         conv_b = None if v.conv_bias_x is None else torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc])
         Wout = v.Wout.flatten(1, 2) if v.Wout.stride(1) == p * v.Wout.stride(2) else None
+        Wzx = (v.Wz.flatten(0, 1), v.Wx.flatten(0, 1)) if v.Wz.stride(0) == p * v.Wz.stride(1) else None
         return MambaStep(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]), conv_b, -torch.exp(v.A_log.float()),
-                         v.D.float()[:, None], _f32(v.norm), Wout)
+                         v.D.float()[:, None], _f32(v.norm), Wout, Wzx)
 
     def step(self, hs: torch.Tensor, v: elastic.MambaViews, c: MambaStep, conv: torch.Tensor,
              ssm: torch.Tensor) -> torch.Tensor:
@@ -210,7 +212,10 @@ class Mamba2Mixer(nn.Module):
         if v.fused is not None:
             z, xBC, dt = F.linear(hs, v.fused, self.in_proj.bias).split([h * p, h * p + 2 * GN, h], dim=-1)
         else:
-            z, x = _linear3(hs, v.Wz).flatten(1), _linear3(hs, v.Wx).flatten(1)  # [b, h*p]
+            if c.Wzx is not None:
+                z, x = F.linear(hs, c.Wzx[0]), F.linear(hs, c.Wzx[1])  # [b, h*p]
+            else:
+                z, x = _linear3(hs, v.Wz).flatten(1), _linear3(hs, v.Wx).flatten(1)
             B, C, dt = F.linear(hs, v.WB), F.linear(hs, v.WC), F.linear(hs, v.Wdt)
             if v.bias is not None:
                 bz, bx, bB, bC, bdt = v.bias
@@ -284,13 +289,13 @@ class Attention(nn.Module):
     def step(self, hs: torch.Tensor, v: elastic.AttentionViews, K: torch.Tensor, V: torch.Tensor,
              pos: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """forward() of one token per sequence: hs [b, d] -> [b, d] over a preallocated KV cache K, V
-        [b, nkv, T, hd]. Writes the new key and value at ``pos`` (0-d long tensor) and attends to the
+        [b, nkv, T, hd]. Writes the new key and value at ``pos`` ([1] long tensor) and attends to the
         positions where ``key_mask`` [b, T] is True (None: all T)."""
         b = hs.shape[0]
         hd, nkv = self.head_dim, self.num_kv_heads
         bq, bk, bv, bo = v.biases if v.biases is not None else (None,) * 4
-        K.index_copy_(2, pos.view(1), F.linear(hs, v.Wk, bk).view(b, nkv, 1, hd))
-        V.index_copy_(2, pos.view(1), F.linear(hs, v.Wv, bv).view(b, nkv, 1, hd))
+        K.index_copy_(2, pos, F.linear(hs, v.Wk, bk).view(b, nkv, 1, hd))
+        V.index_copy_(2, pos, F.linear(hs, v.Wv, bv).view(b, nkv, 1, hd))
         q = F.linear(hs, v.Wq, bq).view(b, -1, hd)  # [b, h, hd]
         h = q.shape[1]
         q = group_heads(q, nkv, self.head_order, 1).reshape(b, h, 1, hd)  # SDPA's GQA order, as forward()
