@@ -55,13 +55,14 @@ def bench_family(cfg) -> dict[str, Subnet]:
 def weight_bytes(model, subnet: Subnet) -> int:
     """Bytes of the weights one decode step of this budget reads (embedding: one row)."""
     _, views = model.layer_views(subnet)
-    total = model.lm_head_weight[:, :subnet.hidden].numel() * 4
+    head = model.lm_head_weight[:, :subnet.hidden]
+    total = head.numel() * head.element_size()
     for v in views:
         if v is None:
             continue
         for t in v:
             if isinstance(t, torch.Tensor) and t is not getattr(v, "fused", None):
-                total += t.numel() * 4
+                total += t.numel() * t.element_size()
     return total
 
 

@@ -6,6 +6,10 @@ Shapes (b batch, C conv channels of the budget = h*p + 2*G*N, K conv kernel):
     k, v [b, nkv, T, hd]  preallocated, grown by doubling; ``length`` tokens are valid
 ``key_mask`` [b, T] marks real (non-padding) positions, so decode steps after a left-padded
 prefill keep ignoring the padding.
+
+``StepState`` holds the same states for the one-token decode step (model.decode_step), updated in
+place: the torch engine takes a prefill's cache as it is (dynamic), or copies it into buffers
+preallocated once at a fixed size (static: torch.compile, CUDA graphs).
 """
 
 from __future__ import annotations
@@ -70,3 +74,75 @@ class InferenceCache:
                                                                          device=device)
         self.key_mask = torch.cat([old, new], dim=1)
         return self.key_mask
+
+
+class StepState:
+    """Per layer index (None elsewhere): conv [b, C, K-1], ssm [b, h, p, n] float32, k, v [b, nkv, cap, hd].
+    ``pos`` ([1] long tensor, so a compiled or captured step reads it): the position of the next token.
+    ``key_valid`` [b, cap] bool: False on prompt padding; None when nothing is padded."""
+
+    def __init__(self, conv: list, ssm: list, k: list, v: list, pos: int, key_valid: torch.Tensor | None,
+                 device=None):
+        self.conv, self.ssm, self.k, self.v = conv, ssm, k, v
+        self.pos = torch.tensor([pos], dtype=torch.long, device=device)
+        self.key_valid = key_valid
+
+    @classmethod
+    def from_cache(cls, cache: InferenceCache, device=None) -> "StepState":
+        """The states of a prefill, without copying (KV buffers keep their spare capacity)."""
+        key_valid = None
+        cap = max((kv.k.shape[2] for kv in cache.kv if kv.k is not None), default=cache.seen)
+        if cache.key_mask is not None:
+            key_valid = cache.key_mask.new_ones(cache.key_mask.shape[0], cap)
+            key_valid[:, :cache.seen] = cache.key_mask
+        return cls(list(cache.conv), [None if t is None else t.contiguous() for t in cache.ssm],
+                   [kv.k for kv in cache.kv], [kv.v for kv in cache.kv], cache.seen, key_valid, device)
+
+    @classmethod
+    def zeros(cls, model, subnet, batch: int, capacity: int) -> "StepState":
+        """Zero states of ``batch`` sequences of up to ``capacity`` tokens for a budget (static decode)."""
+        _, views = model.layer_views(subnet)
+        n, dt, dev = model.config.num_hidden_layers, model.dtype, model.device
+        conv, ssm, k, v = [None] * n, [None] * n, [None] * n, [None] * n
+        for i, (blk, w) in enumerate(zip(model.backbone.layers, views)):
+            if w is None:
+                continue
+            if blk.block_type == "linear_attention":
+                h, p = w.Wz.shape[0], w.Wz.shape[1]
+                conv[i] = torch.zeros(batch, h * p + 2 * w.WB.shape[0], model.config.conv_kernel - 1, dtype=dt,
+                                      device=dev)
+                ssm[i] = torch.zeros(batch, h, p, model.config.ssm_state_size, dtype=torch.float32, device=dev)
+            elif blk.block_type == "full_attention":
+                a = blk.mixer
+                k[i] = torch.zeros(batch, a.num_kv_heads, capacity, a.head_dim, dtype=dt, device=dev)
+                v[i] = torch.zeros_like(k[i])
+        return cls(conv, ssm, k, v, 0, torch.ones(batch, capacity, dtype=torch.bool, device=dev), dev)
+
+    def load(self, cache: InferenceCache) -> None:
+        """Copy a prefill's states into these buffers (in place: their addresses stay)."""
+        l = cache.seen
+        for i, t in enumerate(cache.conv):
+            if t is not None:
+                self.conv[i].copy_(t)
+                self.ssm[i].copy_(cache.ssm[i])
+        for i, kv in enumerate(cache.kv):
+            if kv.k is not None:
+                self.k[i][:, :, :l].copy_(kv.k[:, :, :l])
+                self.v[i][:, :, :l].copy_(kv.v[:, :, :l])
+        self.key_valid.fill_(True)
+        if cache.key_mask is not None:
+            self.key_valid[:, :l].copy_(cache.key_mask)
+        self.pos.fill_(l)
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` tokens in the KV cache (and key_valid): grow by doubling (dynamic decode)."""
+        for i, k in enumerate(self.k):
+            if k is not None and n > k.shape[2]:
+                for kv in (self.k, self.v):
+                    old = kv[i]
+                    kv[i] = old.new_empty(old.shape[0], old.shape[1], max(n, 2 * old.shape[2]), old.shape[3])
+                    kv[i][:, :, :old.shape[2]] = old
+        if self.key_valid is not None and n > self.key_valid.shape[1]:
+            old = self.key_valid
+            self.key_valid = old.new_ones(old.shape[0], max(n, 2 * old.shape[1]))
+            self.key_valid[:, :old.shape[1]] = old

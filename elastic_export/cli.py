@@ -297,8 +297,10 @@ def build(source, budgets, target, ssm_op, dtype, opset, out, overwrite):
 @click.option("--threads", default=None, type=int, help="CPU threads (default: the runtime's choice).")
 @click.option("--static", is_flag=True, help="Torch engine: compile a fixed-shape decode step (faster decode, "
               "seconds of compilation first).")
+@click.option("--dtype", default=None, help="Torch engine: weight and compute dtype, float32 or bfloat16 [as stored; "
+              "float32 may be faster on a CPU without bf16 instructions].")
 @user_errors
-def run(path, budget, prompt, max_new_tokens, temperature, threads, static):
+def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtype):
     """Generate text from a build directory (ONNX Runtime / TensorRT) or a checkpoint (torch engine).
 
     With no PATH it runs the shipped default model with the torch engine."""
@@ -309,7 +311,15 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static):
 
     from .tokenizer import load_tokenizer
 
+    from .hf_io import parse_dtype
+
     p = Path(_default(path))
+    dt = parse_dtype(dtype)
+    if dt is not None and (p / "build.json").is_file():
+        from .errors import ConfigError
+
+        raise ConfigError("--dtype applies to the torch engine; a build directory runs at the dtype it was built "
+                          "with", field="--dtype", fix="give a nested checkpoint, or rebuild with build --dtype")
     if (p / "build.json").is_file():
         from .build import read_build, verify_build
 
@@ -333,6 +343,8 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static):
         from .build import load_family
 
         model, family, src = load_family(p)
+        if dt is not None:
+            model = model.to(dt)
         engine = TorchEngine(model, family, threads=threads, static=static,
                              max_len=len(prompt.encode()) + max_new_tokens + 8)
         tok_dir = src / "tokenizer" if (src / "tokenizer").is_dir() else None

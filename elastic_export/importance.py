@@ -139,12 +139,18 @@ class Importance:
         return cls(t["hidden"], layers, depth, order)
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Scores accumulate in float32 whatever the weights' dtype (a bf16 sum of |x| loses the ranking)."""
+    return None if t is None else t.float()
+
+
 def _attention_head_norms(a, x: torch.Tensor) -> torch.Tensor:
-    """Per query head, sum over batch and sequence of the L2 norm of its attention output [H]."""
+    """Per query head, sum over batch and sequence of the L2 norm of its attention output [H]; float32."""
     H, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
-    q = F.linear(x, a.q_proj.weight, a.q_proj.bias).unflatten(-1, (H, hd)).transpose(1, 2)  # [b, H, l, hd]
-    k = F.linear(x, a.k_proj.weight, a.k_proj.bias).unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, l, hd]
-    v = F.linear(x, a.v_proj.weight, a.v_proj.bias).unflatten(-1, (nkv, hd)).transpose(1, 2)
+    q, k, v = (F.linear(x, _f32(proj.weight), _f32(proj.bias)) for proj in (a.q_proj, a.k_proj, a.v_proj))
+    q = q.unflatten(-1, (H, hd)).transpose(1, 2)  # [b, H, l, hd]
+    k = k.unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, l, hd]
+    v = v.unflatten(-1, (nkv, hd)).transpose(1, 2)
     kv_of = torch.empty(H, dtype=torch.long)
     for g, members in enumerate(group_members(H, nkv, a.head_order)):
         kv_of[members] = g
@@ -167,15 +173,14 @@ def width_scores(model, batches: list[torch.Tensor], head_channels: int | None =
             acc["hidden"] += x.abs().sum(dim=(0, 1)).double().cpu()
             if t == "linear_attention":
                 H, P = mixer.num_heads, mixer.head_dim
-                W = mixer.in_proj.weight[H * P:2 * H * P].float()
-                b = None if mixer.in_proj.bias is None else mixer.in_proj.bias[H * P:2 * H * P].float()
-                s = F.linear(x, W, b).sum(dim=(0, 1)).view(H, P)  # signed sum over batch, sequence (Eq. 3)
+                W, b = mixer.in_proj.weight[H * P:2 * H * P], mixer.in_proj.bias
+                s = F.linear(x, _f32(W), None if b is None else _f32(b[H * P:2 * H * P]))
+                s = s.sum(dim=(0, 1)).view(H, P)  # signed sum over batch, sequence (Eq. 3)
                 acc[i] = acc.get(i, 0) + s.double().cpu()
             elif t == "full_attention":
                 acc[i] = acc.get(i, 0) + _attention_head_norms(mixer, x).double().cpu()
             else:
-                u = F.linear(x, mixer.up_proj.weight.float(), None if mixer.up_proj.bias is None
-                             else mixer.up_proj.bias.float())
+                u = F.linear(x, _f32(mixer.up_proj.weight), _f32(mixer.up_proj.bias))
                 acc[i] = acc.get(i, 0) + u.abs().sum(dim=(0, 1)).double().cpu()
 
         return hook

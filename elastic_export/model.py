@@ -11,27 +11,50 @@ Mixers, as transformers' NemotronH computes them:
   SSD scan with D skip, gated RMSNorm (y * silu(z), RMS over the channels of each group), out_proj.
 - Attention: GQA, no positional encoding, no biases (``attention_bias`` is ignored, as transformers does).
 - MLP: down(act(up(x))), act = ``mlp_hidden_act`` (relu^2); activations.py holds the table.
+
+``decode_step`` is the one-token step of generation (the torch engine's decode, dynamic and
+static): each mixer's ``step`` (the MLP's forward) on states updated in place, checked against the
+full forward (tests/test_decode_step.py). It shares with forward() the projections' views, the conv
+activation, the dt discretization and the gated RMSNorm.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import activations, elastic
-from .cache import InferenceCache
+from .cache import InferenceCache, StepState
 from .config import ModelConfig
 from .elastic import Subnet, full_subnet
-from .ssd import group_heads, ssd_scan, ssd_update, ungroup_heads
+from .ssd import group_heads, ssd_scan, ssd_step_, ssd_update, ungroup_heads
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * xf).to(x.dtype)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # no op at all when already float32 (decode steps)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, head_order: str,
+                   eps: float) -> torch.Tensor:
+    """Mamba2's gated RMSNorm: y * silu(z), RMS over the channels of each group, times weight.
+    y, z, weight [..., h, p] -> float32 [..., h, p]."""
+    y = y * F.silu(_f32(z))
+    dim, r = y.dim() - 2, y.shape[-2] // groups
+    # the head axis as two axes without a copy: rank-major head j*G + g -> [r, G], else [G, r]
+    yg, axes = (y.unflatten(dim, (r, groups)), (dim, -1)) if head_order == "rank_major" else \
+        (y.unflatten(dim, (groups, r)), (dim + 1, -1))
+    yg = yg * torch.rsqrt(yg.pow(2).mean(dim=axes, keepdim=True) + eps)
+    return yg.flatten(dim, dim + 1) * _f32(weight)
 
 
 def _linear3(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -98,6 +121,17 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
 
+class MambaStep(NamedTuple):
+    """Per-budget constants of a Mamba layer's decode step, which it would otherwise rebuild every call."""
+    conv_w: torch.Tensor  # [C, K] the conv kernel of the kept channels [x | B | C] (~0.1% of the layer's bytes)
+    conv_b: torch.Tensor | None  # [C]
+    A: torch.Tensor  # [h] -exp(A_log), float32
+    D: torch.Tensor  # [h, 1] float32
+    norm: torch.Tensor  # [h, p] float32, the gated norm's weight
+    Wout: torch.Tensor | None  # [d, h*p] a 2-D view of out_proj when the budget keeps whole heads
+    Wzx: tuple | None  # ([h*p, d], [h*p, d]) 2-D views of the z and x rows, likewise
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: dict, layer_idx: int):
         super().__init__()
@@ -150,16 +184,16 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             tail = torch.cat([x_seq[:, -(K - 1):].flatten(2), bc_seq[:, -(K - 1):]], dim=-1)
             cache.conv[self.layer_idx] = tail.transpose(1, 2).contiguous()  # [b, C, K-1]
-        x = self.act(_causal_conv(x_seq, v.conv_x, v.conv_bias_x, l))
-        BC = self.act(_causal_conv(bc_seq, v.conv_bc, v.conv_bias_bc, l))
+        x = self.conv_activation(_causal_conv(x_seq, v.conv_x, v.conv_bias_x, l))
+        BC = self.conv_activation(_causal_conv(bc_seq, v.conv_bc, v.conv_bias_bc, l))
         if mask is not None:
             x, BC = x * mask[..., None, None].to(dtype), BC * mask[..., None].to(dtype)
         B, C = BC.unflatten(-1, (2 * G, -1)).chunk(2, dim=2)  # [b, l, G, N] each
 
         # 3. SSD scan (float32), D skip.
         A = -torch.exp(v.A_log.float())
+        dt = self.discretize(dt, v)  # [b, l, h]
         state = cache.ssm[self.layer_idx] if cache is not None else None
-        dt = clamp_dt(F.softplus(dt.float() + v.dt_bias.float()), self.dt_limit)  # [b, l, h]
         if state is not None and l == 1:  # one cached token: the decode step
             y, state = ssd_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
             y = y[:, None]
@@ -170,11 +204,61 @@ class Mamba2Mixer(nn.Module):
         y = y + x.float() * v.D.float()[:, None]  # [b, l, h, p]
 
         # 4. Gated RMSNorm over the channels of each group, then out_proj.
-        y = y * F.silu(z.float())
-        yg = group_heads(y, G, self.head_order, 2)  # [b, l, G, h/G, p]
-        yg = yg * torch.rsqrt(yg.pow(2).mean(dim=(-1, -2), keepdim=True) + self.eps)
-        y = ungroup_heads(yg, self.head_order, 2) * v.norm.float()
+        y = gated_rms_norm(y, z, v.norm, G, self.head_order, self.eps)
         out = _out3(y.to(dtype), v.Wout)
+        return out if v.bout is None else out + v.bout
+
+    # ---- pieces shared by forward() and the one-token step --------------------------------------
+    def conv_activation(self, t: torch.Tensor) -> torch.Tensor:
+        return self.act(t)  # config.mamba_hidden_act (SiLU by default)
+
+    def discretize(self, dt: torch.Tensor, v: elastic.MambaViews) -> torch.Tensor:
+        """dt projection [..., h] -> softplus(dt + dt_bias), clamped to ``dt_limit`` (see there), float32."""
+        return clamp_dt(F.softplus(_f32(dt) + _f32(v.dt_bias)), self.dt_limit)
+
+    def step_constants(self, v: elastic.MambaViews) -> MambaStep:
+        h, p = v.Wz.shape[0], v.Wz.shape[1]
+        K = v.conv_bc.shape[-1]
+        conv_b = None if v.conv_bias_x is None else torch.cat([v.conv_bias_x.reshape(-1), v.conv_bias_bc])
+        Wout = v.Wout.flatten(1, 2) if v.Wout.stride(1) == p * v.Wout.stride(2) else None
+        Wzx = (v.Wz.flatten(0, 1), v.Wx.flatten(0, 1)) if v.Wz.stride(0) == p * v.Wz.stride(1) else None
+        return MambaStep(torch.cat([v.conv_x.reshape(h * p, K), v.conv_bc]), conv_b, -torch.exp(v.A_log.float()),
+                         v.D.float()[:, None], _f32(v.norm), Wout, Wzx)
+
+    def step(self, hs: torch.Tensor, v: elastic.MambaViews, c: MambaStep, conv: torch.Tensor,
+             ssm: torch.Tensor) -> torch.Tensor:
+        """forward() of one token per sequence: hs [b, d] -> [b, d]. Updates in place the conv state
+        conv [b, C, K-1] and the SSM state ssm [b, h, p, n] (float32). ``c``: step_constants(v)."""
+        b = hs.shape[0]
+        h, p, GN, G = v.Wz.shape[0], v.Wz.shape[1], v.WB.shape[0], self.n_groups
+        # 1. Input projection  # [z | xBC | dt]; for the full layer x | B | C are adjacent rows (no cat)
+        if v.fused is not None:
+            z, xBC, dt = F.linear(hs, v.fused, self.in_proj.bias).split([h * p, h * p + 2 * GN, h], dim=-1)
+        else:
+            if c.Wzx is not None:
+                z, x = F.linear(hs, c.Wzx[0]), F.linear(hs, c.Wzx[1])  # [b, h*p]
+            else:
+                z, x = _linear3(hs, v.Wz).flatten(1), _linear3(hs, v.Wx).flatten(1)
+            B, C, dt = F.linear(hs, v.WB), F.linear(hs, v.WC), F.linear(hs, v.Wdt)
+            if v.bias is not None:
+                bz, bx, bB, bC, bdt = v.bias
+                z, x, B, C, dt = z + bz.flatten(), x + bx.flatten(), B + bB, C + bC, dt + bdt
+            xBC = torch.cat([x, B, C], dim=-1)  # [b, C]
+        # 2. Depthwise causal conv over [past K-1 inputs | new] [b, C, K], then the activation.
+        seq = torch.cat([conv, xBC[:, :, None]], dim=2)
+        conv.copy_(seq[:, :, 1:])
+        xBC = (seq * c.conv_w).sum(-1)
+        if c.conv_b is not None:
+            xBC = xBC + c.conv_b
+        x, B, C = self.conv_activation(xBC).split([h * p, GN, GN], dim=-1)
+        x = x.view(b, h, p)
+        # 3. SSD step (float32, in place), D skip.
+        y = ssd_step_(ssm, x, self.discretize(dt, v), c.A, B.view(b, G, -1), C.view(b, G, -1), self.head_order)
+        y = torch.addcmul(y, _f32(x), c.D)  # [b, h, p]
+        # 4. Gated RMSNorm, out_proj.
+        y = gated_rms_norm(y, z.view(b, h, p), c.norm, G, self.head_order, self.eps)
+        y = y if y.dtype == hs.dtype else y.to(hs.dtype)
+        out = F.linear(y.view(b, h * p), c.Wout) if c.Wout is not None else _out3(y, v.Wout)
         return out if v.bout is None else out + v.bout
 
 
@@ -226,6 +310,23 @@ class Attention(nn.Module):
         o = ungroup_heads(o, self.head_order, 2)  # back to the stored head order of o_proj
         return F.linear(o.flatten(2), v.Wo)
 
+    def step(self, hs: torch.Tensor, v: elastic.AttentionViews, K: torch.Tensor, V: torch.Tensor,
+             pos: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """forward() of one token per sequence: hs [b, d] -> [b, d] over a preallocated KV cache K, V
+        [b, nkv, T, hd]. Writes the new key and value at ``pos`` ([1] long tensor) and attends to the
+        positions where ``key_mask`` [b, T] is True (None: all T)."""
+        b = hs.shape[0]
+        hd, nkv = self.head_dim, self.num_kv_heads
+        K.index_copy_(2, pos, F.linear(hs, v.Wk).view(b, nkv, 1, hd))
+        V.index_copy_(2, pos, F.linear(hs, v.Wv).view(b, nkv, 1, hd))
+        q = F.linear(hs, v.Wq).view(b, -1, hd)  # [b, h, hd]
+        h = q.shape[1]
+        q = group_heads(q, nkv, self.head_order, 1).reshape(b, h, 1, hd)  # SDPA's GQA order, as forward()
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=hd ** -0.5, enable_gqa=nkv != h)
+        o = ungroup_heads(o.view(b, nkv, h // nkv, hd), self.head_order, 1)  # the stored head order
+        return F.linear(o.reshape(b, h * hd), v.Wo)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: dict, layer_idx: int):
@@ -237,6 +338,15 @@ class MLP(nn.Module):
     def forward(self, hs: torch.Tensor, v: elastic.MLPViews) -> torch.Tensor:
         bu, bd = v.biases if v.biases is not None else (None, None)
         return F.linear(self.act(F.linear(hs, v.Wup, bu)), v.Wdown, bd)
+
+
+class StepPlan(NamedTuple):
+    """A budget's weights for decode_step: views of the one weight copy, plus each Mamba layer's
+    step constants."""
+    emb: torch.Tensor  # [V, d]
+    head: torch.Tensor  # [V, d]
+    norm_f: torch.Tensor  # [d]
+    layers: tuple  # per layer: None (skipped) or (block, norm [d], views, MambaStep or None)
 
 
 MIXERS = {"linear_attention": Mamba2Mixer, "full_attention": Attention, "mlp": MLP}
@@ -364,6 +474,55 @@ class NemotronHForCausalLM(nn.Module):
 
     def new_cache(self) -> InferenceCache:
         return InferenceCache(self.config.num_hidden_layers)
+
+    # ---- the one-token decode step -------------------------------------------------------------
+    @torch.no_grad()
+    def step_plan(self, subnet: Subnet | None = None) -> StepPlan:
+        subnet, views = self.layer_views(subnet)
+        d = subnet.hidden
+        layers = []
+        for blk, v in zip(self.backbone.layers, views):
+            c = blk.mixer.step_constants(v) if v is not None and blk.block_type == "linear_attention" else None
+            layers.append(None if v is None else (blk, elastic.norm_view(blk.norm, d), v, c))
+        return StepPlan(elastic.embedding_view(self.backbone.embeddings.weight, d),
+                        elastic.embedding_view(self.lm_head_weight, d), elastic.norm_view(self.backbone.norm_f, d),
+                        tuple(layers))
+
+    def decode_step(self, tokens: torch.Tensor, plan: StepPlan, state: StepState,
+                    length: int | None = None) -> torch.Tensor:
+        """One token per sequence (tokens [b]) through a budget -> float32 logits [b, V]; ``state``
+        (cache.StepState) is updated in place and ``state.pos`` advanced. The torch engine's decode,
+        dynamic and static alike; forward() of a one-token input with a cache is its reference.
+
+        ``length`` (tokens in the KV cache before this one): attention reads length + 1 positions.
+        None: it reads the whole preallocated cache, masked to the positions up to ``state.pos``, so
+        that every shape is fixed (torch.compile, CUDA graphs).
+        """
+        eps = self.config.layer_norm_epsilon
+        if length is None:
+            T = state.key_valid.shape[1]
+            key_mask = (torch.arange(T, device=tokens.device) <= state.pos) & state.key_valid  # [b, T]
+        else:
+            key_mask = None if state.key_valid is None else state.key_valid[:, :length + 1]
+        h = F.embedding(tokens, plan.emb)  # [b, d]
+        for i, layer in enumerate(plan.layers):
+            if layer is None:
+                continue  # a skipped layer is the identity
+            blk, norm, v, c = layer
+            # rms_norm as one fused op (float32 inside, the same values; rms_norm spells it out for ONNX)
+            x = F.rms_norm(h, norm.shape, norm, eps)
+            if blk.block_type == "linear_attention":
+                x = blk.mixer.step(x, v, c, state.conv[i], state.ssm[i])
+            elif blk.block_type == "full_attention":
+                K, V = state.k[i], state.v[i]
+                if length is not None:
+                    K, V = K[:, :, :length + 1], V[:, :, :length + 1]
+                x = blk.mixer.step(x, v, K, V, state.pos, key_mask)
+            else:
+                x = blk.mixer(x, v)
+            h = h + x
+        state.pos.add_(1)
+        return F.linear(F.rms_norm(h, plan.norm_f.shape, plan.norm_f, eps), plan.head).float()
 
     # ---- conveniences --------------------------------------------------------------------------
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:

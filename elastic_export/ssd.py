@@ -152,6 +152,29 @@ def ssd_step(state, x, dt, A, B, C, head_order: str = "group_contiguous"):
     return y, state
 
 
+def ssd_step_(state, x, dt, A, B, C, head_order: str = "group_contiguous"):
+    """:func:`ssd_update` in place: the contiguous float32 ``state`` [b,h,p,n] becomes the new state.
+    Returns y [b,h,p] float32. (The one-token decode step of the torch engine, model.decode_step.)
+
+    The head axis is viewed as two axes without a copy ([h/g, g] rank-major, [g, h/g] group-contiguous)
+    so that B and C broadcast over the heads of their group instead of being repeated.
+    """
+    for kernel in _STEP_KERNELS:  # Triton on CUDA, where enabled
+        out = kernel(state, x, dt, A, B, C, head_order)
+        if out is not None:
+            state.copy_(out[1])
+            return out[0]
+    b, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    heads, groups = ((h // g, g), (1, g)) if head_order == "rank_major" else ((g, h // g), (g, 1))
+    f32 = [t if t.dtype == torch.float32 else t.float() for t in (dt, x, A, B, C)]  # no op when float32
+    dt, x, A, B, C = f32
+    S = state.view(b, *heads, p, n)
+    dt = dt.view(b, *heads, 1, 1)
+    S.mul_(torch.exp(dt * A.view(*heads, 1, 1))).addcmul_(x.view(b, *heads, p, 1) * dt, B.view(b, *groups, 1, n))
+    return (S @ C.view(b, *groups, n, 1)).view(b, h, p)
+
+
 def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: str = "group_contiguous"):
     """Dispatch: the first registered kernel that accepts the inputs, else the torch reference."""
     for kernel in _SCAN_KERNELS:

@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "train": {"grad_accum": (int, 1, None), "checkpoint_every": (int, 100, None), "log_every": (int, 10, None),
               "precision": (str, "auto", ("auto", "float32", "bf16")), "grad_clip": (NUM, 1.0, None),
               "threads": (int, 0, None), "progress": (bool, True, None), "eval_batch_size": (int, 64, None)},
-    "output": {"path": (str, None, None), "dtype": (str, "float32", ("float32", "bfloat16"))},
+    "output": {"path": (str, None, None), "dtype": (str, "parent", ("parent", "float32", "bfloat16"))},
 }
 
 

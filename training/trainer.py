@@ -168,11 +168,13 @@ class Trainer:
         elif (Path(recipe["model"]["init"]) / "elastic.json").is_file():  # derive new budgets from a nested one
             from elastic_export.nested import load_nested
 
-            self.model = load_nested(recipe["model"]["init"], dtype=torch.float32).model.train()
+            self.model = load_nested(recipe["model"]["init"]).model.train()
         else:
             from elastic_export.hf_io import load
 
-            self.model = load(recipe["model"]["init"], dtype=torch.float32)
+            self.model = load(recipe["model"]["init"])
+        self.parent_dtype = self.model.dtype  # output.dtype "parent" saves the result as the parent is stored
+        self.model.float()  # trained in float32
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids, the parent {self.cfg.vocab_size}",
                               field="model.tokenizer")
@@ -330,7 +332,7 @@ class Trainer:
                                      (ro["scale_start"], ro["scale_end"])) if routed else (1.0, 1.0)
         if not routed:
             self.opt.param_groups[2]["lr"] = router_lr = 0.0
-        names, fracs = self.r["budgets"]["names"], self.r["budgets"]["fractions"]
+        names = self.r["budgets"]["names"]
         plan = [(0, 1.0, 1.0, None)]
         if elastic:
             plan = self.step_plan(s)
@@ -534,7 +536,8 @@ class Trainer:
             self.log({"step": self.step, "event": "budgets_final", "budgets": report})
             self._warn_out_of_band(report)
         path = Path(self.r["output"]["path"] or self.out / "nested")
-        dtype = torch.bfloat16 if self.r["output"]["dtype"] == "bfloat16" else None
+        dtype = {"parent": self.parent_dtype, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16}[self.r["output"]["dtype"]]
         training = {"recipe": self.r["name"], "steps": self.step, "evals": self.evals,
                     "stages": self.stage_records(),
                     "depth_ranking": self.space.depth_ranking,
