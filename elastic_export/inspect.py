@@ -78,9 +78,17 @@ def nested_summary(path: str) -> str:
     lines = [inspect_text(cfg), "", f"nested checkpoint {path} (format {manifest.get('format_version')}): "
              f"{len(budgets)} budgets over one weight copy"]
     full = count_params(cfg)
+    fractions = {b["name"]: b.get("fraction") for b in manifest["budgets"]}
+    tr = manifest.get("training") or {}
+    tol = tr.get("tolerance") if tr.get("budget_metric", "params") == "params" else None
     for name, subnet in budgets.items():
         n = count_params(cfg, subnet)
-        lines.append(f"  {name:<10} {n:>14,} params ({100 * n / full:5.1f}%)  {describe(cfg, subnet)}")
+        f = fractions.get(name)
+        target = ""
+        if f is not None and f < 1.0:  # the training target, and whether the budget landed in its band
+            target = f"  target {f:.0%}" + ("" if tol is None else
+                                            f" +- {tol:.0%}: {'in band' if abs(n / full / f - 1) <= tol else 'OUT OF BAND'}")
+        lines.append(f"  {name:<10} {n:>14,} params ({100 * n / full:5.1f}%)  {describe(cfg, subnet)}{target}")
     return "\n".join(lines)
 
 

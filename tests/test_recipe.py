@@ -22,7 +22,8 @@ def refused(tmp_path, field, **overrides):
 def test_default_recipe_is_valid():
     r = load_recipe("training/recipes/default.toml")
     assert [s["kind"] for s in r["stages"]] == ["pretrain", "elastic", "elastic"]
-    assert r["stages"][1]["sampling"] == "uniform" and r["stages"][2]["weights"] == [0.5, 0.3, 0.2]
+    assert [s["sampling"] for s in r["stages"][1:]] == ["sandwich", "sandwich"] and r["stages"][2]["weights"] == [0.5, 0.3, 0.2]
+    assert r["router"]["freeze_after"] == "start" and r["router"]["nested"] and r["router"]["repair"]
     assert r["stages"][2]["seq_len"] > r["stages"][1]["seq_len"]
 
 

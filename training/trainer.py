@@ -298,8 +298,10 @@ class Trainer:
         s = self.stages[[st.start for st in self.stages].index(self.elastic_start)].spec
         n = self.r["router"]["calibration_windows"]
         calib = self.mixture.batch(range(2 * 10**9, 2 * 10**9 + n), min(s["seq_len"], 512))[:, :-1]
+        ro = self.r["router"]  # Eq. 5 one-shot or iterative; Eq. 4 over the top head_channels channels (all: None)
         imp = compute_importance(self.model, calib.to(self.device),
-                                 depth="oneshot" if "depth" in self.space.axes else "none")
+                                 depth=ro["depth_mode"] if "depth" in self.space.axes else "none",
+                                 head_channels=ro["head_channels"])
         sorted_model, imp = sort_model(self.model, imp)
         self._set_model(sorted_model)
         self.importance = imp
@@ -539,7 +541,8 @@ class Trainer:
         dtype = {"parent": self.parent_dtype, "float32": torch.float32,
                  "bfloat16": torch.bfloat16}[self.r["output"]["dtype"]]
         training = {"recipe": self.r["name"], "steps": self.step, "evals": self.evals,
-                    "stages": self.stage_records(),
+                    "stages": self.stage_records(), "tolerance": self.r["router"]["tolerance"],
+                    "budget_metric": self.r["router"]["budget_metric"],
                     "depth_ranking": self.space.depth_ranking,
                     "tokens": sum(s.steps * s.spec["batch_size"] * s.spec["seq_len"] for s in self.stages)}
         from elastic_export.nested import save_nested
