@@ -2,7 +2,7 @@
 computed in float32): held-out loss on the CPython stdlib + task mixture, exact match and answer loss on
 short and long arithmetic tasks. The items are those of the training run's evaluations.
 
-    OMP_NUM_THREADS=1 python benchmarks/default_model_eval.py [--tasks 100] [--windows 16]
+    OMP_NUM_THREADS=1 python benchmarks/default_model_eval.py [--tasks 100] [--windows 16] [--compare OLD_COPY]
 """
 
 from __future__ import annotations
@@ -19,30 +19,44 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main(argv=None) -> None:
-    from elastic_export import default_model_path
+def evaluate(path: Path, tasks: int, windows: int) -> dict:
     from elastic_export.nested import load_nested
     from elastic_export.tokenizer import load_tokenizer
     from training.data import build_mixture
     from training.recipe import load_recipe
     from training.trainer import evaluate_budgets
 
+    nested = load_nested(path, dtype="float32")
+    r = load_recipe(path / "recipe.toml")
+    tok = load_tokenizer(path / "tokenizer")
+    mixture = build_mixture(r["data"], tok, r["seed"])
+    seq = max(s["seq_len"] for s in r["stages"])
+    t = time.time()
+    res = evaluate_budgets(nested.model, nested.budgets, mixture, tok, seq, windows, tasks, r["seed"])
+    res["seconds"] = time.time() - t
+    return res
+
+
+def main(argv=None) -> None:
+    from elastic_export import default_model_path
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", type=int, default=100)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compare", type=Path, nargs="*", default=[],
+                    help="other nested checkpoints (e.g. a copy of the previous shipped model) evaluated in the same run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    PATH = default_model_path()
-    nested = load_nested(PATH, dtype="float32")
-    r = load_recipe(PATH / "recipe.toml")
-    tok = load_tokenizer(PATH / "tokenizer")
-    mixture = build_mixture(r["data"], tok, r["seed"])
-    seq = max(s["seq_len"] for s in r["stages"])
-    t = time.time()
-    res = evaluate_budgets(nested.model, nested.budgets, mixture, tok, seq, args.windows, args.tasks, r["seed"])
-    res["seconds"] = time.time() - t
-    print(json.dumps(res, indent=2))
+    models = {"shipped": default_model_path(), **{str(p): p for p in args.compare}}
+    results = {name: evaluate(Path(p), args.tasks, args.windows) for name, p in models.items()}
+    print(json.dumps(results, indent=2))
+    print("\n| model | budget | params | held-out loss | exact short | exact long | answer loss short | answer loss long |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, res in results.items():
+        for b, e in res["budgets"].items():
+            print(f"| {name} | {b} | {e['params']:,} | {e['held_out_loss']:.3f} | {e['acc_short']:.0%} | "
+                  f"{e['acc_long']:.0%} | {e['answer_loss_short']:.3f} | {e['answer_loss_long']:.3f} |")
 
 
 if __name__ == "__main__":
