@@ -156,7 +156,7 @@ def _stub_tensorrt(monkeypatch):
     trtp.TensorDesc = trtp.Tensor = object
     trtp.from_shape_expr = lambda shape, dtype: types.SimpleNamespace(shape_expr=shape, dtype=dtype)
     trtp.SymInt32 = lambda e: e.v if isinstance(e, _Expr) else e
-    trtp.SymIntExprs = types.SimpleNamespace(from_tuple=list)
+    trtp.SymIntExprs = type("SymIntExprs", (), {"from_tuple": staticmethod(list)})
     trtp.KernelLaunchParams = types.SimpleNamespace
     trtp.cdiv = lambda a, b: _Expr(-(-a.v // b)) if a.is_constant else _Expr(f"cdiv({a.v},{b})")
     trtp.AutoTuneCombination = lambda *a: a
