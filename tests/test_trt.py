@@ -37,7 +37,7 @@ def test_availability_old_tensorrt_without_plugin_module(monkeypatch):
     assert etrt.availability(need_gpu=False, need_plugin=False) == (True, "TensorRT 10.3.0")
     mode, note = etrt.ssm_op_for_trt("plugin")
     assert mode == "decomposed" and "10.3.0" in note
-    assert etrt.ssm_op_for_trt("standard") == ("standard", None)
+    assert etrt.ssm_op_for_trt("decomposed") == ("decomposed", None)
 
 
 def _graph_with_dims(tmp_path):

@@ -78,8 +78,14 @@ def ssm_op_for_trt(requested: str | None = None) -> tuple[str, str | None]:
     """The SSM mode a TensorRT build uses, and a note to print when it is not the one asked for.
 
     ``plugin`` where tensorrt.plugin exists; otherwise ``decomposed`` (plain ONNX ops TensorRT parses
-    natively), saying so. An explicit ``decomposed`` or ``standard`` request is kept as is.
+    natively), saying so. An explicit ``decomposed`` request is kept. ``standard`` is refused: its ops
+    are not in TensorRT's ONNX parser (tests/test_onnx_trt_operators.py checks every trt graph against
+    the parser's operator matrix).
     """
+    if requested == "standard":
+        raise TrtUnavailable("the standard SSM mode uses ONNX opset 27's LinearAttention and CausalConvWithState, "
+                             "which TensorRT's ONNX parser does not support (opsets up to 24 in 10.15)",
+                             field="--ssm-op", fix="use --ssm-op plugin or decomposed with --target trt")
     if requested not in (None, "plugin"):
         return requested, None
     ok, reason = plugin_support()
