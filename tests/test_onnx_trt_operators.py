@@ -22,7 +22,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from elastic_export import plugin_spec
+from elastic_export import activations, plugin_spec
 from elastic_export.onnx_export import export_family
 from elastic_fixtures import family
 from helpers import random_model
@@ -123,9 +123,13 @@ def test_trt_graphs_use_only_what_the_parser_supports(tmp_path, mode, dtype):
     assert (plugin_nodes > 0) == (mode == "plugin")
 
 
-# each activation a config may name brings its own ONNX nodes (elastic_export/activations.py)
-@pytest.mark.parametrize("mlp,mamba", [("gelu", "gelu_new"), ("hardswish", "mish"), ("leaky_relu", "relu6"),
-                                       ("sigmoid", "laplace"), ("quick_gelu", "sqrtsoftplus")])
+# each activation a config may name brings its own ONNX nodes (elastic_export/activations.py): all of them,
+# two per graph (one in the MLP, one after the Mamba conv)
+NAMES = list(activations.NAMES)
+PAIRS = list(zip(NAMES[::2], NAMES[1::2] + NAMES[:1]))
+
+
+@pytest.mark.parametrize("mlp,mamba", PAIRS)
 def test_activations_use_only_what_the_parser_supports(tmp_path, mlp, mamba):
     for path in _export(tmp_path, "plugin", torch.bfloat16, mlp_hidden_act=mlp, mamba_hidden_act=mamba):
         for version in VERSIONS:
