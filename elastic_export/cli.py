@@ -231,7 +231,8 @@ def slice_cmd(nested, budget, out, dtype, layout):
             kind = {"compact": "compact, per-layer widths (elastic_export.load only)",
                     "padded": "padded HF nemotron_h", "plain": "HF nemotron_h"}[layout_of(sl.config)]
             real = "" if layout_of(sl.config) != "padded" else f" ({count_params(ck.model.config, s):,} without padding)"
-            click.echo(f"{n}: {sl.num_parameters():,} parameters{real}, {kind} -> {out}{'/' + n if budget == 'all' else ''}")
+            where = f"{out}/{n}" if budget == "all" else out
+            click.echo(f"{n}: {sl.num_parameters():,} parameters{real}, {kind} -> {where}")
             if layout == "padded" and (k := eps_factors(sl.config)):
                 click.echo(f"  note: padded Mamba layers {', '.join(f'{i} (x{f:.3g})' for i, f in k.items())} run with "
                            "their gated-norm epsilon multiplied as shown (see elastic_export/padding.py); "

@@ -103,7 +103,8 @@ def layout_text(cfg: ModelConfig) -> str | None:
     n_pad, n = (sum(layer_parameter_counts(c)[1]) for c in (padded, compact))  # only layers are padded
     emb, _, head = layer_parameter_counts(compact)
     extra = n_pad - n
-    cost = f"{extra:,} zero parameters ({100 * extra / (emb + n + head):.1f}% more), {gb(2 * extra)} at BF16, {gb(4 * extra)} at FP32"
+    cost = (f"{extra:,} zero parameters ({100 * extra / (emb + n + head):.1f}% more), "
+            f"{gb(2 * extra)} at BF16, {gb(4 * extra)} at FP32")
     k = eps_factors(cfg)
     eps = (f"; padded Mamba layers {', '.join(f'{i} (x{f:.3g})' for i, f in k.items())} run with their gated-norm "
            f"epsilon multiplied (elastic_export/padding.py)") if k else "; the same function as the compact layout"
