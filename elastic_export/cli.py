@@ -204,13 +204,18 @@ def nest(parent_sorted, budgets, mode, divisor, depth, out, dtype):
 @click.option("--budget", "budget", required=True, help="A budget name from the manifest, or 'all'.")
 @click.option("--out", required=True, help="Output checkpoint directory (with 'all': one subdirectory per budget).")
 @click.option("--dtype", default=None, help="Save dtype [as stored].")
+@click.option("--layout", type=click.Choice(["padded", "compact"]), default="padded", show_default=True,
+              help="Heterogeneous budgets: padded = a plain nemotron_h checkpoint every reader loads (narrower "
+                   "layers zero-padded); compact = per-layer widths, smallest, elastic_export.load only.")
 @user_errors
-def slice_cmd(nested, budget, out, dtype):
-    """Standalone checkpoints of nested budgets (HF nemotron_h when homogeneous)."""
+def slice_cmd(nested, budget, out, dtype, layout):
+    """Standalone checkpoints of nested budgets (plain HF nemotron_h unless --layout compact)."""
     import shutil
 
     from .hf_io import atomic_dir, parse_dtype, save_pretrained
     from .nested import load_nested
+    from .accounting import count_params
+    from .padding import eps_factors, layout_of
 
     dt = parse_dtype(dtype)
     ck = load_nested(_default(nested))
@@ -219,12 +224,19 @@ def slice_cmd(nested, budget, out, dtype):
     with atomic_dir(out) as tmp:
         for n, s in subnets.items():
             target = tmp / n if budget == "all" else tmp
-            sl = ck.slice(n)
+            sl = ck.slice(n, layout=layout)
             save_pretrained(sl, target, dtype=dt)
             if ck.tokenizer_path is not None:
                 shutil.copytree(ck.tokenizer_path, target / "tokenizer")
-            kind = "heterogeneous (elastic_export.load)" if sl.config.layer_widths else "HF nemotron_h"
-            click.echo(f"{n}: {sl.num_parameters():,} parameters, {kind} -> {out}{'/' + n if budget == 'all' else ''}")
+            kind = {"compact": "compact, per-layer widths (elastic_export.load only)",
+                    "padded": "padded HF nemotron_h", "plain": "HF nemotron_h"}[layout_of(sl.config)]
+            real = "" if layout_of(sl.config) != "padded" else f" ({count_params(ck.model.config, s):,} without padding)"
+            where = f"{out}/{n}" if budget == "all" else out
+            click.echo(f"{n}: {sl.num_parameters():,} parameters{real}, {kind} -> {where}")
+            if layout == "padded" and (k := eps_factors(sl.config)):
+                click.echo(f"  note: padded Mamba layers {', '.join(f'{i} (x{f:.3g})' for i, f in k.items())} run with "
+                           "their gated-norm epsilon multiplied as shown (see elastic_export/padding.py); "
+                           "--layout compact is exact", err=True)
 
 
 

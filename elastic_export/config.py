@@ -9,6 +9,9 @@ Two fields are ours and absent from plain HF configs:
 - ``layer_widths``: per-layer widths of a heterogeneous slice (a list with one dict per layer,
   keys among ``mamba_num_heads``, ``mamba_head_dim``, ``num_attention_heads``,
   ``intermediate_size``); None for a homogeneous model.
+- ``padded_widths``: the real per-layer widths of a padded slice (same form as ``layer_widths``): its
+  weights have the config's one width per type, the extra rows zero (:mod:`elastic_export.padding`).
+  A note for ``inspect``; every reader computes the budget's function without it.
 - ``head_order``: ``group_contiguous`` (HF: head h is in group h // (H/G)) or ``rank_major``
   (nested checkpoints: head h is in group h % G, so k heads per group is a prefix of k*G).
 """
@@ -88,6 +91,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     head_order: str = "group_contiguous"
     layer_widths: list[dict[str, int]] | None = None
+    padded_widths: list[dict[str, int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown HF keys, kept on save
 
     def __post_init__(self):
@@ -136,14 +140,20 @@ class ModelConfig:
                     f"{', '.join(activations.NAMES)}")
         if self.head_order not in HEAD_ORDERS:
             bad("head_order", f"unknown head order {self.head_order!r}", f"use one of {HEAD_ORDERS}")
-        if self.layer_widths is not None:
-            if len(self.layer_widths) != self.num_hidden_layers:
-                bad("layer_widths", f"has {len(self.layer_widths)} entries for {self.num_hidden_layers} layers",
-                    "give one dict per layer")
-            for i, w in enumerate(self.layer_widths):
+        for fld in ("layer_widths", "padded_widths"):
+            widths = getattr(self, fld)
+            if widths is None:
+                continue
+            if len(widths) != self.num_hidden_layers:
+                bad(fld, f"has {len(widths)} entries for {self.num_hidden_layers} layers", "give one dict per layer")
+            for i, w in enumerate(widths):
                 for k in w:
                     if k not in WIDTH_KEYS:
-                        bad(f"layer_widths[{i}].{k}", "unknown width key", f"use one of {WIDTH_KEYS}")
+                        bad(f"{fld}[{i}].{k}", "unknown width key", f"use one of {WIDTH_KEYS}")
+                    elif fld == "padded_widths" and not 0 < w[k] <= getattr(self, k):
+                        bad(f"{fld}[{i}].{k}", f"{w[k]} is outside 1..{getattr(self, k)} (the padded width)")
+        if self.padded_widths is not None and self.layer_widths is not None:
+            bad("padded_widths", "a padded slice has one width per layer type", "drop layer_widths or padded_widths")
         for i, t in enumerate(self.layers_block_type):
             d = self.layer_dims(i)
             if t == "linear_attention" and d["mamba_num_heads"] % self.n_groups:
@@ -189,6 +199,8 @@ class ModelConfig:
         known = {k: raw.pop(k) for k in list(raw) if k in names}
         if elastic.get("layer_widths") is not None:
             known["layer_widths"] = elastic["layer_widths"]
+        if elastic.get("padded_widths") is not None:
+            known["padded_widths"] = elastic["padded_widths"]
         if elastic.get("head_order") is not None:
             known["head_order"] = elastic["head_order"]
         for required in ("vocab_size", "hidden_size"):
@@ -211,7 +223,7 @@ class ModelConfig:
         """The HF `nemotron_h` config.json content (readable by transformers' NemotronHConfig)."""
         out: dict[str, Any] = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "layer_widths", "head_order"):
+            if f.name in ("extra", "layer_widths", "padded_widths", "head_order"):
                 continue
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
@@ -221,6 +233,8 @@ class ModelConfig:
             out["torch_dtype"] = dtype
         if self.layer_widths is not None or self.head_order != "group_contiguous":
             out["elastic"] = {"head_order": self.head_order, "layer_widths": self.layer_widths}
+        if self.padded_widths is not None:  # a plain config for every reader; the real widths as a note
+            out["elastic"] = {"layout": "padded", "padded_widths": self.padded_widths}
         out.update(self.extra)
         return out
 

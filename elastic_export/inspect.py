@@ -92,21 +92,52 @@ def nested_summary(path: str) -> str:
     return "\n".join(lines)
 
 
+def layout_text(cfg: ModelConfig) -> str | None:
+    """Which slice layout a config is (padded / compact) and what the padding costs; None for a plain model."""
+    from .padding import compact_config, eps_factors, layout_of, padded_config
+
+    kind = layout_of(cfg)
+    if kind == "plain":
+        return None
+    padded, compact = (cfg, compact_config(cfg)) if kind == "padded" else (padded_config(cfg), cfg)
+    n_pad, n = (sum(layer_parameter_counts(c)[1]) for c in (padded, compact))  # only layers are padded
+    emb, _, head = layer_parameter_counts(compact)
+    extra = n_pad - n
+    cost = (f"{extra:,} zero parameters ({100 * extra / (emb + n + head):.1f}% more), "
+            f"{gb(2 * extra)} at BF16, {gb(4 * extra)} at FP32")
+    k = eps_factors(cfg)
+    eps = (f"; padded Mamba layers {', '.join(f'{i} (x{f:.3g})' for i, f in k.items())} run with their gated-norm "
+           f"epsilon multiplied (elastic_export/padding.py)") if k else "; the same function as the compact layout"
+    if kind == "padded":
+        return f"layout: padded (a plain nemotron_h checkpoint every reader loads): {cost}{eps}"
+    return (f"layout: compact (per-layer widths in config.json, elastic_export.load only); the padded layout "
+            f"(elastic-export slice --layout padded, every reader) would add {cost}")
+
+
 def inspect_text(cfg: ModelConfig, weights: str | None = None) -> str:
+    from .padding import compact_config
+
     emb, per_layer, head = layer_parameter_counts(cfg)
+    real = compact_config(cfg)
     total = emb + sum(per_layer) + head
     lines = [f"NemotronH hybrid: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
              f"pattern {cfg.hybrid_override_pattern}", ""]
-    lines.append(f"{'layer':>5}  {'type':<9}  {'widths':<34}  {'params':>10}")
+    lines.append(f"{'layer':>5}  {'type':<9}  {'widths':<46}  {'params':>10}")
     for i, (t, n) in enumerate(zip(cfg.layers_block_type, per_layer)):
-        d = cfg.layer_dims(i)
+        d, r = cfg.layer_dims(i), real.layer_dims(i)
         if t == "linear_attention":
             w = f"{d['mamba_num_heads']} heads x {d['mamba_head_dim']}, {cfg.n_groups} groups, N={cfg.ssm_state_size}"
+            pad = (r["mamba_num_heads"], r["mamba_head_dim"]) != (d["mamba_num_heads"], d["mamba_head_dim"])
+            real_w = f"{r['mamba_num_heads']}x{r['mamba_head_dim']}"
         elif t == "full_attention":
             w = f"{d['num_attention_heads']} heads / {cfg.num_key_value_heads} kv x {cfg.head_dim}"
+            pad, real_w = r["num_attention_heads"] != d["num_attention_heads"], f"{r['num_attention_heads']} heads"
         else:
             w = f"ffn {d['intermediate_size']}"
-        lines.append(f"{i:>5}  {TYPE_NAMES[t]:<9}  {w:<34}  {human(n):>10}")
+            pad, real_w = r["intermediate_size"] != d["intermediate_size"], f"{r['intermediate_size']}"
+        if pad:
+            w += f" (real {real_w})"
+        lines.append(f"{i:>5}  {TYPE_NAMES[t]:<9}  {w:<46}  {human(n):>10}")
     lines.append("")
     by_type: dict[str, tuple[int, int]] = {}
     for t, n in zip(cfg.layers_block_type, per_layer):
@@ -120,6 +151,8 @@ def inspect_text(cfg: ModelConfig, weights: str | None = None) -> str:
     lines.append(f"{'total':<22} {'':>5} {total:>16,}  ({human(total)})")
     lines.append("")
     lines.append(f"weights: {gb(total * 2)} at BF16, {gb(total * 4)} at FP32")
+    if (layout := layout_text(cfg)) is not None:
+        lines.append(layout)
     if weights:
         lines.append(weights)
     return "\n".join(lines)

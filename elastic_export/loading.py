@@ -4,7 +4,8 @@ What a directory is, is read from the file that describes it, never guessed from
 
     elastic.json   a nested checkpoint (written by ``rank``, ``nest``, ``train``): one weight copy, budgets
     config.json    an HF ``nemotron_h`` checkpoint (sharded or not), including our slices: a homogeneous
-                   budget, and a heterogeneous one in the compact layout (per-layer widths in config.json)
+                   budget, a heterogeneous one in the padded layout (a plain config: any reader) and
+                   in the compact layout (per-layer widths in config.json: ours only)
     build.json     a build directory: it holds graphs, not a torch model; load the checkpoint it names
 """
 
@@ -62,7 +63,7 @@ def load(path: str | Path, budget: str | None = None, dtype=None, device="cpu"):
     """Open any checkpoint the toolkit writes, as a :class:`NemotronHForCausalLM`.
 
     - an HF ``nemotron_h`` directory (``config.json`` + ``*.safetensors``, sharded or not), or a slice
-      we wrote (homogeneous, or heterogeneous with per-layer widths): that model;
+      we wrote (homogeneous, padded, or compact with per-layer widths): that model;
     - a nested checkpoint (``elastic.json``, the output of ``rank``, ``nest`` and ``train``): the
       elastic model, i.e. the full importance-sorted weights, which runs any of its budgets through
       views of that one copy: ``model(ids, subnet=model.budgets["50pct"])``,

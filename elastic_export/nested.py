@@ -73,11 +73,11 @@ class NestedCheckpoint:
                               fix=f"use one of {', '.join(self.budgets)}")
         return self.budgets[name]
 
-    def slice(self, name: str):
-        """The standalone model of one budget."""
+    def slice(self, name: str, layout: str = "compact"):
+        """The standalone model of one budget (``layout``: see :func:`elastic_export.slice_budget`)."""
         from .slicing import slice_budget
 
-        return slice_budget(self.model, self.subnet(name))
+        return slice_budget(self.model, self.subnet(name), layout=layout)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

@@ -15,6 +15,7 @@ import torch
 from . import elastic
 from .config import ModelConfig
 from .elastic import Subnet, head_order_index, validate_subnet
+from .errors import BudgetError
 
 TYPE_WIDTHS = {"linear_attention": ("mamba_num_heads", "mamba_head_dim"),
                "full_attention": ("num_attention_heads",), "mlp": ("intermediate_size",)}
@@ -42,7 +43,7 @@ def sliced_config(cfg: ModelConfig, subnet: Subnet) -> ModelConfig:
         globals_[key] = max(values) if values else getattr(cfg, key)
     return cfg.replace(hidden_size=subnet.hidden, layers_block_type=[t for _, t, _ in kept],
                        head_order="group_contiguous", layer_widths=None if homogeneous else per_layer,
-                       **globals_)
+                       padded_widths=None, **globals_)
 
 
 def _to_contiguous(t: torch.Tensor, groups: int, order: str) -> torch.Tensor:
@@ -106,13 +107,22 @@ def slice_state(model, subnet: Subnet) -> dict[str, torch.Tensor]:
     return {k: t.detach().clone().contiguous() for k, t in out.items()}
 
 
-def slice_budget(model, subnet: Subnet):
+def slice_budget(model, subnet: Subnet, layout: str = "compact"):
     """A standalone :class:`NemotronHForCausalLM` for one budget (its own weights; same logits as
-    ``model(x, subnet=subnet)``). Save it with ``.save_pretrained(path)``."""
-    from .model import NemotronHForCausalLM
+    ``model(x, subnet=subnet)``). Save it with ``.save_pretrained(path)``.
 
+    ``layout`` matters for a heterogeneous budget only: ``compact`` keeps per-layer widths (smallest;
+    our loader), ``padded`` writes a plain `nemotron_h` model every reader loads (its gated-norm
+    epsilon effect is bounded in :mod:`elastic_export.padding`)."""
+    from .model import NemotronHForCausalLM
+    from .padding import LAYOUTS, PADDED, pad_state, padded_config
+
+    if layout not in LAYOUTS:
+        raise BudgetError(f"unknown slice layout {layout!r}", field="layout", fix=f"use one of {', '.join(LAYOUTS)}")
     cfg = sliced_config(model.config, subnet)
     state = slice_state(model, subnet)
+    if layout == PADDED:
+        cfg, state = padded_config(cfg), pad_state(cfg, state)
     with torch.device("meta"):
         out = NemotronHForCausalLM(cfg)
     out.load_state_dict(state, assign=True)

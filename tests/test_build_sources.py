@@ -59,7 +59,7 @@ def test_build_a_heterogeneous_slice(tmp_path):
     budgets = family(model.config, 7, 2)
     save_nested_fixture(tmp_path / "nested", model, budgets)
     name = next(n for n in budgets if n != "full")
-    r = run("slice", tmp_path / "nested", "--budget", name, "--out", tmp_path / "slice")
+    r = run("slice", tmp_path / "nested", "--budget", name, "--layout", "compact", "--out", tmp_path / "slice")
     assert r.exit_code == 0, r.output
     assert ee.load(tmp_path / "slice").config.layer_widths is not None  # the compact heterogeneous layout
     r = run("build", tmp_path / "slice", "--target", "onnx", "--out", tmp_path / "b")
@@ -68,6 +68,13 @@ def test_build_a_heterogeneous_slice(tmp_path):
     with torch.no_grad():
         ref = model.generate(ids, 8, subnet=budgets[name])
     assert torch.equal(OrtEngine(tmp_path / "b", threads=1).generate(ids, 8), ref)
+    # the padded layout (the default) is a plain checkpoint: it builds and runs as the model it is
+    r = run("slice", tmp_path / "nested", "--budget", name, "--out", tmp_path / "padded")
+    assert r.exit_code == 0 and run("build", tmp_path / "padded", "--out", tmp_path / "bp").exit_code == 0
+    with torch.no_grad():
+        padded = ee.load(tmp_path / "padded")
+        assert padded.config.padded_widths is not None
+        assert torch.equal(OrtEngine(tmp_path / "bp", threads=1).generate(ids, 8), padded.generate(ids, 8))
 
 
 def _validate(build, report):

@@ -26,7 +26,8 @@ def outputs(tmp_path_factory):
     np.save(d / "calib.npy", np.random.RandomState(1).randint(0, 300, size=300))
     run("rank", d / "parent", "--calib", d / "calib.npy", "--seq-len", 24, "--samples", 8, "--out", d / "sorted")
     run("nest", d / "sorted", "--budget", "75%", "--budget", "50%", "--mode", "heterogeneous", "--out", d / "nested")
-    run("slice", d / "nested", "--budget", "all", "--out", d / "slices")
+    run("slice", d / "nested", "--budget", "all", "--layout", "compact", "--out", d / "slices")
+    run("slice", d / "nested", "--budget", "all", "--out", d / "padded")  # the default layout
     return d, parent.eval()
 
 
@@ -51,8 +52,10 @@ def test_load_rank_and_nest_outputs(outputs):
         one = ee.load(d / "nested", budget=name)  # standalone weights of that budget
         assert list(one.budgets) == ["full"] and one.num_parameters() <= elastic.num_parameters()
         assert (one(x) - ref).abs().max() <= 1e-5, name
-        sl = ee.load(d / "slices" / name)  # the heterogeneous slice on disk reads the same
+        sl = ee.load(d / "slices" / name)  # the compact slice on disk reads the same
         assert (sl(x) - ref).abs().max() <= 1e-5, name
+        padded = ee.load(d / "padded" / name)  # a plain config (tests/test_padded_slices.py: its function)
+        assert padded.config.layer_widths is None and padded.num_parameters() >= sl.num_parameters()
     assert ee.load(d / "nested", budget="50pct").num_parameters() < ee.load(d / "nested", budget="75pct").num_parameters()
     gen = elastic.generate(x[:1], 5, subnet=elastic.budgets["50pct"])
     assert torch.equal(gen, ee.load(d / "nested", budget="50pct").generate(x[:1], 5))

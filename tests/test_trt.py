@@ -37,7 +37,7 @@ def test_availability_old_tensorrt_without_plugin_module(monkeypatch):
     assert etrt.availability(need_gpu=False, need_plugin=False) == (True, "TensorRT 10.3.0")
     mode, note = etrt.ssm_op_for_trt("plugin")
     assert mode == "decomposed" and "10.3.0" in note
-    assert etrt.ssm_op_for_trt("standard") == ("standard", None)
+    assert etrt.ssm_op_for_trt("decomposed") == ("decomposed", None)
 
 
 def _graph_with_dims(tmp_path):
@@ -156,7 +156,7 @@ def _stub_tensorrt(monkeypatch):
     trtp.TensorDesc = trtp.Tensor = object
     trtp.from_shape_expr = lambda shape, dtype: types.SimpleNamespace(shape_expr=shape, dtype=dtype)
     trtp.SymInt32 = lambda e: e.v if isinstance(e, _Expr) else e
-    trtp.SymIntExprs = types.SimpleNamespace(from_tuple=list)
+    trtp.SymIntExprs = type("SymIntExprs", (), {"from_tuple": staticmethod(list)})
     trtp.KernelLaunchParams = types.SimpleNamespace
     trtp.cdiv = lambda a, b: _Expr(-(-a.v // b)) if a.is_constant else _Expr(f"cdiv({a.v},{b})")
     trtp.AutoTuneCombination = lambda *a: a

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from elastic_export.errors import ElasticExportError
 
-MIN_TRT_FOR_PLUGIN = (10, 7)
+MIN_TRT_FOR_PLUGIN = (10, 9)  # tensorrt.plugin since 10.7, its aot_impl (our AOT kernels) since 10.9
 
 
 class TrtUnavailable(ElasticExportError):
@@ -25,13 +25,13 @@ def _version(v: str) -> tuple[int, ...]:
 
 
 def plugin_support() -> tuple[bool, str]:
-    """(ok, reason): whether the installed TensorRT has ``tensorrt.plugin`` (>= 10.7) and triton is
+    """(ok, reason): whether the installed TensorRT has ``tensorrt.plugin`` with ``aot_impl`` (>= 10.9) and triton is
     there to compile the plugin's kernels. Assumes tensorrt imports."""
     import tensorrt as trt
 
     version = getattr(trt, "__version__", "0")
     if _version(version) < MIN_TRT_FOR_PLUGIN:
-        return False, f"TensorRT {version} has no tensorrt.plugin (needs >= 10.7; JetPack 6 ships 10.3)"
+        return False, f"TensorRT {version} has no tensorrt.plugin with aot_impl (needs >= 10.9; JetPack 6 ships 10.3)"
     try:
         import tensorrt.plugin  # noqa: F401
     except Exception as e:
@@ -50,7 +50,7 @@ def availability(need_gpu: bool = True, need_plugin: bool = True) -> tuple[bool,
         import tensorrt as trt
     except Exception as e:
         return False, (f"TensorRT's Python package is not importable ({type(e).__name__}: {e}); install "
-                       "TensorRT >= 10.7 from NVIDIA (PyPI's tensorrt wheels fetch the libraries from "
+                       "TensorRT >= 10.9 from NVIDIA (PyPI's tensorrt wheels fetch the libraries from "
                        "NVIDIA's index)")
     version = getattr(trt, "__version__", "0")
     if need_plugin:
@@ -78,8 +78,14 @@ def ssm_op_for_trt(requested: str | None = None) -> tuple[str, str | None]:
     """The SSM mode a TensorRT build uses, and a note to print when it is not the one asked for.
 
     ``plugin`` where tensorrt.plugin exists; otherwise ``decomposed`` (plain ONNX ops TensorRT parses
-    natively), saying so. An explicit ``decomposed`` or ``standard`` request is kept as is.
+    natively), saying so. An explicit ``decomposed`` request is kept. ``standard`` is refused: its ops
+    are not in TensorRT's ONNX parser (tests/test_onnx_trt_operators.py checks every trt graph against
+    the parser's operator matrix).
     """
+    if requested == "standard":
+        raise TrtUnavailable("the standard SSM mode uses ONNX opset 27's LinearAttention and CausalConvWithState, "
+                             "which TensorRT's ONNX parser does not support (opsets up to 24 in 10.15)",
+                             field="--ssm-op", fix="use --ssm-op plugin or decomposed with --target trt")
     if requested not in (None, "plugin"):
         return requested, None
     ok, reason = plugin_support()

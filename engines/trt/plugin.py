@@ -1,4 +1,5 @@
-"""The SSD-scan TensorRT plugin through ``tensorrt.plugin`` (quickly deployable plugins, TensorRT >= 10.7).
+"""The SSD-scan TensorRT plugin through ``tensorrt.plugin`` (quickly deployable plugins, TensorRT >= 10.9:
+``tensorrt.plugin`` exists from 10.7, its ``aot_impl`` from 10.9; checked against NVIDIA's bindings wheels).
 
 Contract (names, I/O order, attributes): :mod:`elastic_export.plugin_spec`. Three definitions:
 
@@ -17,7 +18,10 @@ before such an engine is deserialized.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
-# annotations (TensorDesc = input tensor, anything else = attribute) as objects, not strings.
+# annotations (TensorDesc = input tensor, anything else = attribute) as objects, not strings, and its
+# validators (tensorrt/plugin/_validate.py) insist on some of them: autotune returns
+# List[AutoTuneCombination], aot_impl must declare its 4-tuple return. tests/test_trt_plugin_layer.py
+# runs these definitions through NVIDIA's own decorators and validators.
 
 from elastic_export import plugin_spec as spec
 
@@ -62,7 +66,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from typing import Tuple
+    from typing import List, Tuple, Union
 
     import tensorrt as trt
     import tensorrt.plugin as trtp
@@ -78,7 +82,7 @@ def register() -> None:
         return y, final
 
     @trtp.autotune(spec.PLUGIN_ID)
-    def ssd_scan_autotune(x, dt, A, B, C, initial_state, outputs) -> list:
+    def ssd_scan_autotune(x, dt, A, B, C, initial_state, outputs) -> List[trtp.AutoTuneCombination]:
         # x, B, C share one type T; dt, A, the states and y are float32. Linear formats only.
         # Dependent combinations ('|'), spelled out at every position: (T, FP32, FP32, T, T, FP32, FP32, FP32).
         t, f = "FP32|FP16|BF16", "FP32|FP32|FP32"
@@ -100,7 +104,8 @@ def register() -> None:
     @trtp.aot_impl(spec.PLUGIN_ID)
     def ssd_scan_aot_impl(x: trtp.TensorDesc, dt: trtp.TensorDesc, A: trtp.TensorDesc, B: trtp.TensorDesc,
                           C: trtp.TensorDesc, initial_state: trtp.TensorDesc, chunk_size: int, head_order: str,
-                          outputs: Tuple[trtp.TensorDesc], tactic: int):
+                          outputs: Tuple[trtp.TensorDesc], tactic: int
+                          ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         from .aot import compile_scan
 
         spec.check_attributes(int(chunk_size), head_order)
