@@ -32,10 +32,17 @@ def facts(nested: Path, metrics: Path | None = None) -> str:
     for st in tr["stages"]:
         recs = steps.get(st["name"], [])
         per = ", ".join(f"{k} {v}" for k, v in (st.get("steps_per_budget") or {}).items()) or "-"
-        fw = sum(x.get("forwards", 0.0) for x in recs)
+        fws = [x["forwards"] for x in recs if "forwards" in x]
+        # per step when logged every step; else the logged steps' mean times the stage's steps (~)
+        fw = "-" if not fws else f"{sum(fws):.0f}" if len(fws) == st["steps"] else \
+            f"~{sum(fws) / len(fws) * st['steps']:.0f}"
         lines.append(f"| {st['name']} | {st['kind']} | {st['sampling'] or '-'} | {st['steps']} | "
                      f"{st['seq_len']} x {st['batch_size']} | {st['tokens']:,} | {per} | {len(recs)} | "
-                     f"{sum(bool(x.get('skipped')) for x in recs)} | {fw:.0f} |")
+                     f"{sum(bool(x.get('skipped')) for x in recs)} | {fw} |")
+    if steps:
+        last = max((x for rs in steps.values() for x in rs if "elapsed" in x), key=lambda x: x["step"], default=None)
+        if last is not None:
+            lines += ["", f"training wall time (sum of step times, evaluations excluded): {last['elapsed'] / 60:.1f} min"]
     elastic = [s for s in tr["stages"] if s["kind"] == "elastic"]
     lines += ["", f"elastic steps: {sum(s['steps'] for s in elastic)}, elastic tokens: "
                   f"{sum(s['tokens'] for s in elastic):,}"]
