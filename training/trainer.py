@@ -443,15 +443,16 @@ class Trainer:
             raw = self.space.extreme_index(True) if from_largest else \
                 {k: v.tolist() for k, v in self.router.argmax(b).items()}
             tol = ro["tolerance"] if ro["repair"] or from_largest else float("inf")
-            idx, in_band = self.space.repair(raw, fracs[b] * full, tol, ro["budget_metric"], ro["memory_context"],
-                                             self.importance, upper if ro["nested"] else None)
+            idx, _ = self.space.repair(raw, fracs[b] * full, tol, ro["budget_metric"], ro["memory_context"],
+                                       self.importance, upper if ro["nested"] else None)
             sub = self.space.subnet(idx)
-            cost = self.space.subnet_cost
-            report[names[b]] = {"raw": cost(self.space.subnet(raw), ro["budget_metric"], ro["memory_context"]) / full,
-                                "final": cost(sub, ro["budget_metric"], ro["memory_context"]) / full,
-                                "target": fracs[b], "in_band": bool(abs(cost(sub, ro["budget_metric"],
-                                                                             ro["memory_context"]) / full / fracs[b] - 1)
-                                                                    <= ro["tolerance"])}
+
+            def share(s):
+                return self.space.subnet_cost(s, ro["budget_metric"], ro["memory_context"]) / full
+
+            final = share(sub)
+            report[names[b]] = {"raw": share(self.space.subnet(raw)), "final": final, "target": fracs[b],
+                                "in_band": abs(final / fracs[b] - 1) <= ro["tolerance"]}
             out[names[b]] = sub
             upper = idx
         return {n: out[n] for n in names}, report
