@@ -1,10 +1,15 @@
 """The trainer: setup -> stages -> nested checkpoint, on 1 process or N (torchrun, DDP).
 
 One step of an ``elastic`` stage (Nemotron Elastic, Eq. 17):
-1. the sampler draws a budget (the same on every rank: a function of (seed, step));
-2. the full budget runs the parent; any other budget asks the router for hard Gumbel-Softmax
-   choices, builds the Subnet, and runs it through the weight views with straight-through gates;
-3. loss = KD(teacher -> student) [+ alpha * CE in trainable-teacher mode] + lambda * budget loss.
+1. the step's plan: one budget drawn by the sampler (the same on every rank: a function of (seed,
+   step)), or every budget (``sandwich``), all over one teacher forward;
+2. the full budget runs the parent; any other budget either runs its fixed architecture (once the
+   router is frozen, ``router.freeze_after``) or asks the router for hard Gumbel-Softmax choices and
+   runs them through the weight views with straight-through gates;
+3. loss = KD(teacher -> student) [+ alpha * CE in trainable-teacher mode] + lambda * budget loss (on
+   the expected cost under the router's probabilities), weighted over the planned budgets.
+At the freeze and at the end every budget's configuration is repaired into its tolerance band by
+importance (``ElasticSpace.repair``), nested in the next larger one with ``router.nested``.
 A ``pretrain`` stage trains the parent alone with cross-entropy.
 
 Exact resume: data windows, budget draws and Gumbel noise are functions of (seed, step), so the
