@@ -131,6 +131,15 @@ def retained_fraction(scores, choices: list[int], full: int | None = None) -> li
     return [prefix[c] / total for c in choices]
 
 
+def depth_retained(depth_scores, order: list[int], dropped: list[int]) -> list[float]:
+    """Depth importance kept when dropping the first k layers of ``order`` (least important first), for
+    each k in ``dropped``, as a fraction of the total (the kept share of layers without scores)."""
+    L = len(order)
+    ds = [] if depth_scores is None else [max(0.0, float(depth_scores[j])) for j in order]
+    tot = sum(ds)
+    return [1 - sum(ds[:k]) / tot if tot > 0 else 1 - k / L for k in dropped]
+
+
 def objective(weight: float, retained: float) -> float:
     """The search's loss of one knob: w * (u + u^2), u = -log(retained importance) (see the module doc)."""
     u = -math.log(max(retained, 1e-300))
@@ -163,7 +172,8 @@ class _Search:
         knobs: list[_Knob] = []
         D = cfg.hidden_size
         dch = _choices(D, embed_divisor or default_divisor(D))
-        knobs.append(_Knob("hidden", "hidden", [], dch, retained_fraction(None if imp is None else imp.hidden, dch), 1.0))
+        hidden_scores = None if imp is None else imp.hidden
+        knobs.append(_Knob("hidden", "hidden", [], dch, retained_fraction(hidden_scores, dch), 1.0))
 
         def add(kind, field, layers, n, step, scores_of):
             ch = _choices(n, step)
@@ -204,9 +214,7 @@ class _Search:
         if (depth is None and has_depth) or depth:
             L = cfg.num_hidden_layers
             ch = list(range(L))  # layers dropped
-            ds = [max(0.0, float(imp.depth[j])) for j in self.depth_order]
-            tot = sum(ds)
-            ret = [1 - sum(ds[:k]) / tot if tot > 0 else 1 - k / L for k in ch]
+            ret = depth_retained(imp.depth, self.depth_order, ch)
             knobs.append(_Knob("depth", "depth", [], ch, ret, sum(lp_full) / total))
         self.knobs = knobs
         self._layers_of = {k.name: set(k.layers) for k in knobs}

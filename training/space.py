@@ -27,6 +27,7 @@ a ``Subnet``) or tensors (the router's straight-through widths, differentiable).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -226,7 +227,7 @@ class ElasticSpace:
         ``imp``: an ``elastic_export.importance.Importance`` in the weights' current (sorted) order, so that
         a choice keeps a prefix of the scores; homogeneous rows take the geometric mean over their layers.
         """
-        from elastic_export.search import retained_fraction
+        from elastic_export.search import depth_retained, retained_fraction
 
         def scores(name, layer):
             if imp is None:
@@ -239,17 +240,13 @@ class ElasticSpace:
         out = {}
         for name, ax in self.axes.items():
             if name == "depth":
-                d = None if imp is None or imp.depth is None else [max(0.0, float(imp.depth[j]))
-                                                                    for j in self.depth_ranking]
-                tot = sum(d) if d else 0.0
-                L = self.cfg.num_hidden_layers
-                out[name] = [[1 - sum(d[:k]) / tot if tot > 0 else 1 - k / L for k in ax.values[0]]]
+                out[name] = [depth_retained(None if imp is None else imp.depth, self.depth_ranking, ax.values[0])]
                 continue
             rows = []
             for r, vals in enumerate(ax.values):
                 layers = [None] if name == "embedding" else [ax.layers[r]] if ax.per_layer else ax.layers
                 rs = [retained_fraction(scores(name, i), vals, full=self._full_width(name, i)) for i in layers]
-                rows.append([float(torch.tensor([x[k] for x in rs]).prod() ** (1 / len(rs))) for k in range(len(vals))])
+                rows.append([math.prod(x[k] for x in rs) ** (1 / len(rs)) for k in range(len(vals))])  # geometric mean
             out[name] = rows
         return out
 
@@ -259,14 +256,13 @@ class ElasticSpace:
     def _weights(self) -> dict[str, list[float]]:
         """Share of the parent's parameters each row acts on (the search objective's w)."""
         cfg = self.cfg
-        full = [layer_params(cfg, t, cfg.hidden_size, {k: cfg.layer_dims(i)[WIDTH_KEY[k]] for k in LAYER_AXES[t]})
+        dims = [{k: cfg.layer_dims(i)[WIDTH_KEY[k]] for k in LAYER_AXES[t]}
                 for i, t in enumerate(cfg.layers_block_type)]
-        total = float(self.params(cfg.hidden_size, [1] * cfg.num_hidden_layers,
-                                  [{k: cfg.layer_dims(i)[WIDTH_KEY[k]] for k in LAYER_AXES[t]}
-                                   for i, t in enumerate(cfg.layers_block_type)]))
+        full = [layer_params(cfg, t, cfg.hidden_size, w) for t, w in zip(cfg.layers_block_type, dims)]
+        total = float(self.params(cfg.hidden_size, [1] * cfg.num_hidden_layers, dims))
         out = {}
         for name, ax in self.axes.items():
-            if name in ("embedding",):
+            if name == "embedding":
                 out[name] = [1.0]
             elif name == "depth":
                 out[name] = [sum(full) / total]
