@@ -2,21 +2,17 @@
 budget, sandwich sampling and router freezing, accumulation / multi-process equal one big batch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from train_helpers import tiny_recipe, to_toml
+from train_helpers import tiny_recipe, torchrun_train
 from elastic_export.nested import load_nested
 from training import checkpoint as ckpt
 from training.distill import kd_loss
 from training.recipe import validate_recipe
 from training.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def records(run: Path) -> list[dict]:
@@ -126,13 +122,7 @@ def test_two_processes_equal_one_after_several_optimizer_steps(tmp_path):
     # one budget per step with the router learning (sandwich under DDP differs by ~2e-4 here: an open issue)
     r = tiny_recipe(tmp_path, **{"stages": [stages[0], {**stages[1], "tokens": 6 * 4 * 32}],
                                  "router.freeze_after": "stage1"})
-    f = tmp_path / "r.toml"
-    f.write_text(to_toml(r))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613",
-           "-m", "elastic_export.cli", "train", str(f), "--out", str(tmp_path / "ddp"), "--no-progress"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun_train(r, tmp_path, 29613)
     single = train(validate_recipe(r), out=tmp_path / "single")
     n_steps = json.loads((single / "elastic.json").read_text())["training"]["steps"]
     assert n_steps >= 10

@@ -1,20 +1,16 @@
 """Trainer: exact resume after a kill, torchrun on 2 CPU processes, gradient accumulation, outputs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from train_helpers import tiny_recipe, to_toml
+from train_helpers import tiny_recipe, torchrun_train
 from elastic_export.nested import load_nested
 from training.recipe import load_recipe, validate_recipe
 from training.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -68,13 +64,7 @@ def layout(nested: Path) -> dict:
 
 def test_torchrun_two_processes_writes_the_same_format(tmp_path):
     r = tiny_recipe(tmp_path, **{"stages": tiny_recipe(tmp_path)["stages"][:2]})
-    f = tmp_path / "r.toml"
-    f.write_text(to_toml(r))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29611",
-           "-m", "elastic_export.cli", "train", str(f), "--out", str(tmp_path / "ddp"), "--no-progress"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
+    f = torchrun_train(r, tmp_path, 29611, timeout=120)
     single = train(load_recipe(f), out=tmp_path / "single")
     assert layout(tmp_path / "ddp" / "nested") == layout(single)
     assert sorted(losses(tmp_path / "ddp")) == sorted(losses(tmp_path / "single"))

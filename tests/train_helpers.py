@@ -74,3 +74,21 @@ def to_toml(r: dict) -> str:
 
     table("", r)
     return "\n".join(lines) + "\n"
+
+
+def torchrun_train(r: dict, tmp: Path, port: int, timeout: int = 180) -> Path:
+    """Train recipe ``r`` with ``elastic-export train`` on 2 CPU processes (torchrun, gloo) into tmp/ddp;
+    returns the recipe file it wrote (tmp/r.toml)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    f = tmp / "r.toml"
+    f.write_text(to_toml(r))
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "elastic_export.cli", "train", str(f), "--out", str(tmp / "ddp"), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return f
