@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from elastic_export.accounting import count_params
 from elastic_export.elastic import Subnet, full_subnet, validate_subnet
 from elastic_export.errors import ConfigError
 from elastic_export.hf_io import atomic_write_bytes
@@ -96,44 +97,46 @@ class ElasticStep(nn.Module):
         self.distill = recipe["distill"]
         full = full_subnet(model.config)
         self.full_cost = self.space.subnet_cost(full, self.metric, self.context)
+        self.full_params = count_params(model.config)
 
     def forward(self, x, y, kind: str, plan: list, tau: float, scale: float, noise_seed: int, teacher_logits=None):
         """``plan``: [(budget index, fraction, loss weight, fixed Subnet or None)]. Returns (loss, stats
-        [len(plan), 3] = task loss, budget loss, cost fraction per planned budget)."""
+        [len(plan), 4] = task loss, budget loss, cost fraction, parameter share of the architecture run)."""
+        one = x.new_ones((), dtype=torch.float32)
         if kind == "pretrain":
             loss = ce_loss(self.model(x), y)
-            return loss, torch.stack([loss.detach(), loss.new_zeros(()), loss.new_ones(())])[None]
+            return loss, torch.stack([loss.detach(), one * 0, one, one])[None]
         dm = self.distill
         total, stats = 0.0, []
         for budget, fraction, weight, fixed in plan:
-            zero = x.new_zeros((), dtype=torch.float32)
+            bl = one * 0
             if fraction >= 1.0:  # the full budget is the parent itself (not routed)
                 logits = self.model(x)
                 task = distill_loss(logits, logits if teacher_logits is None else teacher_logits, y, dm["mode"],
                                     dm["temperature"], dm["alpha"], same=teacher_logits is None)
-                loss, bl, frac = task, zero, zero + 1
+                loss, frac, share = task, 1.0, 1.0
             else:
                 if fixed is not None:  # router frozen: the budget's fixed architecture, no gates
-                    logits = self.model(x, subnet=fixed)
-                    bl = zero
-                    frac = zero + self.space.subnet_cost(fixed, self.metric, self.context) / self.full_cost
+                    sub = fixed
+                    logits = self.model(x, subnet=sub)
                 else:
                     gen = torch.Generator().manual_seed(noise_seed * 31 + budget)
                     y_st, index = self.router.sample(budget, tau, scale, gen)
-                    logits = self.model(x, subnet=self.space.subnet(index), gates=self.space.gates(y_st, index))
+                    sub = self.space.subnet(index)
+                    logits = self.model(x, subnet=sub, gates=self.space.gates(y_st, index))
                     widths = self.space.expected_widths(self.router.probabilities(budget)) if self.expected \
                         else self.space.soft_widths(y_st)
                     cost = self.space.cost(widths, self.metric, self.context)
                     bl = budget_loss(cost, fraction * self.full_cost, self.tol)
-                    frac = self.space.subnet_cost(self.space.subnet(index), self.metric, self.context) / self.full_cost
-                    frac = zero + frac
+                frac = self.space.subnet_cost(sub, self.metric, self.context) / self.full_cost
+                share = count_params(self.model.config, sub) / self.full_params
                 t_logits = teacher_logits
                 if t_logits is None:  # trainable teacher: the model's own full budget
                     t_logits = self.model(x)
                 task = distill_loss(logits, t_logits, y, dm["mode"], dm["temperature"], dm["alpha"])
                 loss = task + self.lam * bl
             total = total + weight * loss
-            stats.append(torch.stack([task.detach().float(), bl.detach().float(), frac.detach().float()]))
+            stats.append(torch.stack([task.detach().float(), bl.detach().float(), one * frac, one * share]))
         return total, torch.stack(stats)
 
 
@@ -347,7 +350,7 @@ class Trainer:
         mb = s["batch_size"] // (self.world * A)
         base = stage.window_offset + local * s["batch_size"]
         loss_sum = torch.zeros((), dtype=torch.float64)
-        stat_sum = torch.zeros(len(plan), 3, dtype=torch.float64)
+        stat_sum = torch.zeros(len(plan), 4, dtype=torch.float64)
         self.opt.zero_grad(set_to_none=True)
         for m in range(A):
             first = base + (self.rank * A + m) * mb
@@ -385,7 +388,7 @@ class Trainer:
                "loss": float(loss_sum), "task_loss": mean[0].item(), "budget_loss": mean[1].item(),
                "cost_frac": mean[2].item(), "lr": lr, "router_lr": router_lr, "tau": tau, "scale": scale,
                "tokens": s["batch_size"] * s["seq_len"],
-               "forwards": self.step_forwards(plan, elastic, s), "skipped": skipped}
+               "forwards": self.step_forwards(stat_sum[:, 3].tolist(), elastic), "skipped": skipped}
         if elastic and len(plan) > 1:
             rec["budgets"] = {names[p[0]]: {"task_loss": stat_sum[k, 0].item(), "budget_loss": stat_sum[k, 1].item(),
                                             "cost_frac": stat_sum[k, 2].item()} for k, p in enumerate(plan)}
@@ -409,19 +412,13 @@ class Trainer:
         weights = s["weights"] if s["sampling"] == "weighted" else None
         return [entry(BudgetSampler(len(names), weights, self.r["seed"])(self.step), 1.0)]
 
-    def step_forwards(self, plan: list, elastic: bool, s: dict) -> float:
-        """Compute of a step in full-model forward equivalents (a backward counts as two forwards,
-        a budget's cost scales with its parameters): teacher forward + 3 x each student's share."""
+    def step_forwards(self, shares, elastic: bool) -> float:
+        """Compute of a step in full-model forward equivalents (a backward counts as two forwards, a
+        budget's cost scales with the parameter share of the architecture it ran): teacher forward +
+        3 x each student's share."""
         if not elastic:
             return 3.0
-        teacher = 1.0 if self.teacher is not None else 0.0
-        return teacher + sum(3.0 * (1.0 if f >= 1.0 else self._cost_share(b, fixed)) for b, f, _, fixed in plan)
-
-    def _cost_share(self, b: int, fixed) -> float:
-        from elastic_export.accounting import count_params
-
-        sub = fixed if fixed is not None else self.router.subnet(b)
-        return count_params(self.cfg, sub) / count_params(self.cfg)  # a routed budget: the router's argmax
+        return (1.0 if self.teacher is not None else 0.0) + 3.0 * float(sum(shares))
 
     # ---- evaluation ----------------------------------------------------------------------------
     def budget_subnets(self) -> dict:
@@ -601,8 +598,6 @@ def evaluate_budgets(model, subnets: dict, mixture, tokenizer, seq_len: int, n_w
                      seed: int = 0, batch_size: int = 64) -> dict:
     """Per budget: parameters, held-out loss (mean CE over fixed held-out windows) and exact-match
     accuracy on short and long tasks (fixed seeds, so every run and stage is scored on the same items)."""
-    from elastic_export.accounting import count_params
-
     was_training = model.training
     model.eval()
     split = "held" if any(len(s.held) > seq_len + 1 for s in mixture.sources) else "train"
