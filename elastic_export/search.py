@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .accounting import embedding_params, layer_params, count_params
-from .config import ModelConfig
+from .config import ModelConfig, refuse_moe
 from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
 from .errors import BudgetError
 
@@ -337,6 +337,7 @@ def search_subnet(cfg: ModelConfig, target_params: int, mode: str = "homogeneous
     ``importance`` must be indexed like the sorted weights (as :func:`sorting.sort_model` returns it);
     None treats every component alike. ``depth`` None: prune depth when depth ranks are given.
     """
+    refuse_moe(cfg, "the budget search (plan, nest)")
     full = count_params(cfg)
     if target_params > full:
         raise BudgetError(f"target {target_params:,} parameters is more than the parent's {full:,}",
