@@ -8,14 +8,19 @@ A directory::
     router.safetensors       optional: the router (to resume training or derive new budgets)
     tokenizer/               optional: tokenizer.json or byte_level.json
 
-Manifest (``format_version`` 1)::
+Manifest (``format_version`` 2)::
 
-    {"format": "elastic-export/nested", "format_version": 1,
+    {"format": "elastic-export/nested", "format_version": 2,
      "parent_config": {... HF nemotron_h config.json, with "elastic": {"head_order": "rank_major"}},
      "layout": {"head_order": "rank_major"},
      "files": {"model.safetensors": {"sha256": "...", "bytes": N}, ...},
      "budgets": [{"name": "full", "params": N, "hidden": D,
                   "layers": [{"type": "linear_attention", "kept": true, "mamba_heads": 8, ...}, ...]}, ...]}
+
+Version 2 adds MoE layers: ``{"type": "moe", "kept": true, "experts": E, "expert_ffn": F,
+"shared_ffn": S}`` (elastic.LayerWidths), and a parent_config with the MoE fields; the weights hold
+the experts stacked (``mixer.experts.up_proj`` [E, F, din]) and the routers in float32. Version 1
+files (dense models) read unchanged.
 
 Budgets are listed largest first; "full" (the parent) is always present. There is deliberately no
 config.json: transformers would load the rank-major weights as group-contiguous and compute garbage.
@@ -43,7 +48,7 @@ from .errors import BudgetError, CheckpointError, ConfigError
 from .hf_io import atomic_dir, cast, dtype_name, parse_dtype, resolve_tying
 
 FORMAT = "elastic-export/nested"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 1 is read as well
 MANIFEST = "elastic.json"
 WEIGHTS = "model.safetensors"
 ROUTER = "router.safetensors"

@@ -378,8 +378,11 @@ def describe(cfg: ModelConfig, s: Subnet) -> str:
     md = [s.layers[i].mamba_head_dim for i in kept if types[i] == "linear_attention"]
     ah = [s.layers[i].attn_heads for i in kept if types[i] == "full_attention"]
     ff = [s.layers[i].ffn for i in kept if types[i] == "mlp"]
+    moe = [s.layers[i] for i in kept if types[i] == "moe"]
+    experts = "" if not moe else (f", experts {rng([w.experts for w in moe])} x ffn {rng([w.expert_ffn for w in moe])}"
+                                  f", shared {rng([w.shared_ffn for w in moe])}")
     dropped = [i for i, w in enumerate(s.layers) if not w.kept]
-    return (f"hidden {s.hidden}, mamba {rng(mh)} heads x {rng(md)}, attn {rng(ah)} heads, ffn {rng(ff)}, "
+    return (f"hidden {s.hidden}, mamba {rng(mh)} heads x {rng(md)}, attn {rng(ah)} heads, ffn {rng(ff)}{experts}, "
             f"layers {len(kept)}/{len(types)}" + (f" (dropped {dropped})" if dropped else ""))
 
 
