@@ -19,8 +19,8 @@ Manifest (``format_version`` 2)::
 
 Version 2 adds MoE layers: ``{"type": "moe", "kept": true, "experts": E, "expert_ffn": F,
 "shared_ffn": S}`` (elastic.LayerWidths), and a parent_config with the MoE fields; the weights hold
-the experts stacked (``mixer.experts.up_proj`` [E, F, din]) and the routers in float32. Version 1
-files (dense models) read unchanged.
+the experts stacked (``mixer.experts.up_proj`` [E, F, din]) and the routers in float32. Dense models are still
+written (and read) as version 1.
 
 Budgets are listed largest first; "full" (the parent) is always present. There is deliberately no
 config.json: transformers would load the rank-major weights as group-contiguous and compute garbage.
@@ -49,6 +49,11 @@ from .hf_io import atomic_dir, cast, dtype_name, parse_dtype, resolve_tying
 
 FORMAT = "elastic-export/nested"
 FORMAT_VERSION = 2  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 1 is read as well
+
+
+def format_version(cfg: ModelConfig) -> int:
+    """The oldest version that holds this model: 1 for dense ones (older readers keep reading them), 2 with MoE."""
+    return FORMAT_VERSION if cfg.has_moe else 1
 MANIFEST = "elastic.json"
 WEIGHTS = "model.safetensors"
 ROUTER = "router.safetensors"
@@ -174,7 +179,7 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
                 (tmp / TOKENIZER).mkdir()
                 shutil.copy2(tok_src, tmp / TOKENIZER / "tokenizer.json")
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT, "format_version": format_version(cfg),
             "parent_config": cfg.to_dict(dtype_name(state["backbone.embeddings.weight"].dtype)),
             "layout": {"head_order": cfg.head_order},
             "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names},
