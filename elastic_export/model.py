@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations, elastic
-from .cache import InferenceCache, StepState
+from .cache import InferenceCache, MambaWindow, StepState
 from .config import ModelConfig
 from .elastic import Subnet, full_subnet
 from .ssd import group_heads, ssd_scan, ssd_step_, ssd_update, ungroup_heads
@@ -194,6 +194,8 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(v.A_log.float())
         dt = self.discretize(dt, v)  # [b, l, h]
         state = cache.ssm[self.layer_idx] if cache is not None else None
+        if cache is not None and cache.windows is not None:  # for cache.rewind (speculative decoding)
+            cache.windows[self.layer_idx] = MambaWindow(x_seq, bc_seq, state, x, dt, A, B, self.head_order)
         if state is not None and l == 1:  # one cached token: the decode step
             y, state = ssd_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
             y = y[:, None]
@@ -461,6 +463,8 @@ class NemotronHForCausalLM(nn.Module):
             h = h + x
         if cache is not None:
             cache.seen += l
+            if cache.windows is not None:
+                cache.window_len = l
         return rms_norm(h, elastic.norm_view(self.backbone.norm_f, d), eps)
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None, cache: InferenceCache | None = None,
