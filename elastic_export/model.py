@@ -200,7 +200,9 @@ class Mamba2Mixer(nn.Module):
             y, state = ssd_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
             y = y[:, None]
         else:
-            y, state = ssd_scan(x, dt, A, B, C, self.chunk_size, state, self.head_order)
+            # a few tokens after a cache (a speculative verification): one chunk of exactly l, no padding
+            cs = l if state is not None and l < self.chunk_size else self.chunk_size
+            y, state = ssd_scan(x, dt, A, B, C, cs, state, self.head_order)
         if cache is not None:
             cache.ssm[self.layer_idx] = state
         y = y + x.float() * v.D.float()[:, None]  # [b, l, h, p]
