@@ -7,6 +7,10 @@ Shapes (b batch, C conv channels of the budget = h*p + 2*G*N, K conv kernel):
 ``key_mask`` [b, T] marks real (non-padding) positions, so decode steps after a left-padded
 prefill keep ignoring the padding.
 
+``InferenceCache.record()`` (off by default): each Mamba layer records the inputs of
+the forward's new tokens, so that ``rewind`` can keep a prefix of them. SSM and conv states cannot be
+rolled back like a KV cache; this is how a rejected speculative draft is undone without a second forward.
+
 ``StepState`` holds the same states for the one-token decode step (model.decode_step), updated in
 place: the torch engine takes a prefill's cache as it is (dynamic), or copies it into buffers
 preallocated once at a fixed size (static: torch.compile, CUDA graphs).
@@ -14,7 +18,11 @@ preallocated once at a fixed size (static: torch.compile, CUDA graphs).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+from .ssd import ssd_prefix_state
 
 
 class KVCache:
@@ -41,6 +49,18 @@ class KVCache:
         return self.k[:, :, :need], self.v[:, :, :need]
 
 
+class MambaWindow(NamedTuple):
+    """A Mamba layer's record of one forward's l new tokens (the last forward only)."""
+    x_seq: torch.Tensor  # [b, K-1+l, h, p] conv inputs of x: the K-1 past ones, then the l new ones
+    bc_seq: torch.Tensor  # [b, K-1+l, 2GN] the same for B | C
+    ssm0: torch.Tensor | None  # [b, h, p, n] float32 state before the window (None: zeros)
+    x: torch.Tensor  # [b, l, h, p] after the conv and its activation
+    dt: torch.Tensor  # [b, l, h] discretized
+    A: torch.Tensor  # [h]
+    B: torch.Tensor  # [b, l, g, n]
+    head_order: str
+
+
 class InferenceCache:
     """All layers' states for one batch of sequences. Layers fill their entry on first use."""
 
@@ -50,6 +70,50 @@ class InferenceCache:
         self.kv: list[KVCache] = [KVCache() for _ in range(num_layers)]
         self.seen = 0  # tokens processed so far
         self.key_mask: torch.Tensor | None = None  # [b, seen] bool, None when nothing is padded
+        self.windows: list[MambaWindow | None] | None = None  # set by record(), filled by the next forward
+        self.window_len = 0  # tokens of the recorded forward
+
+    def record(self) -> None:
+        """Record the next forward's new tokens so that ``rewind`` can drop a suffix of them."""
+        self.windows, self.window_len = [None] * len(self.conv), 0
+
+    @classmethod
+    def from_step_state(cls, state: "StepState", length: int) -> "InferenceCache":
+        """A cache continuing a decode state of ``length`` tokens, sharing its tensors (the KV buffers
+        take the forward's new keys in place where they have room)."""
+        cache = cls(len(state.conv))
+        cache.conv, cache.ssm = list(state.conv), list(state.ssm)
+        for kv, k, v in zip(cache.kv, state.k, state.v):
+            if k is not None:
+                kv.k, kv.v, kv.length = k, v, length
+        cache.seen = length
+        cache.key_mask = None if state.key_valid is None else state.key_valid[:, :length]
+        return cache
+
+    def rewind(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the recorded forward and drop the rest: attention's KV
+        cache is truncated; each Mamba layer's conv state is the K-1 inputs before the cut and its SSM
+        state is recomputed from the window's inputs (ssd.ssd_prefix_state), no second forward."""
+        if self.windows is None:
+            raise ValueError("rewind needs a forward recorded after cache.record()")
+        drop = self.window_len - keep
+        if not 0 <= drop <= self.window_len:
+            raise ValueError(f"cannot keep {keep} of {self.window_len} recorded tokens")
+        for i, w in enumerate(self.windows):
+            if w is None or drop == 0:
+                continue
+            K1 = w.x_seq.shape[1] - self.window_len  # K-1
+            tail = torch.cat([w.x_seq[:, keep:keep + K1].flatten(2), w.bc_seq[:, keep:keep + K1]], dim=-1)
+            self.conv[i] = tail.transpose(1, 2).contiguous()  # [b, C, K-1]
+            self.ssm[i] = w.ssm0.clone() if keep == 0 and w.ssm0 is not None else \
+                ssd_prefix_state(w.x[:, :keep], w.dt[:, :keep], w.A, w.B[:, :keep], w.ssm0, w.head_order)
+        for kv in self.kv:
+            if kv.k is not None:
+                kv.length -= drop
+        self.seen -= drop
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[:, :self.seen]
+        self.windows, self.window_len = None, 0
 
     def extend_mask(self, attention_mask: torch.Tensor | None, b: int, l: int, device) -> torch.Tensor | None:
         """Record the new tokens' padding mask; return the mask over all keys [b, seen + l] or None."""

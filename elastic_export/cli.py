@@ -311,8 +311,16 @@ def build(source, budgets, target, ssm_op, dtype, opset, out, overwrite):
               "seconds of compilation first).")
 @click.option("--dtype", default=None, help="Torch engine: weight and compute dtype, float32 or bfloat16 [as stored; "
               "float32 may be faster on a CPU without bf16 instructions].")
+@click.option("--reason-budget", default=None, help="Budget control: this budget writes until --switch-at ...")
+@click.option("--answer-budget", default=None, help="... then this one (the generated text is re-prefilled with it).")
+@click.option("--switch-at", default="####", show_default=True,
+              help="Where the reason budget stops: a string (e.g. '</think>'; included) or a token count.")
+@click.option("--draft", default=None, help="Self-speculative decoding: this budget drafts, --budget (default: the "
+              "largest) verifies; the output is the verify budget's own.")
+@click.option("--draft-len", default="4", show_default=True, help="Tokens drafted per verification, or 'auto'.")
 @user_errors
-def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtype):
+def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtype, reason_budget, answer_budget,
+        switch_at, draft, draft_len):
     """Generate text from a build directory (ONNX Runtime / TensorRT) or a checkpoint (torch engine).
 
     With no PATH it runs the shipped default model with the torch engine."""
@@ -325,11 +333,23 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtyp
 
     from .hf_io import parse_dtype
 
+    from .errors import ConfigError
+
     p = Path(_default(path))
     dt = parse_dtype(dtype)
+    if (reason_budget is None) != (answer_budget is None):
+        raise ConfigError("budget control needs both budgets", field="--reason-budget/--answer-budget",
+                          fix="give --reason-budget and --answer-budget together")
+    if draft is not None and reason_budget is not None:
+        raise ConfigError("--draft and a budget schedule cannot be combined", field="--draft",
+                          fix="give either --draft or --reason-budget/--answer-budget")
+    if draft_len != "auto" and not (draft_len.isdigit() and int(draft_len) >= 1):
+        raise ConfigError(f"--draft-len {draft_len!r} is neither a positive integer nor 'auto'", field="--draft-len",
+                          fix="use e.g. --draft-len 4 or --draft-len auto")
+    if static and (draft or reason_budget):
+        raise ConfigError("--static decodes one budget on fixed buffers", field="--static",
+                          fix="drop --static with --draft or --reason-budget")
     if dt is not None and (p / "build.json").is_file():
-        from .errors import ConfigError
-
         raise ConfigError("--dtype applies to the torch engine; a build directory runs at the dtype it was built "
                           "with", field="--dtype", fix="give a nested checkpoint, or rebuild with build --dtype")
     if (p / "build.json").is_file():
@@ -346,7 +366,8 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtyp
         else:
             from engines.ort_engine import OrtEngine
 
-            engine = OrtEngine(p, budgets=[budget] if budget else None, threads=threads)
+            engine = OrtEngine(p, budgets=[budget] if budget and not (draft or reason_budget) else None,
+                               threads=threads)
         tok_dir = p / m["tokenizer"] if m.get("tokenizer") else None
         eos = m["config"].get("eos_token_id")
     else:
@@ -377,7 +398,22 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtyp
         click.echo(text[len(shown[0]):], nl=False)
         shown[0] = text
 
-    engine.generate(ids, max_new_tokens, temperature=temperature, eos_token_id=eos, callback=show)
+    stats: dict = {}
+    if draft:
+        from engines.speculative import speculative_generate
+
+        speculative_generate(engine, ids, max_new_tokens, draft=draft, verify=budget or None,
+                             draft_len=draft_len if draft_len == "auto" else int(draft_len), eos_token_id=eos,
+                             callback=show, temperature=temperature, stats=stats)
+    elif reason_budget:
+        from engines.schedule import Phase, scheduled_generate
+
+        first = Phase(reason_budget, max_tokens=int(switch_at)) if switch_at.isdigit() else \
+            Phase(reason_budget, until=(tuple(tok.encode(switch_at)),))
+        scheduled_generate(engine, ids, max_new_tokens, [first, Phase(answer_budget)], eos_token_id=eos,
+                           callback=show, temperature=temperature, stats=stats)
+    else:
+        engine.generate(ids, max_new_tokens, temperature=temperature, eos_token_id=eos, callback=show)
     n = len(new)
     first = times[1] - times[0] if n else 0.0
     start = 2 if static and n > 2 else 1  # a static step compiles on its first call: time it apart
@@ -386,6 +422,12 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtyp
     compiled = f", first decode step (compilation) {times[2] - times[1]:.1f} s" if start == 2 else ""
     click.echo(f"[{engine.budget}] {n} tokens: prefill {len(ids[0])} tokens in {first * 1e3:.1f} ms, "
                f"decode {rate:.1f} tokens/s{compiled}", err=True)
+    if draft:
+        click.echo(f"[draft {draft}] acceptance {stats['acceptance']:.2f} over {stats['rounds']} verifications, "
+                   f"{stats['emitted'] / max(1, stats['rounds']):.2f} tokens each", err=True)
+    for sw in stats.get("switches", []):
+        click.echo(f"[switch -> {sw['to']}] after {sw['after'][0]} tokens: re-prefilled {sw['tokens']} "
+                   f"tokens in {sw['seconds'] * 1e3:.1f} ms", err=True)
 
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations, elastic
-from .cache import InferenceCache, StepState
+from .cache import InferenceCache, MambaWindow, StepState
 from .config import ModelConfig
 from .elastic import Subnet, full_subnet
 from .moe import MoE
@@ -196,11 +196,15 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(v.A_log.float())
         dt = self.discretize(dt, v)  # [b, l, h]
         state = cache.ssm[self.layer_idx] if cache is not None else None
+        if cache is not None and cache.windows is not None:  # for cache.rewind (speculative decoding)
+            cache.windows[self.layer_idx] = MambaWindow(x_seq, bc_seq, state, x, dt, A, B, self.head_order)
         if state is not None and l == 1:  # one cached token: the decode step
             y, state = ssd_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.head_order)
             y = y[:, None]
         else:
-            y, state = ssd_scan(x, dt, A, B, C, self.chunk_size, state, self.head_order)
+            # a few tokens after a cache (a speculative verification): one chunk of exactly l, no padding
+            cs = l if state is not None and l < self.chunk_size else self.chunk_size
+            y, state = ssd_scan(x, dt, A, B, C, cs, state, self.head_order)
         if cache is not None:
             cache.ssm[self.layer_idx] = state
         y = y + x.float() * v.D.float()[:, None]  # [b, l, h, p]
@@ -463,6 +467,8 @@ class NemotronHForCausalLM(nn.Module):
             h = h + x
         if cache is not None:
             cache.seen += l
+            if cache.windows is not None:
+                cache.window_len = l
         return rms_norm(h, elastic.norm_view(self.backbone.norm_f, d), eps)
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None, cache: InferenceCache | None = None,

@@ -175,6 +175,25 @@ def ssd_step_(state, x, dt, A, B, C, head_order: str = "group_contiguous"):
     return (S @ C.view(b, *groups, n, 1)).view(b, h, p)
 
 
+def ssd_prefix_state(x, dt, A, B, initial_state=None, head_order: str = "group_contiguous"):
+    """The state after the l positions of a short window (one chunk), without the outputs: what a
+    rejected speculative suffix rewinds to (cache.InferenceCache.rewind). x [b,l,h,p], dt [b,l,h],
+    B [b,l,g,n], initial_state [b,h,p,n] or None -> [b,h,p,n] float32.
+
+        S_l = exp(sum_s dt_s A) S_0 + sum_s exp(sum_{t>s} dt_t A) dt_s x_s B_s^T
+    """
+    h = x.shape[2]
+    Adt = dt.float() * A.float()  # [b,l,h]
+    cum = torch.cumsum(Adt, dim=1)
+    total = cum[:, -1]  # [b,h]
+    w = torch.exp(total[:, None] - cum) * dt.float()  # [b,l,h]: decay after s, times dt_s
+    Bh = expand_groups(B.float(), h, head_order, 2)  # [b,l,h,n]
+    state = torch.einsum("blh,blhp,blhn->bhpn", w, x.float(), Bh)
+    if initial_state is not None:
+        state = state + torch.exp(total)[..., None, None] * initial_state.float()
+    return state
+
+
 def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, head_order: str = "group_contiguous"):
     """Dispatch: the first registered kernel that accepts the inputs, else the torch reference."""
     for kernel in _SCAN_KERNELS:

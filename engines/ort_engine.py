@@ -8,10 +8,18 @@ prepacking is turned off in that mode, since a prepacked weight is a private cop
 all sessions allocate activations from one process-wide arena (docs/engines.md has the
 measurements). Without sharing, each session loads its own weights.
 States stay ``OrtValue`` between decode steps (no numpy round trip).
+
+Two budgets in one generation (engines.schedule, engines.speculative) go through the same methods as
+the torch engine: ``fork``, ``extend``, ``rewind``, ``snapshot``, ``restore``. A decode step's states are
+fresh ``OrtValue``s, so a snapshot is a reference and a rewind picks the states of an earlier step.
+``extend`` runs the decode graph once per token: the prefill graph takes no past states, so the
+verification of k drafted tokens costs k + 1 decode steps here rather than one forward (a prefill
+graph with ``past.*`` inputs, like the decode graph's, would make it one call).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -121,7 +129,7 @@ class OrtEngine:
         self.state_names = [n.removeprefix("present.") for n in self.out_names if n.startswith("present.")]
         self._state_index = {n: self.out_names.index(f"present.{n}") for n in self.state_names}
         self._logits_index = self.out_names.index("logits")
-        self.states = None
+        self.states, self._window = None, None
 
     def prefill(self, input_ids, attention_mask=None, last_only: bool = False) -> torch.Tensor:
         ids = np.ascontiguousarray(torch.as_tensor(input_ids).numpy(), dtype=np.int64)
@@ -150,7 +158,42 @@ class OrtEngine:
             feed[f"past.{n}"] = v
         outs = self.decode_sess._sess.run_with_ort_values(feed, self.out_names, None)
         self.states = {n: outs[j] for n, j in self._state_index.items()}
+        self._window = None
         return torch.from_numpy(outs[self._logits_index].numpy()[:, -1])
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    # ---- two budgets in one generation: engines.schedule and engines.speculative ------------------
+    def fork(self) -> "OrtEngine":
+        """Another handle on the same sessions and weight buffer, with its own budget and state."""
+        other = copy.copy(self)
+        other.states, other._window = None, None
+        return other
+
+    def extend(self, input_ids, record: bool = False) -> torch.Tensor:
+        """Feed ``input_ids`` [b, l] after the current state -> logits [b, l, V] (l decode steps)."""
+        ids = torch.as_tensor(input_ids)
+        window = [(self.states, self.mask)]
+        logits = []
+        for j in range(ids.shape[1]):
+            logits.append(self.decode(ids[:, j]))
+            window.append((self.states, self.mask))
+        self._window = window if record else None
+        return torch.stack(logits, 1)
+
+    def rewind(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the last ``extend(record=True)``."""
+        if getattr(self, "_window", None) is None:
+            raise BudgetError("rewind without a recorded extend", field="rewind", fix="call extend(ids, record=True)")
+        self.states, self.mask = self._window[keep]
+        self._window = None
+
+    def snapshot(self):
+        return self.budget, self.states, self.mask
+
+    def restore(self, snap) -> None:
+        budget, states, mask = snap
+        if budget != self.budget:
+            self.set_budget(budget)
+        self.states, self.mask, self._window = states, mask, None

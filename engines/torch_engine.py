@@ -5,15 +5,20 @@ over the same weight views (elastic.*_views, cached per budget by the model), on
 place: dynamic (the prefill's cache, the KV cache grown by doubling) or static (buffers preallocated
 to ``max_len``, a fixed-shape step compiled on CPU or replayed as a CUDA graph: cuda_graph_decode).
 Its numerics are checked against the elastic forward (tests/test_engines.py, test_decode_step.py).
+Two budgets in one generation (engines.schedule, engines.speculative) use ``fork`` (a second handle on
+the same weights with its own state), ``extend`` (a multi-token forward continuing the state),
+``rewind`` (drop a suffix of the last extend) and ``snapshot``/``restore``.
 Weights run at their stored dtype (bf16 compute where the CPU has it; SSM state and norms in float32
 as in the model).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from elastic_export.cache import StepState
+from elastic_export.cache import InferenceCache, StepState
 from elastic_export.elastic import Subnet, validate_subnet
 from elastic_export.errors import BudgetError
 
@@ -41,7 +46,7 @@ class TorchEngine:
         self.threads = threads
         self.static, self.max_len = static, max_len
         self._static: dict[tuple[str, int], object] = {}  # (budget, batch) -> GraphDecoder
-        self._dec = None
+        self._dec = self._cache = None
         self.set_budget(next(iter(budgets)))
 
     @property
@@ -56,7 +61,7 @@ class TorchEngine:
             self.views = self.model.layer_views(self.subnet)[1]  # views of the one weight copy (cached)
         self.plan = self.model.step_plan(self.subnet)
         self.state = None
-        self._dec = None
+        self._dec = self._cache = None
 
     def _threads(self):
         if self.threads is not None and torch.get_num_threads() != self.threads:
@@ -76,7 +81,7 @@ class TorchEngine:
                             last_only=last_only)
         self.state = StepState.from_cache(cache, device=self.model.device)  # updated in place by decode
         self.length = cache.seen
-        self._dec = None
+        self._dec = self._cache = None
         return logits[:, -1] if last_only else logits
 
     # ---- decode ----------------------------------------------------------------------------------
@@ -92,7 +97,64 @@ class TorchEngine:
         self.state.reserve(self.length + 1)
         logits = self.model.decode_step(tok, self.plan, self.state, length=self.length)
         self.length += 1
+        self._cache = None
         return logits
+
+    # ---- two budgets in one generation: engines.schedule and engines.speculative ------------------
+    def fork(self) -> "TorchEngine":
+        """Another handle on the same model (one weight copy), with its own budget and state."""
+        if self.static:
+            raise BudgetError("budget schedules and speculative decoding run the dynamic decode", field="static",
+                              fix="use TorchEngine(..., static=False)")
+        other = copy.copy(self)
+        other.state, other._dec, other._cache = None, None, None
+        return other
+
+    @torch.inference_mode()
+    def extend(self, input_ids: torch.Tensor, record: bool = False) -> torch.Tensor:
+        """Feed ``input_ids`` [b, l] after the current state in one forward -> logits [b, l, V].
+        ``record``: keep what ``rewind`` needs to drop a suffix of these tokens afterwards."""
+        if self.state is None:
+            raise BudgetError("extend before prefill", field="extend", fix="call prefill(prompt) first")
+        self._threads()
+        cache = InferenceCache.from_step_state(self.state, self.length)
+        if record:
+            cache.record()
+        logits = self.model(torch.as_tensor(input_ids).to(self.model.device), subnet=self.subnet, cache=cache)
+        self._adopt(cache)
+        self._cache = cache if record else None
+        return logits
+
+    @torch.inference_mode()
+    def rewind(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the last ``extend(record=True)`` (no decode in between)."""
+        if getattr(self, "_cache", None) is None:
+            raise BudgetError("rewind without a recorded extend", field="rewind", fix="call extend(ids, record=True)")
+        self._cache.rewind(keep)
+        self._adopt(self._cache)
+        self._cache = None
+
+    def _adopt(self, cache: InferenceCache) -> None:
+        self.state = StepState.from_cache(cache, device=self.model.device)
+        self.length = cache.seen
+
+    def snapshot(self):
+        """The current state, restorable later: conv and SSM states copied (decode updates them in
+        place), the KV buffers shared (decode only appends to them, so the prefix stays valid while at
+        most one state grown from this snapshot is in use at a time)."""
+        st = self.state
+        clone = [None if t is None else t.clone() for t in (*st.conv, *st.ssm)]
+        n = len(st.conv)
+        return self.budget, self.length, clone[:n], clone[n:], list(st.k), list(st.v), st.key_valid
+
+    def restore(self, snap) -> None:
+        budget, length, conv, ssm, k, v, key_valid = snap
+        if budget != self.budget:
+            self.set_budget(budget)
+        conv, ssm = [None if t is None else t.clone() for t in conv], [None if t is None else t.clone() for t in ssm]
+        self.state = StepState(conv, ssm, list(k), list(v), length, key_valid, self.model.device)
+        self.length = length
+        self._cache = None
 
     def _static_prefill(self, input_ids, attention_mask, last_only):
         from .cuda_graph_decode import GraphDecoder
