@@ -8,10 +8,18 @@ a meta-device model and against sliced checkpoints), so they hold at any scale:
   - Mamba2 (h heads x p channels, G groups, N state, K conv): in_proj d*(2hp + 2GN + h),
     conv (hp + 2GN)*K, dt_bias/A_log/D 3h, gated norm hp, out_proj hp*d (+ biases);
   - attention (h query heads, nkv KV heads, head dim hd): (h + 2 nkv)*hd*d + d*h*hd (never biases);
-  - MLP (f neurons): 2*f*d (+ biases).
+  - MLP (f neurons): 2*f*d (+ biases);
+  - MoE (e routed experts of f neurons, shared expert of s, din = moe_latent_size or d): router e*d,
+    experts e*2*f*din, shared expert 2*s*d (+ biases), latent projections 2*L*d (+ biases). Its
+    ``e_score_correction_bias`` is a buffer, not a parameter (as transformers counts).
+
+Active parameters (what one token computes with): the same, with the routed experts counted
+top_k = elastic.moe_top_k(cfg, e) times instead of e (the router, the shared expert and the latent
+projections are active for every token). Equal to the total for a model without MoE layers.
 
 Memory at a context length T and batch b:
-- weights: parameters x bytes of the dtype;
+- weights: parameters x bytes of the dtype, MoE routers (weight and score bias) at float32 (they stay
+  float32 at every precision); every expert is resident, active or not;
 - KV cache: per kept attention layer 2 * b * nkv * T * hd at the dtype;
 - SSM state: per kept Mamba layer b * h * p * N in float32 (float32 at every precision);
 - conv state: per kept Mamba layer b * (hp + 2GN) * (K-1) at the dtype;
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .elastic import LayerWidths, Subnet, full_subnet
+from .elastic import LayerWidths, Subnet, full_subnet, moe_top_k
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
 
@@ -41,6 +49,26 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
 def embedding_params(cfg: ModelConfig, d: int) -> int:
     """Embeddings, lm_head (unless tied) and the final norm at embedding width d."""
     return cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+
+
+def moe_params(cfg: ModelConfig, d: int, w: LayerWidths, routed: int) -> int:
+    """A MoE mixer's parameters with ``routed`` of its ``w.experts`` experts counted (all of them for
+    the total, top-k for the active count)."""
+    din = d if cfg.moe_latent_size is None else cfg.moe_latent_size
+    n = w.experts * d + routed * 2 * w.expert_ffn * din + 2 * w.shared_ffn * d
+    if cfg.mlp_bias:
+        n += w.shared_ffn + d
+    if cfg.moe_latent_size is not None:
+        n += 2 * cfg.moe_latent_size * d + (cfg.moe_latent_size + d if cfg.mlp_bias else 0)
+    return n
+
+
+def active_layer_params(cfg: ModelConfig, i: int, d: int, w: LayerWidths) -> int:
+    """Parameters of layer i that one token computes with: layer_params with a MoE layer's routed
+    experts counted top-k times."""
+    if not w.kept or cfg.layers_block_type[i] != "moe":
+        return layer_params(cfg, i, d, w)
+    return d + moe_params(cfg, d, w, moe_top_k(cfg, w.experts))
 
 
 def layer_params(cfg: ModelConfig, i: int, d: int, w: LayerWidths) -> int:
@@ -60,6 +88,8 @@ def layer_params(cfg: ModelConfig, i: int, d: int, w: LayerWidths) -> int:
     elif t == "full_attention":
         hd, nkv, h = cfg.head_dim, cfg.num_key_value_heads, w.attn_heads
         n += (h + 2 * nkv) * hd * d + d * h * hd  # attention_bias is ignored, as in transformers
+    elif t == "moe":
+        n += moe_params(cfg, d, w, w.experts)
     else:
         n += 2 * w.ffn * d
         if cfg.mlp_bias:
@@ -74,15 +104,30 @@ def count_params(cfg: ModelConfig, subnet: Subnet | None = None) -> int:
     return embedding_params(cfg, d) + sum(layer_params(cfg, i, d, w) for i, w in enumerate(subnet.layers))
 
 
+def count_active_params(cfg: ModelConfig, subnet: Subnet | None = None) -> int:
+    """Active parameters of a budget (per token: MoE layers count their top-k routed experts)."""
+    subnet = subnet or full_subnet(cfg)
+    d = subnet.hidden
+    return embedding_params(cfg, d) + sum(active_layer_params(cfg, i, d, w) for i, w in enumerate(subnet.layers))
+
+
+def router_sizes(cfg: ModelConfig, subnet: Subnet | None = None) -> tuple[int, int]:
+    """(router weight parameters, score-bias buffer entries) of the kept MoE layers: float32 at every dtype."""
+    subnet = subnet or full_subnet(cfg)
+    experts = [w.experts for t, w in zip(cfg.layers_block_type, subnet.layers) if t == "moe" and w.kept]
+    return sum(experts) * subnet.hidden, sum(experts)
+
+
 @dataclass(frozen=True)
 class Memory:
-    """Bytes of one budget at a context length and batch size."""
+    """Bytes of one budget at a context length and batch size (``active_params``: per token)."""
     params: int
     weights: int
     kv_cache: int
     ssm_state: int
     conv_state: int
     activations: int
+    active_params: int = 0
 
     @property
     def state(self) -> int:
@@ -114,11 +159,16 @@ def memory(cfg: ModelConfig, subnet: Subnet | None = None, dtype: str | torch.dt
         elif t == "full_attention":
             kv += 2 * batch * cfg.num_key_value_heads * context * cfg.head_dim * nb
             widest = max(widest, (w.attn_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim)
+        elif t == "moe":  # the gathered and the weighted expert rows [T*k, din], the shared expert's neurons
+            din = d if cfg.moe_latent_size is None else cfg.moe_latent_size
+            widest = max(widest, 2 * moe_top_k(cfg, w.experts) * din + w.shared_ffn)
         else:
             widest = max(widest, w.ffn)
     act = batch * context * (2 * d + widest) * nb + batch * cfg.vocab_size * 4
-    return Memory(params=params, weights=params * nb, kv_cache=kv, ssm_state=ssm, conv_state=conv,
-                  activations=act)
+    router, score_bias = router_sizes(cfg, subnet)
+    weights = (params - router) * nb + (router + score_bias) * 4
+    return Memory(params=params, weights=weights, kv_cache=kv, ssm_state=ssm, conv_state=conv,
+                  activations=act, active_params=count_active_params(cfg, subnet))
 
 
 def family_weights(cfg: ModelConfig, subnets: list[Subnet], dtype: str | torch.dtype = "bfloat16") -> dict:

@@ -534,6 +534,10 @@ def _plan_memory_budgets(source, preset, budgets):
             chosen = {**chosen, **plan_budgets(cfg, list(budgets), importance=read_importance(source, cfg))}
         return cfg, chosen
     cfg = resolve_config(source, preset)
+    if cfg.has_moe and not budgets:  # no budget search over experts yet: plan the model itself
+        from .elastic import full_subnet
+
+        return cfg, {"full": full_subnet(cfg)}
     return cfg, plan_budgets(cfg, list(budgets) or ["75%", "50%"])
 
 

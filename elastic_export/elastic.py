@@ -2,10 +2,18 @@
 elastic forward, the slicer and the exporters alike.
 
 A budget (``Subnet``) is a global embedding width plus, per layer, whether it is kept and its
-widths: Mamba heads and head channels, attention query heads, FFN neurons. Weights are stored
+widths: Mamba heads and head channels, attention query heads, FFN neurons; for a MoE layer the
+routed experts kept, each expert's FFN neurons and the shared expert's neurons. Weights are stored
 importance-sorted, so every budget is a prefix on each axis; with ``head_order == "rank_major"``
 "k heads per group" is a prefix of k*G heads (see ssd.group_heads). The views below are views of
 the one weight copy: running a budget copies no weight.
+
+MoE layers (:func:`moe_views`): a budget keeps a prefix of the routed experts (router rows and
+``e_score_correction_bias`` with them), a prefix of every kept expert's neurons and a prefix of the
+shared expert's. Its top-k is capped at what the kept experts can give (:func:`moe_top_k`). With
+``n_group > 1`` routing groups the experts are stored in the head order of the config: rank-major
+(position j*G + g holds the rank-j expert of group g, so "k experts per group" is a prefix of k*G)
+in nested checkpoints, group-contiguous (expert e in group e // (E/G), as transformers) in HF ones.
 
 Mamba head channels (m_d) make a budget an [h, p] sub-block of the [H, P] head grid; the x and z
 projections are therefore given as 3-D views [h, p, d] and computed as a batched matmul over heads.
@@ -19,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .config import check_expert_groups
 from .errors import BudgetError
 from .ssd import group_heads
 
@@ -31,6 +40,9 @@ class LayerWidths:
     mamba_head_dim: int | None = None
     attn_heads: int | None = None
     ffn: int | None = None
+    experts: int | None = None  # MoE: routed experts kept (a prefix; the same count in every routing group)
+    expert_ffn: int | None = None  # MoE: neurons of each kept routed expert (a prefix)
+    shared_ffn: int | None = None  # MoE: neurons of the shared expert (a prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -58,9 +70,19 @@ def full_subnet(cfg) -> Subnet:
             layers.append(LayerWidths(mamba_heads=d["mamba_num_heads"], mamba_head_dim=d["mamba_head_dim"]))
         elif t == "full_attention":
             layers.append(LayerWidths(attn_heads=d["num_attention_heads"]))
+        elif t == "moe":
+            layers.append(LayerWidths(experts=d["n_routed_experts"], expert_ffn=d["moe_intermediate_size"],
+                                      shared_ffn=d["moe_shared_expert_intermediate_size"]))
         else:
             layers.append(LayerWidths(ffn=d["intermediate_size"]))
     return Subnet(cfg.hidden_size, tuple(layers))
+
+
+def moe_top_k(cfg, experts: int) -> int:
+    """Experts per token of a MoE layer keeping ``experts`` routed experts: the config's
+    ``num_experts_per_tok``, capped at what the ``topk_group`` chosen groups of ``experts / n_group``
+    can give. The one top-k rule: elastic forward, slicer, accounting and exporters use it."""
+    return min(cfg.num_experts_per_tok, cfg.topk_group * (experts // cfg.n_group))
 
 
 def validate_subnet(cfg, subnet: Subnet, where: str = "budget") -> None:
@@ -96,6 +118,18 @@ def validate_subnet(cfg, subnet: Subnet, where: str = "budget") -> None:
                     f"use a multiple of num_key_value_heads={G}")
             if h < H and G > 1 and cfg.head_order != "rank_major":
                 bad(f"layer {i}: an attention head prefix needs rank-major head order",
+                    "sort the parent first (elastic-export rank)")
+        elif t == "moe":
+            e, E, G = w.experts, full["n_routed_experts"], cfg.n_group
+            if e is None or not 0 < e <= E:
+                bad(f"layer {i}: {e} routed experts exceed the parent's {E}")
+            for name, v, n in (("expert", w.expert_ffn, full["moe_intermediate_size"]),
+                               ("shared-expert", w.shared_ffn, full["moe_shared_expert_intermediate_size"])):
+                if v is None or not 0 < v <= n:
+                    bad(f"layer {i}: {v} {name} neurons exceed the parent's {n}")
+            check_expert_groups(e, G, lambda msg, fix: bad(f"layer {i}: {msg}", fix))
+            if e < E and G > 1 and cfg.head_order != "rank_major":
+                bad(f"layer {i}: an expert prefix over {G} routing groups needs rank-major expert order",
                     "sort the parent first (elastic-export rank)")
         else:
             if w.ffn is None or not 0 < w.ffn <= full["intermediate_size"]:
@@ -184,6 +218,35 @@ def mlp_views(m, w: LayerWidths, d: int) -> MLPViews:
     bu = m.up_proj.bias
     return MLPViews(Wup=m.up_proj.weight[:f, :d], Wdown=m.down_proj.weight[:d, :f],
                     biases=None if bu is None else (bu[:f], m.down_proj.bias[:d]))
+
+
+class MoEViews(NamedTuple):
+    """A MoE layer's weights for a budget (e experts of f neurons, shared expert of s, width d).
+    The routed experts read and write din = moe_latent_size (latent MoE) or d."""
+    Wr: torch.Tensor  # [e, d] router weight (float32)
+    score_bias: torch.Tensor  # [e] e_score_correction_bias (float32): for the choice of experts only
+    top_k: int  # moe_top_k(cfg, e)
+    Wup: torch.Tensor  # [e, f, din]
+    Wdown: torch.Tensor  # [e, din, f]
+    latent: tuple | None  # (W1 [L, d], b1 [L] or None, W2 [d, L], b2 [d] or None) for a latent MoE
+    shared: MLPViews  # the shared expert: Wup [s, d], Wdown [d, s]
+
+
+def moe_views(m, w: LayerWidths, d: int) -> MoEViews:
+    """Views of a MoE mixer's weights (:class:`elastic_export.moe.MoE`) for a budget: the first
+    ``w.experts`` routed experts (in stored order, see the module docstring), the first
+    ``w.expert_ffn`` neurons of each, the first ``w.shared_ffn`` neurons of the shared expert."""
+    e, f = w.experts, w.expert_ffn
+    latent = None
+    din = d
+    if m.fc1_latent_proj is not None:
+        f1, f2 = m.fc1_latent_proj, m.fc2_latent_proj
+        latent = (f1.weight[:, :d], f1.bias, f2.weight[:d], None if f2.bias is None else f2.bias[:d])
+        din = f1.weight.shape[0]  # the latent width is not an elastic axis
+    return MoEViews(Wr=m.gate.weight[:e, :d], score_bias=m.gate.e_score_correction_bias[:e],
+                    top_k=moe_top_k(m, e),  # the mixer carries the config's routing fields
+                    Wup=m.experts.up_proj[:e, :f, :din], Wdown=m.experts.down_proj[:e, :din, :f],
+                    latent=latent, shared=mlp_views(m.shared_experts, LayerWidths(ffn=w.shared_ffn), d))
 
 
 def norm_view(norm, d: int) -> torch.Tensor:

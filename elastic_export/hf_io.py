@@ -1,6 +1,10 @@
 """Read and write Hugging Face `nemotron_h` checkpoints: config.json + safetensors (single or sharded).
 
-Weights load only through safetensors. Every problem is reported as a CheckpointError or ConfigError
+Weights load only through safetensors. MoE experts are read in either layout transformers reads (one
+``mixer.experts.{j}.up_proj.weight`` / ``down_proj.weight`` per expert, as NVIDIA's checkpoints and
+transformers' own save_pretrained write them, or the stacked ``mixer.experts.up_proj`` [E, F, din] of
+its in-memory model) and written per expert by default. Router weights stay float32 at every dtype.
+ Every problem is reported as a CheckpointError or ConfigError
 naming the file, the tensor and the fix. Writes go to a temporary directory that is renamed into
 place, so a failed save leaves nothing half-written.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -25,6 +30,62 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+# the router of a MoE layer stays float32 at every precision (transformers' _keep_in_fp32_modules_strict)
+FLOAT32_KEYS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")
+EXPERT_LAYOUTS = ("per_expert", "stacked")
+_EXPERT_KEY = re.compile(r"^(?P<pre>.+\.mixer\.experts)\.(?P<j>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+
+
+def cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Tensor ``name`` at ``dtype`` (None: as is); integer tensors and the router keep theirs."""
+    if dtype is None or not t.is_floating_point() or name.endswith(FLOAT32_KEYS):
+        return t
+    return t.to(dtype)
+
+
+def merge_experts(entries: dict, path, stack) -> dict:
+    """Per-expert entries ``...mixer.experts.{j}.up_proj.weight`` (j = 0..E-1) -> one stacked entry
+    ``...mixer.experts.up_proj``: ``stack(values, key)`` merges them (tensors, or shapes). Other
+    entries pass through. Refuses a gap in the expert indices and a mix of both layouts."""
+    out, groups = {}, {}
+    for name, value in entries.items():
+        m = _EXPERT_KEY.match(name)
+        if m is None:
+            out[name] = value
+        else:
+            groups.setdefault(f"{m['pre']}.{m['proj']}", {})[int(m["j"])] = value
+    for key, by_j in groups.items():
+        if key in out:
+            raise CheckpointError(f"holds both the stacked tensor {key!r} and per-expert tensors of it", path=path,
+                                  fix="keep one layout of the experts")
+        missing = sorted(set(range(max(by_j) + 1)) - set(by_j))
+        if missing:
+            pre, proj = key.rsplit(".", 1)
+            raise CheckpointError(f"tensor {pre}.{missing[0]}.{proj}.weight is missing", path=path,
+                                  fix="the checkpoint is incomplete; copy every shard again")
+        out[key] = stack([by_j[j] for j in range(len(by_j))], key)
+    return out
+
+
+def _stack_shapes(shapes, key):
+    if len({tuple(s) for s in shapes}) > 1:
+        raise CheckpointError(f"the per-expert tensors of {key!r} differ in shape", fix="the weights are corrupt")
+    return (len(shapes), *shapes[0])
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`merge_experts` on tensors: stacked experts -> one tensor per expert
+    (own storage: safetensors refuses tensors that share memory)."""
+    out = {}
+    for name, t in state.items():
+        pre, _, proj = name.rpartition(".")
+        if pre.endswith(".mixer.experts") and proj in ("up_proj", "down_proj"):
+            out.update({f"{pre}.{j}.{proj}.weight": t[j].clone() for j in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -132,7 +193,7 @@ def read_tensors(path: Path, names_needed: dict[str, torch.Size] | None = None) 
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"could not be read ({e})", path=f,
                                   fix="the file is truncated or corrupt; copy it again") from None
-    return out
+    return merge_experts(out, path, lambda ts, key: torch.stack(ts))
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -144,7 +205,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(path: Path, cfg: ModelConfig, found: dict[str, tuple[int, ...]]) -> None:
-    """Every tensor the config implies is present with its shape, and nothing else is."""
+    """Every tensor the config implies is present with its shape, and nothing else is. ``found``
+    may hold the experts in either layout (per expert or stacked)."""
+    found = merge_experts(dict(found), path, _stack_shapes)
     expected = expected_shapes(resolve_tying(cfg, found))
     for name, shape in expected.items():
         if name not in found:
@@ -191,18 +254,20 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     check_tensors(path, cfg, {k: tuple(v.shape) for k, v in tensors.items()})  # cfg's tying is resolved
     state = {}
     for name in expected:
-        t = tensors[name]
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[name] = t.to(device)
+        state[name] = cast(name, tensors[name], dtype).to(device)
     model.load_state_dict(state, assign=True)
     return model
 
 
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write config.json and safetensors (sharded above ``max_shard_bytes``) atomically."""
+                    max_shard_bytes: int | None = None, extra_files: dict[str, str] | None = None,
+                    expert_layout: str = "per_expert") -> Path:
+    """Write config.json and safetensors (sharded above ``max_shard_bytes``) atomically. MoE experts
+    are written ``per_expert`` (as NVIDIA's checkpoints and transformers write them) or ``stacked``."""
     path = Path(path)
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ConfigError(f"unknown expert layout {expert_layout!r}", field="expert_layout",
+                          fix=f"use one of {', '.join(EXPERT_LAYOUTS)}")
     if model.config.head_order != "group_contiguous":
         # HF readers assume group-contiguous heads and would silently misread rank-major weights:
         # write the HF order (the full budget, sliced), which computes the same logits.
@@ -218,11 +283,10 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
         # _tied_weights_keys is empty), so tied checkpoints carry an explicit copy for it.
         sd[LM_HEAD] = sd["backbone.embeddings.weight"].clone()
     for name, t in sd.items():
-        t = t.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[name] = t.contiguous().cpu()
-    saved_dtype = next(iter(state.values())).dtype
+        state[name] = cast(name, t.detach(), dtype).contiguous().cpu()
+    if expert_layout == "per_expert":
+        state = split_experts(state)
+    saved_dtype = state["backbone.embeddings.weight"].dtype
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(dtype_name(saved_dtype)), indent=2) + "\n")
         write_safetensors(state, tmp, max_shard_bytes)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import refuse_moe
 from .elastic import LayerWidths, Subnet, full_subnet, group_members
 from .errors import ConfigError
 
@@ -264,6 +265,7 @@ def compute_importance(model, calib: torch.Tensor, batch_size: int = 8, depth: s
     """All scores for ``model`` (weights in their current order) from calibration windows [n, L]."""
     if depth not in DEPTH_MODES:
         raise ConfigError(f"unknown depth mode {depth!r}", field="depth", fix=f"use one of {DEPTH_MODES}")
+    refuse_moe(model.config, "rank (importance)")
     was_training = model.training
     model.eval()
     try:

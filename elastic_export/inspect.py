@@ -9,7 +9,7 @@ import torch
 from .config import ModelConfig, preset as make_preset
 from .errors import ConfigError
 
-TYPE_NAMES = {"linear_attention": "mamba2", "full_attention": "attention", "mlp": "mlp"}
+TYPE_NAMES = {"linear_attention": "mamba2", "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
 
 
 def resolve_config(path: str | None, preset: str | None) -> ModelConfig:
@@ -114,15 +114,31 @@ def layout_text(cfg: ModelConfig) -> str | None:
             f"(elastic-export slice --layout padded, every reader) would add {cost}")
 
 
+def moe_widths(cfg: ModelConfig, d: dict) -> str:
+    """A MoE layer's widths in words: experts, top-k, routing groups, expert and shared widths, latent."""
+    from .elastic import moe_top_k
+
+    E = d["n_routed_experts"]
+    groups = f" in {cfg.n_group} groups (top {cfg.topk_group})" if cfg.n_group > 1 else ""
+    latent = f", latent {cfg.moe_latent_size}" if cfg.moe_latent_size is not None else ""
+    return (f"{E} experts{groups}, top {moe_top_k(cfg, E)}, ffn {d['moe_intermediate_size']}, "
+            f"shared {d['moe_shared_expert_intermediate_size']}{latent}")
+
+
 def inspect_text(cfg: ModelConfig, weights: str | None = None) -> str:
+    from .accounting import active_layer_params, embedding_params
+    from .elastic import full_subnet
     from .padding import compact_config
 
     emb, per_layer, head = layer_parameter_counts(cfg)
     real = compact_config(cfg)
     total = emb + sum(per_layer) + head
+    full = full_subnet(cfg)
+    active = [active_layer_params(cfg, i, cfg.hidden_size, w) for i, w in enumerate(full.layers)]
+    total_active = embedding_params(cfg, cfg.hidden_size) + sum(active)
     lines = [f"NemotronH hybrid: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
              f"pattern {cfg.hybrid_override_pattern}", ""]
-    lines.append(f"{'layer':>5}  {'type':<9}  {'widths':<46}  {'params':>10}")
+    lines.append(f"{'layer':>5}  {'type':<9}  {'widths':<54}  {'params':>10}  {'active':>10}")
     for i, (t, n) in enumerate(zip(cfg.layers_block_type, per_layer)):
         d, r = cfg.layer_dims(i), real.layer_dims(i)
         if t == "linear_attention":
@@ -132,12 +148,17 @@ def inspect_text(cfg: ModelConfig, weights: str | None = None) -> str:
         elif t == "full_attention":
             w = f"{d['num_attention_heads']} heads / {cfg.num_key_value_heads} kv x {cfg.head_dim}"
             pad, real_w = r["num_attention_heads"] != d["num_attention_heads"], f"{r['num_attention_heads']} heads"
+        elif t == "moe":
+            w = moe_widths(cfg, d)
+            keys = ("moe_intermediate_size", "moe_shared_expert_intermediate_size")
+            pad = any(r[k] != d[k] for k in keys)
+            real_w = f"ffn {r[keys[0]]}, shared {r[keys[1]]}"
         else:
             w = f"ffn {d['intermediate_size']}"
             pad, real_w = r["intermediate_size"] != d["intermediate_size"], f"{r['intermediate_size']}"
         if pad:
             w += f" (real {real_w})"
-        lines.append(f"{i:>5}  {TYPE_NAMES[t]:<9}  {w:<46}  {human(n):>10}")
+        lines.append(f"{i:>5}  {TYPE_NAMES[t]:<9}  {w:<54}  {human(n):>10}  {human(active[i]):>10}")
     lines.append("")
     by_type: dict[str, tuple[int, int]] = {}
     for t, n in zip(cfg.layers_block_type, per_layer):
@@ -149,8 +170,12 @@ def inspect_text(cfg: ModelConfig, weights: str | None = None) -> str:
         lines.append(f"{TYPE_NAMES[t] + ' layers':<22} {c:>5} {s:>16,}")
     lines.append(f"{'final norm + lm_head':<22} {1:>5} {head:>16,}" + ("  (tied)" if cfg.tie_word_embeddings else ""))
     lines.append(f"{'total':<22} {'':>5} {total:>16,}  ({human(total)})")
+    if cfg.has_moe:
+        lines.append(f"{'active per token':<22} {'':>5} {total_active:>16,}  ({human(total_active)}: MoE layers "
+                     f"count their top-k routed experts)")
     lines.append("")
-    lines.append(f"weights: {gb(total * 2)} at BF16, {gb(total * 4)} at FP32")
+    lines.append(f"weights: {gb(total * 2)} at BF16, {gb(total * 4)} at FP32" +
+                 (" (every expert resident; routers float32)" if cfg.has_moe else ""))
     if (layout := layout_text(cfg)) is not None:
         lines.append(layout)
     if weights:

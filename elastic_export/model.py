@@ -11,6 +11,7 @@ Mixers, as transformers' NemotronH computes them:
   SSD scan with D skip, gated RMSNorm (y * silu(z), RMS over the channels of each group), out_proj.
 - Attention: GQA, no positional encoding, no biases (``attention_bias`` is ignored, as transformers does).
 - MLP: down(act(up(x))), act = ``mlp_hidden_act`` (relu^2); activations.py holds the table.
+- MoE: routed experts plus a shared expert (:mod:`elastic_export.moe`), called as the MLP is.
 
 ``decode_step`` is the one-token step of generation (the torch engine's decode, dynamic and
 static): each mixer's ``step`` (the MLP's forward) on states updated in place, checked against the
@@ -31,6 +32,7 @@ from . import activations, elastic
 from .cache import InferenceCache, StepState
 from .config import ModelConfig
 from .elastic import Subnet, full_subnet
+from .moe import MoE
 from .ssd import group_heads, ssd_scan, ssd_step_, ssd_update, ungroup_heads
 
 
@@ -349,9 +351,9 @@ class StepPlan(NamedTuple):
     layers: tuple  # per layer: None (skipped) or (block, norm [d], views, MambaStep or None)
 
 
-MIXERS = {"linear_attention": Mamba2Mixer, "full_attention": Attention, "mlp": MLP}
+MIXERS = {"linear_attention": Mamba2Mixer, "full_attention": Attention, "mlp": MLP, "moe": MoE}
 VIEWS = {"linear_attention": elastic.mamba_views, "full_attention": elastic.attention_views,
-         "mlp": elastic.mlp_views}
+         "mlp": elastic.mlp_views, "moe": elastic.moe_views}
 
 
 class Block(nn.Module):
@@ -454,7 +456,7 @@ class NemotronHForCausalLM(nn.Module):
                 x = blk.mixer(x, v, cache, new_mask)
             elif blk.block_type == "full_attention":
                 x = blk.mixer(x, v, cache, key_mask)
-            else:
+            else:  # MLP or MoE: position-wise
                 x = blk.mixer(x, v)
             if layer_gates is not None and layer_gates[i] is not None:
                 x = x * layer_gates[i].to(x.dtype)
@@ -518,7 +520,7 @@ class NemotronHForCausalLM(nn.Module):
                 if length is not None:
                     K, V = K[:, :, :length + 1], V[:, :, :length + 1]
                 x = blk.mixer.step(x, v, K, V, state.pos, key_mask)
-            else:
+            else:  # MLP or MoE: position-wise, the forward itself
                 x = blk.mixer(x, v)
             h = h + x
         state.pos.add_(1)
@@ -546,7 +548,8 @@ def init_weights(model: NemotronHForCausalLM, seed: int | None = None) -> Nemotr
         if name.endswith("out_proj.weight") and cfg.rescale_prenorm_residual:
             bound = 1 / math.sqrt(p.shape[1])
             p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound / math.sqrt(cfg.num_hidden_layers))
-        elif name.endswith(("proj.weight", "embeddings.weight", "lm_head.weight")):
+        elif name.endswith(("proj.weight", "embeddings.weight", "lm_head.weight", "experts.up_proj",
+                            "experts.down_proj", "gate.weight")):
             p.copy_(torch.randn(p.shape, generator=gen) * std)
         elif name.endswith("conv1d.weight"):
             bound = 1 / math.sqrt(p.shape[-1])

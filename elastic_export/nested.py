@@ -8,14 +8,19 @@ A directory::
     router.safetensors       optional: the router (to resume training or derive new budgets)
     tokenizer/               optional: tokenizer.json or byte_level.json
 
-Manifest (``format_version`` 1)::
+Manifest (``format_version`` 2)::
 
-    {"format": "elastic-export/nested", "format_version": 1,
+    {"format": "elastic-export/nested", "format_version": 2,
      "parent_config": {... HF nemotron_h config.json, with "elastic": {"head_order": "rank_major"}},
      "layout": {"head_order": "rank_major"},
      "files": {"model.safetensors": {"sha256": "...", "bytes": N}, ...},
      "budgets": [{"name": "full", "params": N, "hidden": D,
                   "layers": [{"type": "linear_attention", "kept": true, "mamba_heads": 8, ...}, ...]}, ...]}
+
+Version 2 adds MoE layers: ``{"type": "moe", "kept": true, "experts": E, "expert_ffn": F,
+"shared_ffn": S}`` (elastic.LayerWidths), and a parent_config with the MoE fields; the weights hold
+the experts stacked (``mixer.experts.up_proj`` [E, F, din]) and the routers in float32. Version 1
+files (dense models) read unchanged.
 
 Budgets are listed largest first; "full" (the parent) is always present. There is deliberately no
 config.json: transformers would load the rank-major weights as group-contiguous and compute garbage.
@@ -40,10 +45,10 @@ from .accounting import count_params
 from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
 from .errors import BudgetError, CheckpointError, ConfigError
-from .hf_io import atomic_dir, dtype_name, parse_dtype, resolve_tying
+from .hf_io import atomic_dir, cast, dtype_name, parse_dtype, resolve_tying
 
 FORMAT = "elastic-export/nested"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 1 is read as well
 MANIFEST = "elastic.json"
 WEIGHTS = "model.safetensors"
 ROUTER = "router.safetensors"
@@ -141,7 +146,7 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {name!r} has no data (meta device)", field="model",
                                   fix="load or initialize the weights before saving")
-        state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+        state[name] = cast(name, t, dtype).contiguous().cpu()
     router_state = None
     if router is not None:
         router_state = router.state_dict() if hasattr(router, "state_dict") else dict(router)
@@ -170,7 +175,7 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
                 shutil.copy2(tok_src, tmp / TOKENIZER / "tokenizer.json")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "parent_config": cfg.to_dict(dtype_name(next(iter(state.values())).dtype)),
+            "parent_config": cfg.to_dict(dtype_name(state["backbone.embeddings.weight"].dtype)),
             "layout": {"head_order": cfg.head_order},
             "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names},
             "budgets": [{**_budget_entry(cfg, n, s), **({"fraction": fractions[n]} if n in fractions else {})}
@@ -304,8 +309,7 @@ def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device
         if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, the parent config "
                                   f"implies {tuple(shape)}", path=path / WEIGHTS)
-    state = {n: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
-             for n, t in tensors.items() if n in expected}
+    state = {n: cast(n, t, dtype).to(device) for n, t in tensors.items() if n in expected}
     model.load_state_dict(state, assign=True)
     model.eval()
     router = _read(path / ROUTER) if ROUTER in manifest["files"] else None

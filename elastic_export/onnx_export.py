@@ -421,6 +421,9 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
     biases, activations, the residual stream and the conv / KV states in bf16, and casts to float32
     where model.py computes in float32: RMSNorm statistics, softmax, dt, the SSD scan and its state,
     the D skip and the gated norm, the conv arithmetic, and the logits (output float32)."""
+    from .config import refuse_moe
+
+    refuse_moe(model.config, "build (ONNX export)")
     out_dir = Path(out_dir)
     opset = check_opset(ssm_op, opset)
     check_compute_dtype(compute_dtype)

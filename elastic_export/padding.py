@@ -7,6 +7,9 @@ and columns with zeros, so that the function is unchanged:
 
 - MLP: extra neurons have zero ``up_proj`` rows (and bias) and zero ``down_proj`` columns. Whatever
   act(0) is (relu2(0) = 0, sigmoid(0) = 0.5...), the zero columns of ``down_proj`` drop it.
+- MoE: each routed expert's and the shared expert's extra neurons likewise. Expert counts do not pad
+  (a zero expert would still be chosen by the router): a budget whose MoE layers keep different
+  expert counts is refused in this layout (the compact one holds it).
 - attention: extra query heads (the same number in each KV group) have zero ``q_proj`` rows, so they
   attend uniformly, and zero ``o_proj`` columns, which drop what they read.
 - Mamba2: extra heads (the same number in each group) and extra head channels have zero z, x and dt
@@ -41,6 +44,7 @@ import math
 import torch
 
 from .config import ModelConfig
+from .errors import BudgetError
 
 PADDED, COMPACT = "padded", "compact"
 LAYOUTS = (PADDED, COMPACT)
@@ -143,10 +147,25 @@ def pad_state(compact_cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[
             q, q_pad = (nkv, h // nkv, hd), (nkv, H // nkv, hd)  # query heads inside their KV group
             out[m + "q_proj.weight"] = _grow(state[m + "q_proj.weight"], 0, q, q_pad)
             out[m + "o_proj.weight"] = _grow(state[m + "o_proj.weight"], 1, q, q_pad)
+        elif t == "moe":  # expert and shared neurons pad as MLP neurons do; expert counts cannot pad
+            if w["n_routed_experts"] != cfg.n_routed_experts:
+                raise BudgetError(f"layer {i} keeps {w['n_routed_experts']} routed experts and another MoE layer "
+                                  f"{cfg.n_routed_experts}: a plain nemotron_h config has one expert count, and a "
+                                  "zero expert would still be routed to", field="layout",
+                                  fix="slice with --layout compact, or keep one expert count in every MoE layer")
+            f, F = (w["moe_intermediate_size"],), (cfg.moe_intermediate_size,)
+            out[m + "experts.up_proj"] = _grow(state[m + "experts.up_proj"], 1, f, F)  # [E, F, din]
+            out[m + "experts.down_proj"] = _grow(state[m + "experts.down_proj"], 2, f, F)  # [E, din, F]
+            s, S = (w["moe_shared_expert_intermediate_size"],), (cfg.moe_shared_expert_intermediate_size,)
+            _pad_mlp(out, state, m + "shared_experts.", s, S)
         else:
-            f, F = (w["intermediate_size"],), (cfg.intermediate_size,)
-            out[m + "up_proj.weight"] = _grow(state[m + "up_proj.weight"], 0, f, F)
-            if m + "up_proj.bias" in state:
-                out[m + "up_proj.bias"] = _grow(state[m + "up_proj.bias"], 0, f, F)
-            out[m + "down_proj.weight"] = _grow(state[m + "down_proj.weight"], 1, f, F)
+            _pad_mlp(out, state, m, (w["intermediate_size"],), (cfg.intermediate_size,))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _pad_mlp(out: dict, state: dict, m: str, f: tuple[int], F: tuple[int]) -> None:
+    """An MLP's f neurons grown to F: zero up_proj rows (and bias), zero down_proj columns."""
+    out[m + "up_proj.weight"] = _grow(state[m + "up_proj.weight"], 0, f, F)
+    if m + "up_proj.bias" in state:
+        out[m + "up_proj.bias"] = _grow(state[m + "up_proj.bias"], 0, f, F)
+    out[m + "down_proj.weight"] = _grow(state[m + "down_proj.weight"], 1, f, F)

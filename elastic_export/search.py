@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .accounting import embedding_params, layer_params, count_params
-from .config import ModelConfig
+from .config import ModelConfig, refuse_moe
 from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
 from .errors import BudgetError
 
@@ -337,6 +337,7 @@ def search_subnet(cfg: ModelConfig, target_params: int, mode: str = "homogeneous
     ``importance`` must be indexed like the sorted weights (as :func:`sorting.sort_model` returns it);
     None treats every component alike. ``depth`` None: prune depth when depth ranks are given.
     """
+    refuse_moe(cfg, "the budget search (plan, nest)")
     full = count_params(cfg)
     if target_params > full:
         raise BudgetError(f"target {target_params:,} parameters is more than the parent's {full:,}",
@@ -377,8 +378,11 @@ def describe(cfg: ModelConfig, s: Subnet) -> str:
     md = [s.layers[i].mamba_head_dim for i in kept if types[i] == "linear_attention"]
     ah = [s.layers[i].attn_heads for i in kept if types[i] == "full_attention"]
     ff = [s.layers[i].ffn for i in kept if types[i] == "mlp"]
+    moe = [s.layers[i] for i in kept if types[i] == "moe"]
+    experts = "" if not moe else (f", experts {rng([w.experts for w in moe])} x ffn {rng([w.expert_ffn for w in moe])}"
+                                  f", shared {rng([w.shared_ffn for w in moe])}")
     dropped = [i for i, w in enumerate(s.layers) if not w.kept]
-    return (f"hidden {s.hidden}, mamba {rng(mh)} heads x {rng(md)}, attn {rng(ah)} heads, ffn {rng(ff)}, "
+    return (f"hidden {s.hidden}, mamba {rng(mh)} heads x {rng(md)}, attn {rng(ah)} heads, ffn {rng(ff)}{experts}, "
             f"layers {len(kept)}/{len(types)}" + (f" (dropped {dropped})" if dropped else ""))
 
 

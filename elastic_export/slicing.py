@@ -2,7 +2,8 @@
 
 The rows and columns come from the views of :mod:`elastic_export.elastic` (the one rule), copied
 into contiguous tensors. Skipped layers are removed. Heads move from the nested rank-major order
-back to the group-contiguous order that Hugging Face expects. A homogeneous budget (the same widths
+back to the group-contiguous order that Hugging Face expects (MoE experts likewise over their routing
+groups); a MoE budget's config carries its kept expert count and widths and its capped top-k. A homogeneous budget (the same widths
 in every layer of a type) becomes a plain `nemotron_h` config that transformers loads; a
 heterogeneous one carries per-layer widths in config.json (``elastic.layer_widths``) and loads with
 :func:`elastic_export.load`.
@@ -14,11 +15,12 @@ import torch
 
 from . import elastic
 from .config import ModelConfig
-from .elastic import Subnet, head_order_index, validate_subnet
+from .elastic import Subnet, head_order_index, moe_top_k, validate_subnet
 from .errors import BudgetError
 
 TYPE_WIDTHS = {"linear_attention": ("mamba_num_heads", "mamba_head_dim"),
-               "full_attention": ("num_attention_heads",), "mlp": ("intermediate_size",)}
+               "full_attention": ("num_attention_heads",), "mlp": ("intermediate_size",),
+               "moe": ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size")}
 
 
 def _widths(t: str, w) -> dict[str, int]:
@@ -26,6 +28,9 @@ def _widths(t: str, w) -> dict[str, int]:
         return {"mamba_num_heads": w.mamba_heads, "mamba_head_dim": w.mamba_head_dim}
     if t == "full_attention":
         return {"num_attention_heads": w.attn_heads}
+    if t == "moe":
+        return {"n_routed_experts": w.experts, "moe_intermediate_size": w.expert_ffn,
+                "moe_shared_expert_intermediate_size": w.shared_ffn}
     return {"intermediate_size": w.ffn}
 
 
@@ -41,6 +46,8 @@ def sliced_config(cfg: ModelConfig, subnet: Subnet) -> ModelConfig:
         if len(values) > 1:
             homogeneous = False
         globals_[key] = max(values) if values else getattr(cfg, key)
+    if any(t == "moe" for _, t, _ in kept):  # top-k as the kept experts cap it (every layer: elastic.moe_top_k)
+        globals_["num_experts_per_tok"] = moe_top_k(cfg, globals_["n_routed_experts"])
     return cfg.replace(hidden_size=subnet.hidden, layers_block_type=[t for _, t, _ in kept],
                        head_order="group_contiguous", layer_widths=None if homogeneous else per_layer,
                        padded_widths=None, **globals_)
@@ -99,12 +106,29 @@ def slice_state(model, subnet: Subnet) -> dict[str, torch.Tensor]:
             o = _to_contiguous(v.Wo.unflatten(1, (-1, hd)).transpose(0, 1), nkv, order).transpose(0, 1).flatten(1)
             out.update({m + "q_proj.weight": q, m + "k_proj.weight": v.Wk, m + "v_proj.weight": v.Wv,
                         m + "o_proj.weight": o})
+        elif blk.block_type == "moe":
+            v = elastic.moe_views(blk.mixer, w, d)
+
+            def experts(t):  # expert axis first -> group-contiguous over the routing groups
+                return _to_contiguous(t, blk.mixer.n_group, order)
+
+            out[m + "gate.weight"], out[m + "gate.e_score_correction_bias"] = experts(v.Wr), experts(v.score_bias)
+            out[m + "experts.up_proj"], out[m + "experts.down_proj"] = experts(v.Wup), experts(v.Wdown)
+            _mlp_state(out, m + "shared_experts.", v.shared)
+            if v.latent is not None:
+                W1, b1, W2, b2 = v.latent
+                out[m + "fc1_latent_proj.weight"], out[m + "fc2_latent_proj.weight"] = W1, W2
+                if b1 is not None:
+                    out[m + "fc1_latent_proj.bias"], out[m + "fc2_latent_proj.bias"] = b1, b2
         else:
-            v = elastic.mlp_views(blk.mixer, w, d)
-            out[m + "up_proj.weight"], out[m + "down_proj.weight"] = v.Wup, v.Wdown
-            if v.biases is not None:
-                out[m + "up_proj.bias"], out[m + "down_proj.bias"] = v.biases
+            _mlp_state(out, m, elastic.mlp_views(blk.mixer, w, d))
     return {k: t.detach().clone().contiguous() for k, t in out.items()}
+
+
+def _mlp_state(out: dict, prefix: str, v: elastic.MLPViews) -> None:
+    out[prefix + "up_proj.weight"], out[prefix + "down_proj.weight"] = v.Wup, v.Wdown
+    if v.biases is not None:
+        out[prefix + "up_proj.bias"], out[prefix + "down_proj.bias"] = v.biases
 
 
 def slice_budget(model, subnet: Subnet, layout: str = "compact"):

@@ -140,9 +140,11 @@ def sort_model(model, imp: Importance):
 
     Returns ``(sorted_model, sorted_importance)``; the input model is left unchanged.
     """
+    from .config import refuse_moe
     from .model import NemotronHForCausalLM
 
     cfg = model.config
+    refuse_moe(cfg, "sort")
     perms = permutations(cfg, imp)
     state = permute_state(cfg, model.state_dict(), perms)
     new_cfg = cfg.replace(head_order="rank_major")

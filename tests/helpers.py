@@ -28,10 +28,34 @@ def tiny_config(seed: int = 0, **overrides) -> ee.ModelConfig:
     return ee.ModelConfig(**cfg)
 
 
+def tiny_moe_config(seed: int = 0, **overrides) -> ee.ModelConfig:
+    """A random tiny hybrid with MoE layers beside Mamba, attention and MLP ones: 4-16 routed experts,
+    top-k 1-3, one or two routing groups, latent or not, tied or not, odd sizes."""
+    rng = random.Random(1000 + seed)
+    n_group = rng.choice([1, 2])
+    experts = n_group * rng.choice([2, 3, 5, 7]) if n_group == 2 else rng.choice([4, 5, 7, 9, 16])
+    topk_group = rng.choice(range(1, n_group + 1))
+    top_k = rng.choice(range(1, min(3, topk_group * experts // n_group) + 1))
+    layers = ["linear_attention", "moe", "full_attention", "moe", "mlp", "linear_attention"]
+    rng.shuffle(layers)
+    base = tiny_config(seed, layers_block_type=layers)
+    moe = dict(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
+               moe_intermediate_size=rng.choice([10, 14, 18]), moe_shared_expert_intermediate_size=rng.choice([12, 22]),
+               moe_latent_size=rng.choice([None, 20, 28]), norm_topk_prob=rng.random() < 0.7,
+               routed_scaling_factor=rng.choice([1.0, 2.5]))
+    moe.update(overrides)
+    return base.replace(**moe)
+
+
 @torch.no_grad()
 def randomize(model, seed: int = 0):
-    """Random weights everywhere (A_log, D, dt_bias, norms too), so every head behaves differently."""
+    """Random weights everywhere (A_log, D, dt_bias, norms too), so every head behaves differently;
+    MoE routers get a random e_score_correction_bias (of the scores' size), so that a wrong use of it
+    changes which experts are chosen."""
     g = torch.Generator().manual_seed(seed)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.rand(b.shape, generator=g) * 0.5 - 0.25)
     for name, p in model.named_parameters():
         if name.endswith("A_log"):
             p.copy_(torch.rand(p.shape, generator=g) * 2 - 1)
@@ -50,8 +74,10 @@ def random_model(seed: int = 0, dtype=torch.float32, **overrides):
 
 
 def hf_model(path):
-    """transformers' NemotronHForCausalLM from a checkpoint directory (the reference)."""
+    """transformers' NemotronHForCausalLM from a checkpoint directory (the reference). MoE experts run
+    its eager implementation: its default (grouped_mm) refuses odd sizes on the CPU (strides must be
+    multiples of 16 bytes)."""
     from transformers import NemotronHForCausalLM
 
-    m = NemotronHForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    m = NemotronHForCausalLM.from_pretrained(str(path), dtype=torch.float32, experts_implementation="eager")
     return m.eval()

@@ -272,6 +272,9 @@ def parent_config(r: dict, path=None):
 def check_parent(r: dict, path=None) -> None:
     """Refuse budgets the parent cannot reach and axes its head order cannot prefix."""
     cfg = parent_config(r, path)
+    from elastic_export.config import refuse_moe
+
+    refuse_moe(cfg, "train")
     tok = r["model"]["tokenizer"]
     if tok == "byte":
         from elastic_export.tokenizer import ByteTokenizer

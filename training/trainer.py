@@ -181,6 +181,9 @@ class Trainer:
             from elastic_export.hf_io import load
 
             self.model = load(recipe["model"]["init"])
+        from elastic_export.config import refuse_moe
+
+        refuse_moe(self.model.config, "train")
         self.parent_dtype = self.model.dtype  # output.dtype "parent" saves the result as the parent is stored
         self.model.float()  # trained in float32
         if self.tokenizer.vocab_size > self.cfg.vocab_size:

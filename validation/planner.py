@@ -99,7 +99,8 @@ def budget_memory(cfg, subnet, dtype: str, context: int, batch: int, prefill_chu
     if prefill_chunk is not None and prefill_chunk < context:
         act = memory(cfg, subnet, dtype, prefill_chunk, batch).activations
     total = m.weights + m.kv_cache + m.ssm_state + m.conv_state + act
-    return {"params": m.params, "weights": m.weights, "kv_cache": m.kv_cache, "ssm_state": m.ssm_state,
+    return {"params": m.params, "active_params": m.active_params, "weights": m.weights, "kv_cache": m.kv_cache,
+            "ssm_state": m.ssm_state,
             "conv_state": m.conv_state, "activations": act, "total": total}
 
 
@@ -109,22 +110,22 @@ def plan(cfg, budgets: dict, devices: list[str], context: int, batch: int = 1,
 
     ``budgets``: {name: Subnet}, largest first or not. Returns a JSON-able dict.
     """
-    from elastic_export.accounting import count_params, dtype_bytes
+    from elastic_export.accounting import count_active_params, count_params, memory
 
     if context <= 0 or batch <= 0:
         raise ConfigError("context and batch must be positive", field="--context/--batch")
     order = sorted(budgets, key=lambda n: -count_params(cfg, budgets[n]))
     profiles = [device_profile(d) for d in devices]
     out = {"context": context, "batch": batch, "prefill_chunk": prefill_chunk, "assumptions": ASSUMPTIONS,
-           "budgets": {n: {"params": count_params(cfg, budgets[n])} for n in order}, "devices": []}
-    full_params = count_params(cfg)
+           "budgets": {n: {"params": count_params(cfg, budgets[n]), "active_params": count_active_params(cfg, budgets[n])}
+                       for n in order}, "devices": []}
     for prof in profiles:
         dev = {"profile": prof.to_dict(), "dtypes": {}}
         for dt in dtypes:
             rows = {n: budget_memory(cfg, budgets[n], dt, context, batch, prefill_chunk) for n in order}
             for r in rows.values():
                 r["fits"] = r["total"] <= prof.usable_bytes
-            family_weights = full_params * dtype_bytes(dt)
+            family_weights = memory(cfg, None, dt).weights  # the parent's: one copy serves every budget
             family_total = family_weights + max(r["total"] - r["weights"] for r in rows.values())
             dev["dtypes"][dt] = {
                 "budgets": rows,
@@ -174,6 +175,11 @@ def _params(n: int) -> str:
 
 def plan_text(p: dict, comparison: dict | None = None) -> str:
     lines = ["budgets: " + ", ".join(f"{n} {_params(v['params'])}" for n, v in p["budgets"].items()), ""]
+    if any(v.get("active_params", v["params"]) != v["params"] for v in p["budgets"].values()):
+        lines[-1:] = [f"mixture of experts: memory holds every expert, compute runs the active ones", *(
+            f"  {n:<10} {_params(v['params'])} parameters in memory, {_params(v['active_params'])} active per token "
+            f"(~{2 * v['active_params'] / 1e9:.1f} GFLOP per token in the layers and head)"
+            for n, v in p["budgets"].items()), ""]
     if comparison:
         c = comparison
         lines += [f"weights at {c['dtype']}:",

@@ -81,6 +81,9 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
         raise CheckpointError("is neither a nested checkpoint (elastic.json), a build directory (build.json, "
                               "trt_manifest.json) nor an HF checkpoint (config.json)", path=path,
                               fix="give the output of `elastic-export nest` or `elastic-export build`")
+    from elastic_export.config import refuse_moe
+
+    refuse_moe(fam.model.config, "validate")
     for b in builds:
         attach_build(fam, Path(b))
     return fam
