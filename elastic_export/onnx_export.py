@@ -99,19 +99,13 @@ def _col_start(view: torch.Tensor, base: torch.Tensor) -> int:
     return (view.storage_offset() - base.storage_offset()) % base.stride(0)
 
 
-class _Budget:
-    """Emits one graph (prefill or decode) of one budget."""
+class Projections:
+    """Matrix products of one graph at embedding width d of the parent's D, reading row ranges of the
+    weight file (the per-layer emitters: _Budget's mixers and onnx_moe)."""
 
-    def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool,
-                 compute_dtype: torch.dtype = torch.float32):
-        self.m, self.cfg, self.s, self.wf = model, model.config, subnet, wf
-        self.mode, self.decode = ssm_op, decode
-        self.compute_dtype = compute_dtype
-        self.g = GraphBuilder(wf, compute=compute_dtype)
-        self.T = self.g.compute  # element type of activations (FLOAT, or BFLOAT16: see export_family)
-        self.D, self.d = self.cfg.hidden_size, subnet.hidden
+    def __init__(self, g: GraphBuilder, D: int, d: int):
+        self.g, self.D, self.d = g, D, d
 
-    # ---- helpers ---------------------------------------------------------------------------------
     def gemm_rows(self, x2: str, name: str, runs: list[tuple[int, int]]) -> list[str]:
         """x2 [M, D] (full width) times rows of a stored [R, D] weight; adjacent runs share one Gemm."""
         g, merged = self.g, []
@@ -146,6 +140,30 @@ class _Budget:
     def bias(self, y: str, b: torch.Tensor | None, hint: str) -> str:
         return y if b is None else self.g.op("Add", y, self.g.inline(b, hint, compute=True))
 
+    def ffn(self, pre: str, mlp, v: elastic.MLPViews, x2: str, act: str) -> str:
+        """down(act(up(x))) of an MLP (or MoE shared expert) whose weights are ``{pre}up_proj.weight``
+        and ``{pre}down_proj.weight`` (stored transposed): x2 [M, d] -> [M, d]."""
+        f = v.Wup.shape[0]
+        bu, bd = v.biases if v.biases is not None else (None, None)
+        u0 = _row_start(v.Wup, mlp.up_proj.weight)
+        u = self.bias(self.gemm_rows(self.widen(x2), pre + "up_proj.weight", [(u0, u0 + f)])[0], bu, "up_bias")
+        u = activations.onnx(self.g, act, u)
+        c0 = _col_start(v.Wdown, mlp.down_proj.weight)
+        return self.bias(self.matmul_rows(u, pre + "down_proj.weight", c0, c0 + f), bd, "down_bias")
+
+
+class _Budget(Projections):
+    """Emits one graph (prefill or decode) of one budget."""
+
+    def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__(GraphBuilder(wf, compute=compute_dtype), model.config.hidden_size, subnet.hidden)
+        self.m, self.cfg, self.s, self.wf = model, model.config, subnet, wf
+        self.mode, self.decode = ssm_op, decode
+        self.compute_dtype = compute_dtype
+        self.T = self.g.compute  # element type of activations (FLOAT, or BFLOAT16: see export_family)
+
+    # ---- helpers ---------------------------------------------------------------------------------
     def clamp_dt(self, dt: str, limit: tuple[float, float]) -> str:
         """dt (float32, after Softplus) clamped to ``limit`` (model.dt_limit); no node where it cannot bind."""
         lo, hi = limit
@@ -387,15 +405,7 @@ class _Budget:
         return g.op("Transpose", o, perm=[0, 2, 1, 3]) if rank_major else o
 
     def mlp(self, i: int, mlp, w, v: elastic.MLPViews, x2: str) -> str:
-        g = self.g
-        f = v.Wup.shape[0]
-        bu, bd = v.biases if v.biases is not None else (None, None)
-        pre = f"backbone.layers.{i}.mixer."
-        u0 = _row_start(v.Wup, mlp.up_proj.weight)
-        u = self.bias(self.gemm_rows(self.widen(x2), pre + "up_proj.weight", [(u0, u0 + f)])[0], bu, "up_bias")
-        u = activations.onnx(g, self.cfg.mlp_hidden_act, u)
-        c0 = _col_start(v.Wdown, mlp.down_proj.weight)
-        return self.bias(self.matmul_rows(u, pre + "down_proj.weight", c0, c0 + f), bd, "down_bias")
+        return self.ffn(f"backbone.layers.{i}.mixer.", mlp, v, x2, self.cfg.mlp_hidden_act)
 
 
 def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str = "standard",
