@@ -30,10 +30,10 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from . import activations, elastic, onnx_ssm
+from . import activations, elastic, onnx_moe, onnx_ssm
 from .elastic import Subnet, validate_subnet
 from .errors import BudgetError, ConfigError
-from .onnx_graph import WEIGHTS_FILE, GraphBuilder, WeightFile
+from .onnx_graph import ONNX_DTYPES, WEIGHTS_FILE, GraphBuilder, WeightFile
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 ELEM = {"float32": TensorProto.FLOAT, "bfloat16": TensorProto.BFLOAT16}
@@ -156,10 +156,10 @@ class _Budget(Projections):
     """Emits one graph (prefill or decode) of one budget."""
 
     def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, moe_form: str = "dense"):
         super().__init__(GraphBuilder(wf, compute=compute_dtype), model.config.hidden_size, subnet.hidden)
         self.m, self.cfg, self.s, self.wf = model, model.config, subnet, wf
-        self.mode, self.decode = ssm_op, decode
+        self.mode, self.decode, self.moe_form = ssm_op, decode, moe_form
         self.compute_dtype = compute_dtype
         self.T = self.g.compute  # element type of activations (FLOAT, or BFLOAT16: see export_family)
 
@@ -212,7 +212,8 @@ class _Budget(Projections):
             if v is None:
                 continue
             x = self.rms_norm(h, f"backbone.layers.{i}.norm.weight")
-            fn = {"linear_attention": self.mamba, "full_attention": self.attention, "mlp": self.mlp}[blk.block_type]
+            fn = {"linear_attention": self.mamba, "full_attention": self.attention, "mlp": self.mlp,
+                  "moe": self.moe}[blk.block_type]
             h = g.op("Add", h, fn(i, blk.mixer, w, v, x))
         h = self.rms_norm(h, "backbone.norm_f.weight")
         head = "backbone.embeddings.weight" if self.m.lm_head is None else "lm_head.weight"  # as model.forward
@@ -407,13 +408,40 @@ class _Budget(Projections):
     def mlp(self, i: int, mlp, w, v: elastic.MLPViews, x2: str) -> str:
         return self.ffn(f"backbone.layers.{i}.mixer.", mlp, v, x2, self.cfg.mlp_hidden_act)
 
+    def moe(self, i: int, m, w, v: elastic.MoEViews, x2: str) -> str:
+        """Stateless like the MLP: the same nodes in prefill and decode graphs (onnx_moe)."""
+        return onnx_moe.moe(self, f"backbone.layers.{i}.mixer.", m, v, x2, self.cfg.mlp_hidden_act, self.moe_form)
+
+
+def check_moe_form(model, budgets: dict[str, Subnet], moe_form: str, compute_dtype: torch.dtype) -> None:
+    """Refuse a MoE form (onnx_moe.FORMS) that some MoE layer of some budget cannot use."""
+    if moe_form not in onnx_moe.FORMS:
+        raise ConfigError(f"unknown MoE form {moe_form!r}", field="moe_form", fix=f"use one of {onnx_moe.FORMS}")
+    if moe_form != "contrib":
+        return
+    cfg = model.config
+    for name, s in budgets.items():
+        for i, v in enumerate(model.layer_views(s)[1]):
+            if v is None or cfg.layers_block_type[i] != "moe":
+                continue
+            why = onnx_moe.contrib_unfit(cfg.mlp_hidden_act, v, cfg.layer_dims(i)["moe_intermediate_size"],
+                                         ONNX_DTYPES[compute_dtype])
+            if why is not None:
+                raise ConfigError(f"budget {name}, layer {i}: ONNX Runtime's contrib MoE operator does not fit: "
+                                  f"{why}", field="moe_form", fix="use moe_form='dense' (standard ops)")
+
 
 def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str = "standard",
-                 opset: int | None = None, compute_dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
-    """The prefill or decode graph of one budget (initializers reference ``wf``'s file)."""
+                 opset: int | None = None, compute_dtype: torch.dtype = torch.float32,
+                 moe_form: str = "dense") -> onnx.ModelProto:
+    """The prefill or decode graph of one budget (initializers reference ``wf``'s file). ``moe_form``:
+    how MoE layers compute their routed experts (onnx_moe: ``dense`` standard ops, or ``contrib``,
+    ONNX Runtime's com.microsoft.MoE where it fits)."""
     opset = check_opset(ssm_op, opset)
     validate_subnet(model.config, subnet)
-    b = _Budget(model, subnet, wf, ssm_op, decode=kind == "decode", compute_dtype=check_compute_dtype(compute_dtype))
+    check_moe_form(model, {"": subnet}, moe_form, compute_dtype)
+    b = _Budget(model, subnet, wf, ssm_op, decode=kind == "decode", compute_dtype=check_compute_dtype(compute_dtype),
+                moe_form=moe_form)
     b.opset = opset
     with torch.no_grad():
         return b.build()
@@ -421,7 +449,7 @@ def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str =
 
 def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op: str = "standard",
                   dtype: torch.dtype = torch.float32, opset: int | None = None,
-                  compute_dtype: torch.dtype = torch.float32) -> dict:
+                  compute_dtype: torch.dtype = torch.float32, moe_form: str = "dense") -> dict:
     """Write ``weights.bin`` and ``{budget}.prefill.onnx`` / ``{budget}.decode.onnx`` for every budget
     into ``out_dir`` (which must exist). Returns the per-file part of the build manifest.
 
@@ -430,10 +458,9 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
     TensorRT target: a strongly typed network runs the graph's types as written) keeps matmuls, their
     biases, activations, the residual stream and the conv / KV states in bf16, and casts to float32
     where model.py computes in float32: RMSNorm statistics, softmax, dt, the SSD scan and its state,
-    the D skip and the gated norm, the conv arithmetic, and the logits (output float32)."""
-    from .config import refuse_moe
-
-    refuse_moe(model.config, "build (ONNX export)")
+    the D skip and the gated norm, the conv arithmetic, and the logits (output float32). MoE layers
+    route in float32 at every compute dtype (their router is stored float32) and compute their experts
+    in the form ``moe_form`` (see budget_graph)."""
     out_dir = Path(out_dir)
     opset = check_opset(ssm_op, opset)
     check_compute_dtype(compute_dtype)
@@ -441,6 +468,7 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
         raise BudgetError("no budget to build", field="budget", fix="give --budget all or a budget name")
     for name, s in budgets.items():
         validate_subnet(model.config, s, where=f"budget {name}")
+    check_moe_form(model, budgets, moe_form, compute_dtype)
     model.eval()
     wf = WeightFile(model, dtype)
     files = {WEIGHTS_FILE: {"sha256": wf.write(out_dir / WEIGHTS_FILE), "bytes": wf.nbytes}}
@@ -449,7 +477,7 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
         graphs[name] = {}
         for kind in ("prefill", "decode"):
             fname = f"{name}.{kind}.onnx"
-            proto = budget_graph(model, s, wf, kind, ssm_op, opset, compute_dtype)
+            proto = budget_graph(model, s, wf, kind, ssm_op, opset, compute_dtype, moe_form)
             data = proto.SerializeToString()
             (out_dir / fname).write_bytes(data)
             files[fname] = {"sha256": _sha256(data), "bytes": len(data)}

@@ -232,3 +232,74 @@ def test_weights_are_row_ranges_of_one_file(tmp_path):
         for n in proto.graph.node:
             if set(ext) & set(n.input):
                 assert n.op_type in ("Gemm", "MatMul", "Add", "Cast"), (n.op_type, n.input)
+
+
+# ---- whole models: export_family on tiny MoE hybrids against the torch elastic forward -------------
+
+@pytest.mark.parametrize("seed,overrides", [(0, CASES["groups_latent"]), (1, CASES["plain"]), (2, CASES["groups"]),
+                                            (3, {})])
+def test_family_prefill_and_decode_match_torch(tmp_path, seed, overrides):
+    """Prefill and cached decode graphs of the full model and of random budgets (experts per group,
+    expert and shared widths, embedding width, depth) of tiny MoE hybrids with Mamba, attention and MLP
+    layers: logits as the torch elastic forward's."""
+    from elastic_export.model import build_model
+    from elastic_export.onnx_export import export_family
+    from elastic_fixtures import family
+    from test_onnx_export import _check
+
+    cfg = tiny_moe_config(seed, head_order="rank_major", **overrides)
+    model = randomize(build_model(cfg, seed=seed), seed).eval()
+    budgets = family(cfg, seed, 3)
+    assert any(w.experts is not None and w.experts < cfg.n_routed_experts for s in budgets.values()
+               for w in s.layers)
+    export_family(model, budgets, tmp_path, ssm_op="standard" if seed % 2 else "decomposed")
+    _check(model, budgets, tmp_path, steps=3, padded=seed == 1, b=2, l=21)
+
+
+def test_family_contrib_form_matches_torch_or_is_refused(tmp_path):
+    from elastic_export.errors import ConfigError
+    from elastic_export.model import build_model
+    from elastic_export.onnx_export import export_family
+    from test_onnx_export import _check
+
+    cfg = tiny_moe_config(5, head_order="rank_major", mlp_hidden_act="silu", **CASES["groups"])
+    model = randomize(build_model(cfg, seed=5), 5).eval()
+    full = elastic.full_subnet(cfg)
+    fewer = elastic.Subnet(cfg.hidden_size - 3, tuple(
+        LayerWidths(experts=4, expert_ffn=w.expert_ffn, shared_ffn=w.shared_ffn // 2) if w.experts else w
+        for w in full.layers))
+    budgets = {"full": full, "fewer": fewer}
+    export_family(model, budgets, tmp_path, moe_form="contrib")
+    _check(model, budgets, tmp_path, steps=2, b=2, l=13)
+    narrow = elastic.Subnet(cfg.hidden_size, tuple(
+        LayerWidths(experts=w.experts, expert_ffn=3, shared_ffn=w.shared_ffn) if w.experts else w for w in full.layers))
+    with pytest.raises(ConfigError, match="expert width of 3"):
+        export_family(model, {"narrow": narrow}, tmp_path / "x", moe_form="contrib")
+    relu2 = randomize(build_model(cfg.replace(mlp_hidden_act="relu2"), seed=5), 5).eval()
+    with pytest.raises(ConfigError, match="relu2 is CUDA-only"):
+        export_family(relu2, {"full": full}, tmp_path / "y", moe_form="contrib")
+
+
+@torch.no_grad()
+def test_cli_build_of_a_moe_checkpoint_runs_in_the_ort_engine(tmp_path):
+    """`elastic-export build` on an HF-format tiny MoE hybrid, then the ONNX Runtime engine (weights
+    shared across sessions as OrtValue views): prefill and decode logits as our torch model's."""
+    from click.testing import CliRunner
+
+    from elastic_export.cli import main
+    from elastic_export.model import build_model
+    from engines.ort_engine import OrtEngine
+
+    cfg = tiny_moe_config(6, **CASES["groups_latent"])
+    model = randomize(build_model(cfg, seed=6), 6).eval()
+    model.save_pretrained(tmp_path / "hf")
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "hf"), "--target", "onnx", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    eng = OrtEngine(tmp_path / "b")
+    assert eng.share
+    ids = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(6))
+    cache = model.new_cache()
+    assert (eng.prefill(ids) - model(ids, cache=cache)).abs().max().item() <= 1e-4
+    for step in range(3):
+        tok = torch.randint(0, cfg.vocab_size, (2, 1), generator=torch.Generator().manual_seed(step))
+        assert (eng.decode(tok) - model(tok, cache=cache)[:, -1]).abs().max().item() <= 1e-4
