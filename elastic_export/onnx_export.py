@@ -18,6 +18,7 @@ Prefixes on the other axis become activation ops: an embedding width d < D zero-
 projection to D and slices its output to d; Mamba head channels p < P compute all P channels of the
 kept heads and slice (or zero-pad) the activation. Small tensors (conv kernels, norms, per-head
 vectors) are stored in the graph itself. The cost is measured in benchmarks/onnx_sharing_bench.py.
+MoE layers (stateless, like the MLP) are emitted by onnx_moe; their routers stay float32.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class _Budget(Projections):
     """Emits one graph (prefill or decode) of one budget."""
 
     def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool,
-                 compute_dtype: torch.dtype = torch.float32, moe_form: str = "dense"):
+                 compute_dtype: torch.dtype = torch.float32, moe_form: str = "auto"):
         super().__init__(GraphBuilder(wf, compute=compute_dtype), model.config.hidden_size, subnet.hidden)
         self.m, self.cfg, self.s, self.wf = model, model.config, subnet, wf
         self.mode, self.decode, self.moe_form = ssm_op, decode, moe_form
@@ -409,14 +410,16 @@ class _Budget(Projections):
         return self.ffn(f"backbone.layers.{i}.mixer.", mlp, v, x2, self.cfg.mlp_hidden_act)
 
     def moe(self, i: int, m, w, v: elastic.MoEViews, x2: str) -> str:
-        """Stateless like the MLP: the same nodes in prefill and decode graphs (onnx_moe)."""
-        return onnx_moe.moe(self, f"backbone.layers.{i}.mixer.", m, v, x2, self.cfg.mlp_hidden_act, self.moe_form)
+        """Stateless like the MLP (onnx_moe); ``auto``: dense experts in prefill, gathered in decode."""
+        form = ("gather" if self.decode else "dense") if self.moe_form == "auto" else self.moe_form
+        return onnx_moe.moe(self, f"backbone.layers.{i}.mixer.", m, v, x2, self.cfg.mlp_hidden_act, form)
 
 
 def check_moe_form(model, budgets: dict[str, Subnet], moe_form: str, compute_dtype: torch.dtype) -> None:
-    """Refuse a MoE form (onnx_moe.FORMS) that some MoE layer of some budget cannot use."""
-    if moe_form not in onnx_moe.FORMS:
-        raise ConfigError(f"unknown MoE form {moe_form!r}", field="moe_form", fix=f"use one of {onnx_moe.FORMS}")
+    """Refuse a MoE form (``auto`` or one of onnx_moe.FORMS) that some MoE layer of some budget cannot use."""
+    if moe_form not in ("auto", *onnx_moe.FORMS):
+        raise ConfigError(f"unknown MoE form {moe_form!r}", field="moe_form",
+                          fix=f"use one of {('auto', *onnx_moe.FORMS)}")
     if moe_form != "contrib":
         return
     cfg = model.config
@@ -433,10 +436,12 @@ def check_moe_form(model, budgets: dict[str, Subnet], moe_form: str, compute_dty
 
 def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str = "standard",
                  opset: int | None = None, compute_dtype: torch.dtype = torch.float32,
-                 moe_form: str = "dense") -> onnx.ModelProto:
+                 moe_form: str = "auto") -> onnx.ModelProto:
     """The prefill or decode graph of one budget (initializers reference ``wf``'s file). ``moe_form``:
-    how MoE layers compute their routed experts (onnx_moe: ``dense`` standard ops, or ``contrib``,
-    ONNX Runtime's com.microsoft.MoE where it fits)."""
+    how MoE layers compute their routed experts (onnx_moe.FORMS: ``dense`` or ``gather`` standard ops,
+    or ``contrib``, ONNX Runtime's com.microsoft.MoE where it fits); ``auto``: dense in the prefill
+    graph, gather in the decode graph (where it reads only the chosen experts' weights; measured in
+    benchmarks/moe_onnx_bench.py)."""
     opset = check_opset(ssm_op, opset)
     validate_subnet(model.config, subnet)
     check_moe_form(model, {"": subnet}, moe_form, compute_dtype)
@@ -449,7 +454,7 @@ def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str =
 
 def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op: str = "standard",
                   dtype: torch.dtype = torch.float32, opset: int | None = None,
-                  compute_dtype: torch.dtype = torch.float32, moe_form: str = "dense") -> dict:
+                  compute_dtype: torch.dtype = torch.float32, moe_form: str = "auto") -> dict:
     """Write ``weights.bin`` and ``{budget}.prefill.onnx`` / ``{budget}.decode.onnx`` for every budget
     into ``out_dir`` (which must exist). Returns the per-file part of the build manifest.
 

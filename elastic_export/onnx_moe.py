@@ -10,13 +10,17 @@ ScatterElements into a [T, G] mask) keep their experts and the others become -in
 The weights are the plain scores at the chosen experts (GatherElements), divided by their sum + 1e-20
 when ``norm_topk_prob``, times ``routed_scaling_factor``.
 
-Two forms of the routed experts (``FORMS``):
+Three forms of the routed experts (``FORMS``):
 - ``dense``: every kept expert runs on every token, weighted by a [T, e] routing matrix that is zero off
   the top-k (ScatterElements). Exact, standard ops only (ONNX Runtime and TensorRT alike); it costs all
   e experts per token instead of k, so it fits small expert counts (tiny models, tests).
       up:   [T, din] x rows [0, e*F) of experts.up_proj read flat [E*F, din]  -> [T, e*F]  (one Gemm)
       down: experts.down_proj rows [0, e) [e, din, F] x act^T [e, F, T]       -> [e, din, T] (batched MatMul)
       sum:  * routing^T [e, 1, T], ReduceSum over e in float32 (as transformers sums) -> [T, din]
+- ``gather``: standard ops computing only the top-k experts per token: their weights are gathered per
+  token (Gather on the stacked experts, [T, k, F, din]) and applied as a batched MatMul. It reads k
+  experts' weights per token, the least a decode step can read, but copies them per token: for decode
+  graphs (T = batch), not for long prefills.
 - ``contrib``: ONNX Runtime's ``com.microsoft.MoE`` operator (CPU: float32, activations relu, silu,
   identity and tanh-gelu; ``relu2``, the activation of every NVIDIA checkpoint, is CUDA-only). It routes
   by softmax over its ``router_probs`` input, then top-k, then renormalizes; it has no sigmoid scores,
@@ -45,7 +49,7 @@ from onnx import TensorProto, helper
 from . import activations, elastic
 
 FLOAT = TensorProto.FLOAT
-FORMS = ("dense", "contrib")
+FORMS = ("dense", "gather", "contrib")
 CONTRIB_DOMAIN = "com.microsoft"
 # our activation name -> the contrib MoE operator's activation_type on ONNX Runtime's CPU provider
 # (its gelu is the tanh approximation; relu2 exists on CUDA only)
@@ -132,6 +136,8 @@ def moe(p, pre: str, m, v: elastic.MoEViews, x2: str, act: str, form: str = "den
                    v.latent[1], "latent_bias")  # [T, L]
     if form == "dense":
         y = _dense_experts(p, pre, u, w, idx, e0, e, f, F, act)
+    elif form == "gather":
+        y = _gathered_experts(p, pre, u, w, idx, e0, e, f, F, act)
     else:
         why = contrib_unfit(act, v, F, g.compute)
         if why is not None:
@@ -156,6 +162,20 @@ def _dense_experts(p, pre, u, w, idx, e0, e, f, F, act) -> str:
     rt = op("Unsqueeze", op("Transpose", routing_matrix(g, w, idx, e), perm=[1, 0]), c([1]))  # [e, 1, T]
     y = op("ReduceSum", op("Mul", g.to_f32(ys), rt), c([0]), keepdims=0)  # [din, T], float32
     return g.to_compute(op("Transpose", y, perm=[1, 0]))
+
+
+def _gathered_experts(p, pre, u, w, idx, e0, e, f, F, act) -> str:
+    """Only the chosen experts, their weights gathered per token: u [T, din] -> [T, din]."""
+    g, op, c = p.g, p.g.op, p.g.const
+    up = op("Gather", g.rows(pre + "experts.up_proj", e0, e0 + e), idx, axis=0)  # [T, k, F, din]
+    h = op("MatMul", up, op("Unsqueeze", u, c([1, 3])))  # [T, k, F, 1]
+    h = activations.onnx(g, act, h)
+    if f < F:
+        h = op("Mul", h, g.cconst((np.arange(F) < f)[:, None]))
+    down = op("Gather", g.rows(pre + "experts.down_proj", e0, e0 + e), idx, axis=0)  # [T, k, din, F]
+    ys = op("MatMul", down, h)  # [T, k, din, 1]
+    y = op("ReduceSum", op("Mul", g.to_f32(ys), op("Unsqueeze", w, c([2, 3]))), c([1, 3]), keepdims=0)  # [T, din]
+    return g.to_compute(y)
 
 
 def _contrib_experts(g, pre, u, w, idx, e0, e, k, act) -> str:

@@ -8,6 +8,7 @@ weights; and the contrib com.microsoft.MoE form where it fits (relu/silu experts
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -74,8 +75,9 @@ def test_full_layer_equals_transformers(tmp_path, name, seed):
     x = _x(seed, D)
     want = ref(x[None])[0]
     v = elastic.moe_views(ours, elastic.full_subnet(cfg).layers[ours.layer_idx], D)
-    got = _run(tmp_path, ours, v, cfg.mlp_hidden_act, D, x)
-    assert (got - want).abs().max().item() <= TOL
+    for form in ("dense", "gather"):
+        got = _run(tmp_path, ours, v, cfg.mlp_hidden_act, D, x, form=form, name=form)
+        assert (got - want).abs().max().item() <= TOL, form
     # the bias steers the choice: without it transformers' output moves (so the test above could fail)
     ref.gate.e_score_correction_bias.zero_()
     assert (ref(x[None])[0] - want).abs().max().item() > 1e-3
@@ -164,8 +166,9 @@ def test_budget_equals_the_sliced_transformers_module(tmp_path, name, per_group,
     v = elastic.moe_views(rm, w, d)
     x = _x(seed, d)
     want = _sliced_hf(ref, cfg, per_group, f, s, d)(x[None])[0]
-    got = _run(tmp_path, rm, v, cfg.mlp_hidden_act, d, x)
-    assert (got - want).abs().max().item() <= TOL
+    for form in ("dense", "gather"):
+        got = _run(tmp_path, rm, v, cfg.mlp_hidden_act, d, x, form=form, name=form)
+        assert (got - want).abs().max().item() <= TOL, form
     assert (rm(x, v) - want).abs().max().item() <= TOL  # and the elastic forward agrees
     # the full rank-major layer is still transformers' (the reorder is function preserving)
     full = elastic.moe_views(rm, elastic.full_subnet(cfg2).layers[ours.layer_idx], D)
@@ -214,13 +217,11 @@ def test_contrib_form_says_where_it_does_not_fit():
 def test_weights_are_row_ranges_of_one_file(tmp_path):
     """Every weight the layer reads is an external row range of the mixer's weight file fed straight to its
     consumer (no Slice/Transpose/Reshape of a weight); the router stays float32 in a bf16 file."""
-    import onnx
-
     ours, _, cfg = _pair(3, **CASES["groups_latent"])
     rm, cfg2 = _rank_major(ours, cfg)
     v = elastic.moe_views(rm, LayerWidths(experts=4, expert_ffn=5, shared_ffn=7), cfg.hidden_size - 2)
-    for dtype in (torch.float32, torch.bfloat16):
-        proto, wf = onnx_moe.layer_model(rm, v, cfg.mlp_hidden_act, cfg.hidden_size - 2, dtype=dtype)
+    for dtype, form in ((torch.float32, "dense"), (torch.bfloat16, "dense"), (torch.float32, "gather")):
+        proto, wf = onnx_moe.layer_model(rm, v, cfg.mlp_hidden_act, cfg.hidden_size - 2, form, dtype=dtype)
         ext = {t.name: t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         assert {n.split("[")[0] for n in ext} >= {"gate.weight", "experts.up_proj", "experts.down_proj",
                                                   "shared_experts.up_proj.weight", "fc1_latent_proj.weight"}
@@ -231,14 +232,14 @@ def test_weights_are_row_ranges_of_one_file(tmp_path):
                 assert t.data_type == onnx.TensorProto.FLOAT
         for n in proto.graph.node:
             if set(ext) & set(n.input):
-                assert n.op_type in ("Gemm", "MatMul", "Add", "Cast"), (n.op_type, n.input)
+                assert n.op_type in ("Gemm", "MatMul", "Add", "Cast", "Gather"), (n.op_type, n.input)
 
 
 # ---- whole models: export_family on tiny MoE hybrids against the torch elastic forward -------------
 
-@pytest.mark.parametrize("seed,overrides", [(0, CASES["groups_latent"]), (1, CASES["plain"]), (2, CASES["groups"]),
-                                            (3, {})])
-def test_family_prefill_and_decode_match_torch(tmp_path, seed, overrides):
+@pytest.mark.parametrize("seed,overrides,form", [(0, CASES["groups_latent"], "auto"), (1, CASES["plain"], "auto"),
+                                                 (2, CASES["groups"], "dense"), (3, {}, "gather")])
+def test_family_prefill_and_decode_match_torch(tmp_path, seed, overrides, form):
     """Prefill and cached decode graphs of the full model and of random budgets (experts per group,
     expert and shared widths, embedding width, depth) of tiny MoE hybrids with Mamba, attention and MLP
     layers: logits as the torch elastic forward's."""
@@ -252,7 +253,10 @@ def test_family_prefill_and_decode_match_torch(tmp_path, seed, overrides):
     budgets = family(cfg, seed, 3)
     assert any(w.experts is not None and w.experts < cfg.n_routed_experts for s in budgets.values()
                for w in s.layers)
-    export_family(model, budgets, tmp_path, ssm_op="standard" if seed % 2 else "decomposed")
+    export_family(model, budgets, tmp_path, ssm_op="standard" if seed % 2 else "decomposed", moe_form=form)
+    decode = onnx.load(str(tmp_path / "full.decode.onnx"), load_external_data=False)
+    assert any(n.op_type == "Gather" and n.input[0].startswith("backbone.layers") and "experts" in n.input[0]
+               for n in decode.graph.node) == (form in ("auto", "gather"))
     _check(model, budgets, tmp_path, steps=3, padded=seed == 1, b=2, l=21)
 
 
