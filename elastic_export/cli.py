@@ -268,17 +268,22 @@ def train(recipe, out, fresh, no_progress):
 @click.argument("source", required=False)
 @click.option("--budget", "budgets", multiple=True, default=("all",), show_default=True,
               help="Budget name(s) to build, or 'all' (a plain HF checkpoint has one: full).")
-@click.option("--target", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True,
-              help="auto: TensorRT where TensorRT and a CUDA GPU are present, else ONNX.")
+@click.option("--target", type=click.Choice(["onnx", "trt", "gguf", "auto"]), default="auto", show_default=True,
+              help="auto: TensorRT where TensorRT and a CUDA GPU are present, else ONNX. gguf: one GGUF file per "
+                   "budget for llama.cpp (Ollama, LM Studio).")
 @click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default=None,
               help="How the SSM scan is expressed in ONNX (default: standard for ONNX Runtime; plugin for "
                    "TensorRT, or decomposed where tensorrt.plugin is missing).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the lowest the SSM op allows).")
+@click.option("--gguf-type", "gguf_types", multiple=True, default=("f32",), show_default=True,
+              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]),
+              help="--target gguf: the matrices' type (repeat for several files per budget); norms and SSM "
+                   "parameters stay f32.")
 @click.option("--out", required=True, type=click.Path(), help="Build directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @user_errors
-def build(source, budgets, target, ssm_op, dtype, opset, out, overwrite):
+def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwrite):
     """Build ONNX graphs (or TensorRT engines) for budgets of a checkpoint: a nested one, a plain HF
     nemotron_h one or one of our slices (one budget, full) [default: the shipped model]."""
     import time
@@ -286,6 +291,18 @@ def build(source, budgets, target, ssm_op, dtype, opset, out, overwrite):
     from .build import build as onnx_build, read_build
 
     run_build = onnx_build
+    if target == "gguf":
+        from .gguf_export import build_gguf
+
+        t0 = time.perf_counter()
+        path = build_gguf(source, out, budgets=budgets, gguf_types=gguf_types, overwrite=overwrite,
+                          progress=lambda msg: click.echo(msg, err=True))
+        m = read_build(path)
+        size = sum(f["bytes"] for f in m["files"].values())
+        click.echo(f"built {', '.join(m['budgets'])} (gguf, {m['dtype']}) into {path}: {size / 1e6:.1f} MB in "
+                   f"{time.perf_counter() - t0:.1f} s; run a file with llama.cpp, e.g. llama-cli -m {path}/"
+                   f"{next(iter(m['budgets']))}.{m['gguf_types'][0]}.gguf")
+        return
     if target != "onnx":  # TensorRT lives in engines/, imported only when asked for
         from engines.trt.target import build_trt, resolve_target
 
@@ -356,6 +373,11 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtyp
         from .build import read_build, verify_build
 
         m = read_build(p)
+        if m["target"] == "gguf":
+            from .errors import ConfigError
+
+            raise ConfigError("holds GGUF files, which llama.cpp runs", path=p / "build.json", field="target",
+                              fix=f"llama-cli -m {p}/<budget>.<type>.gguf, or run the checkpoint it was built from")
         verify_build(p)  # every file against its recorded SHA-256
         if m["target"] == "trt":
             from engines import trt
