@@ -21,7 +21,7 @@ student forward + backward; P's token counts are scaled so that its total matche
     python benchmarks/elastic_experiment.py --quick              # a smoke run with tiny token counts
     python benchmarks/elastic_experiment.py --report-only        # re-aggregate OUT/seed*/results.json
 
-``--parent`` is a training-state directory (``state.pt`` of a pretraining run, e.g. ``runs/default/checkpoint``
+``--parent`` is a training-state directory (``state.safetensors`` + ``state.json`` of a pretraining run, e.g. ``runs/default/checkpoint``
 copied at some step) or an HF checkpoint directory.
 """
 
@@ -55,7 +55,7 @@ STAGES = {"stage1": dict(steps=40, seq_len=256, batch_size=8), "stage2": dict(st
 
 
 def make_parent(src: Path, base: dict, dest: Path) -> None:
-    """An HF checkpoint of the parent from a training state (state.pt) or an HF directory."""
+    """An HF checkpoint of the parent from a training state (checkpoint directory) or an HF directory."""
     from elastic_export.model import NemotronHForCausalLM
 
     if (src / "config.json").is_file():
@@ -63,7 +63,7 @@ def make_parent(src: Path, base: dict, dest: Path) -> None:
         return
     state = ckpt.load_state(src)
     if state is None:
-        raise SystemExit(f"{src}/state.pt not found: give a pretraining checkpoint or an HF checkpoint")
+        raise SystemExit(f"{src} holds no training state: give a pretraining checkpoint or an HF checkpoint")
     with torch.device("meta"):
         model = NemotronHForCausalLM(parent_config(base).replace(head_order=state.get("head_order", "rank_major")))
     model.load_state_dict(state["model"], assign=True)

@@ -18,6 +18,7 @@ Prefixes on the other axis become activation ops: an embedding width d < D zero-
 projection to D and slices its output to d; Mamba head channels p < P compute all P channels of the
 kept heads and slice (or zero-pad) the activation. Small tensors (conv kernels, norms, per-head
 vectors) are stored in the graph itself. The cost is measured in benchmarks/onnx_sharing_bench.py.
+MoE layers (stateless, like the MLP) are emitted by onnx_moe; their routers stay float32.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from . import activations, elastic, onnx_ssm
+from . import activations, elastic, onnx_moe, onnx_ssm
 from .elastic import Subnet, validate_subnet
 from .errors import BudgetError, ConfigError
-from .onnx_graph import WEIGHTS_FILE, GraphBuilder, WeightFile
+from .onnx_graph import ONNX_DTYPES, WEIGHTS_FILE, GraphBuilder, WeightFile
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 ELEM = {"float32": TensorProto.FLOAT, "bfloat16": TensorProto.BFLOAT16}
@@ -99,19 +100,13 @@ def _col_start(view: torch.Tensor, base: torch.Tensor) -> int:
     return (view.storage_offset() - base.storage_offset()) % base.stride(0)
 
 
-class _Budget:
-    """Emits one graph (prefill or decode) of one budget."""
+class Projections:
+    """Matrix products of one graph at embedding width d of the parent's D, reading row ranges of the
+    weight file (the per-layer emitters: _Budget's mixers and onnx_moe)."""
 
-    def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool,
-                 compute_dtype: torch.dtype = torch.float32):
-        self.m, self.cfg, self.s, self.wf = model, model.config, subnet, wf
-        self.mode, self.decode = ssm_op, decode
-        self.compute_dtype = compute_dtype
-        self.g = GraphBuilder(wf, compute=compute_dtype)
-        self.T = self.g.compute  # element type of activations (FLOAT, or BFLOAT16: see export_family)
-        self.D, self.d = self.cfg.hidden_size, subnet.hidden
+    def __init__(self, g: GraphBuilder, D: int, d: int):
+        self.g, self.D, self.d = g, D, d
 
-    # ---- helpers ---------------------------------------------------------------------------------
     def gemm_rows(self, x2: str, name: str, runs: list[tuple[int, int]]) -> list[str]:
         """x2 [M, D] (full width) times rows of a stored [R, D] weight; adjacent runs share one Gemm."""
         g, merged = self.g, []
@@ -146,6 +141,30 @@ class _Budget:
     def bias(self, y: str, b: torch.Tensor | None, hint: str) -> str:
         return y if b is None else self.g.op("Add", y, self.g.inline(b, hint, compute=True))
 
+    def ffn(self, pre: str, mlp, v: elastic.MLPViews, x2: str, act: str) -> str:
+        """down(act(up(x))) of an MLP (or MoE shared expert) whose weights are ``{pre}up_proj.weight``
+        and ``{pre}down_proj.weight`` (stored transposed): x2 [M, d] -> [M, d]."""
+        f = v.Wup.shape[0]
+        bu, bd = v.biases if v.biases is not None else (None, None)
+        u0 = _row_start(v.Wup, mlp.up_proj.weight)
+        u = self.bias(self.gemm_rows(self.widen(x2), pre + "up_proj.weight", [(u0, u0 + f)])[0], bu, "up_bias")
+        u = activations.onnx(self.g, act, u)
+        c0 = _col_start(v.Wdown, mlp.down_proj.weight)
+        return self.bias(self.matmul_rows(u, pre + "down_proj.weight", c0, c0 + f), bd, "down_bias")
+
+
+class _Budget(Projections):
+    """Emits one graph (prefill or decode) of one budget."""
+
+    def __init__(self, model, subnet: Subnet, wf: WeightFile, ssm_op: str, decode: bool,
+                 compute_dtype: torch.dtype = torch.float32, moe_form: str = "auto"):
+        super().__init__(GraphBuilder(wf, compute=compute_dtype), model.config.hidden_size, subnet.hidden)
+        self.m, self.cfg, self.s, self.wf = model, model.config, subnet, wf
+        self.mode, self.decode, self.moe_form = ssm_op, decode, moe_form
+        self.compute_dtype = compute_dtype
+        self.T = self.g.compute  # element type of activations (FLOAT, or BFLOAT16: see export_family)
+
+    # ---- helpers ---------------------------------------------------------------------------------
     def clamp_dt(self, dt: str, limit: tuple[float, float]) -> str:
         """dt (float32, after Softplus) clamped to ``limit`` (model.dt_limit); no node where it cannot bind."""
         lo, hi = limit
@@ -194,7 +213,8 @@ class _Budget:
             if v is None:
                 continue
             x = self.rms_norm(h, f"backbone.layers.{i}.norm.weight")
-            fn = {"linear_attention": self.mamba, "full_attention": self.attention, "mlp": self.mlp}[blk.block_type]
+            fn = {"linear_attention": self.mamba, "full_attention": self.attention, "mlp": self.mlp,
+                  "moe": self.moe}[blk.block_type]
             h = g.op("Add", h, fn(i, blk.mixer, w, v, x))
         h = self.rms_norm(h, "backbone.norm_f.weight")
         head = "backbone.embeddings.weight" if self.m.lm_head is None else "lm_head.weight"  # as model.forward
@@ -387,23 +407,46 @@ class _Budget:
         return g.op("Transpose", o, perm=[0, 2, 1, 3]) if rank_major else o
 
     def mlp(self, i: int, mlp, w, v: elastic.MLPViews, x2: str) -> str:
-        g = self.g
-        f = v.Wup.shape[0]
-        bu, bd = v.biases if v.biases is not None else (None, None)
-        pre = f"backbone.layers.{i}.mixer."
-        u0 = _row_start(v.Wup, mlp.up_proj.weight)
-        u = self.bias(self.gemm_rows(self.widen(x2), pre + "up_proj.weight", [(u0, u0 + f)])[0], bu, "up_bias")
-        u = activations.onnx(g, self.cfg.mlp_hidden_act, u)
-        c0 = _col_start(v.Wdown, mlp.down_proj.weight)
-        return self.bias(self.matmul_rows(u, pre + "down_proj.weight", c0, c0 + f), bd, "down_bias")
+        return self.ffn(f"backbone.layers.{i}.mixer.", mlp, v, x2, self.cfg.mlp_hidden_act)
+
+    def moe(self, i: int, m, w, v: elastic.MoEViews, x2: str) -> str:
+        """Stateless like the MLP (onnx_moe); ``auto``: dense experts in prefill, gathered in decode."""
+        form = ("gather" if self.decode else "dense") if self.moe_form == "auto" else self.moe_form
+        return onnx_moe.moe(self, f"backbone.layers.{i}.mixer.", m, v, x2, self.cfg.mlp_hidden_act, form)
+
+
+def check_moe_form(model, budgets: dict[str, Subnet], moe_form: str, compute_dtype: torch.dtype) -> None:
+    """Refuse a MoE form (``auto`` or one of onnx_moe.FORMS) that some MoE layer of some budget cannot use."""
+    if moe_form not in ("auto", *onnx_moe.FORMS):
+        raise ConfigError(f"unknown MoE form {moe_form!r}", field="moe_form",
+                          fix=f"use one of {('auto', *onnx_moe.FORMS)}")
+    if moe_form != "contrib":
+        return
+    cfg = model.config
+    for name, s in budgets.items():
+        for i, v in enumerate(model.layer_views(s)[1]):
+            if v is None or cfg.layers_block_type[i] != "moe":
+                continue
+            why = onnx_moe.contrib_unfit(cfg.mlp_hidden_act, v, cfg.layer_dims(i)["moe_intermediate_size"],
+                                         ONNX_DTYPES[compute_dtype])
+            if why is not None:
+                raise ConfigError(f"budget {name}, layer {i}: ONNX Runtime's contrib MoE operator does not fit: "
+                                  f"{why}", field="moe_form", fix="use moe_form='dense' (standard ops)")
 
 
 def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str = "standard",
-                 opset: int | None = None, compute_dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
-    """The prefill or decode graph of one budget (initializers reference ``wf``'s file)."""
+                 opset: int | None = None, compute_dtype: torch.dtype = torch.float32,
+                 moe_form: str = "auto") -> onnx.ModelProto:
+    """The prefill or decode graph of one budget (initializers reference ``wf``'s file). ``moe_form``:
+    how MoE layers compute their routed experts (onnx_moe.FORMS: ``dense`` or ``gather`` standard ops,
+    or ``contrib``, ONNX Runtime's com.microsoft.MoE where it fits); ``auto``: dense in the prefill
+    graph, gather in the decode graph (where it reads only the chosen experts' weights; measured in
+    benchmarks/moe_onnx_bench.py)."""
     opset = check_opset(ssm_op, opset)
     validate_subnet(model.config, subnet)
-    b = _Budget(model, subnet, wf, ssm_op, decode=kind == "decode", compute_dtype=check_compute_dtype(compute_dtype))
+    check_moe_form(model, {"": subnet}, moe_form, compute_dtype)
+    b = _Budget(model, subnet, wf, ssm_op, decode=kind == "decode", compute_dtype=check_compute_dtype(compute_dtype),
+                moe_form=moe_form)
     b.opset = opset
     with torch.no_grad():
         return b.build()
@@ -411,7 +454,7 @@ def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str =
 
 def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op: str = "standard",
                   dtype: torch.dtype = torch.float32, opset: int | None = None,
-                  compute_dtype: torch.dtype = torch.float32) -> dict:
+                  compute_dtype: torch.dtype = torch.float32, moe_form: str = "auto") -> dict:
     """Write ``weights.bin`` and ``{budget}.prefill.onnx`` / ``{budget}.decode.onnx`` for every budget
     into ``out_dir`` (which must exist). Returns the per-file part of the build manifest.
 
@@ -420,10 +463,9 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
     TensorRT target: a strongly typed network runs the graph's types as written) keeps matmuls, their
     biases, activations, the residual stream and the conv / KV states in bf16, and casts to float32
     where model.py computes in float32: RMSNorm statistics, softmax, dt, the SSD scan and its state,
-    the D skip and the gated norm, the conv arithmetic, and the logits (output float32)."""
-    from .config import refuse_moe
-
-    refuse_moe(model.config, "build (ONNX export)")
+    the D skip and the gated norm, the conv arithmetic, and the logits (output float32). MoE layers
+    route in float32 at every compute dtype (their router is stored float32) and compute their experts
+    in the form ``moe_form`` (see budget_graph)."""
     out_dir = Path(out_dir)
     opset = check_opset(ssm_op, opset)
     check_compute_dtype(compute_dtype)
@@ -431,6 +473,7 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
         raise BudgetError("no budget to build", field="budget", fix="give --budget all or a budget name")
     for name, s in budgets.items():
         validate_subnet(model.config, s, where=f"budget {name}")
+    check_moe_form(model, budgets, moe_form, compute_dtype)
     model.eval()
     wf = WeightFile(model, dtype)
     files = {WEIGHTS_FILE: {"sha256": wf.write(out_dir / WEIGHTS_FILE), "bytes": wf.nbytes}}
@@ -439,7 +482,7 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
         graphs[name] = {}
         for kind in ("prefill", "decode"):
             fname = f"{name}.{kind}.onnx"
-            proto = budget_graph(model, s, wf, kind, ssm_op, opset, compute_dtype)
+            proto = budget_graph(model, s, wf, kind, ssm_op, opset, compute_dtype, moe_form)
             data = proto.SerializeToString()
             (out_dir / fname).write_bytes(data)
             files[fname] = {"sha256": _sha256(data), "bytes": len(data)}

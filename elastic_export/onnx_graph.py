@@ -6,6 +6,12 @@ dtype, each tensor aligned to 64 bytes. Output-side projections (``out_proj``, `
 *row range* of a stored tensor: contiguous on disk and in memory, referenced by (offset, length)
 with no copy. Prefixes on the other axis (embedding width, Mamba head channels) are applied to
 activations instead (zero-pad the input, slice the output), never to weights; see onnx_export.
+
+MoE weights (onnx_moe): the stacked experts keep transformers' layout, ``experts.up_proj`` [E, F, din]
+and ``experts.down_proj`` [E, din, F] (the layout of ONNX Runtime's contrib MoE operator too), so a
+prefix of experts is a row range; ``up_proj`` is also read flat, [E*F, din] (``rows(..., flat=True)``).
+The shared expert's ``down_proj`` is stored transposed like an MLP's. The router (``gate.weight``,
+``gate.e_score_correction_bias``) stays float32 whatever the build dtype, as in the model.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 64
-TRANSPOSED = ("mixer.out_proj.weight", "mixer.o_proj.weight", "mixer.down_proj.weight")
+TRANSPOSED = ("mixer.out_proj.weight", "mixer.o_proj.weight", "mixer.down_proj.weight",
+              "shared_experts.down_proj.weight")
+FLOAT32_KEPT = ("gate.weight", "gate.e_score_correction_bias")  # MoE routers: float32 at every dtype
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.bfloat16: TensorProto.BFLOAT16}
@@ -39,6 +47,10 @@ def is_transposed(name: str) -> bool:
     return name.endswith(TRANSPOSED)
 
 
+def keeps_float32(name: str) -> bool:
+    return any(name == s or name.endswith("." + s) for s in FLOAT32_KEPT)
+
+
 def _raw_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
@@ -47,21 +59,28 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
 
 
 class WeightFile:
-    """Layout of the family weight file: tensor name -> (byte offset, stored shape, dtype)."""
+    """Layout of the family weight file: tensor name -> (byte offset, stored shape); each tensor at
+    ``dtype`` except the float32-kept ones (``dtypes``)."""
 
     def __init__(self, model, dtype: torch.dtype):
         self.dtype = dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.entries: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         self.params: dict[str, torch.Tensor] = {}
         off = 0
         for name, p in model.state_dict(keep_vars=True).items():  # lm_head.weight unless the model is tied
             shape = tuple(p.shape[::-1]) if is_transposed(name) else tuple(p.shape)
             off = (off + ALIGN - 1) // ALIGN * ALIGN
             self.entries[name] = (off, shape)
+            self.dtypes[name] = torch.float32 if keeps_float32(name) else dtype
             self.params[name] = p
-            off += p.numel() * self.itemsize
+            off += p.numel() * self.item(name)
         self.nbytes = off
+
+    def item(self, name: str) -> int:
+        """Bytes per element of a stored tensor."""
+        return torch.empty((), dtype=self.dtypes[name]).element_size()
 
     def write(self, path: Path) -> str:
         """Write the file; return its SHA-256."""
@@ -70,7 +89,7 @@ class WeightFile:
             pos = 0
             for name, (off, _) in self.entries.items():
                 pad = b"\0" * (off - pos)
-                t = self.params[name].detach().to(self.dtype)
+                t = self.params[name].detach().to(self.dtypes[name])
                 data = _raw_bytes(t.t() if is_transposed(name) else t)
                 for chunk in (pad, data):
                     f.write(chunk)
@@ -78,10 +97,13 @@ class WeightFile:
                 pos = off + len(data)
         return sha.hexdigest()
 
-    def row_range(self, name: str, r0: int, r1: int) -> tuple[int, tuple[int, ...]]:
-        """Byte offset and shape of rows [r0, r1) of a stored tensor (contiguous by construction)."""
+    def row_range(self, name: str, r0: int, r1: int, flat: bool = False) -> tuple[int, tuple[int, ...]]:
+        """Byte offset and shape of rows [r0, r1) of a stored tensor (contiguous by construction). With
+        ``flat`` the tensor is read as 2-D, [prod(shape[:-1]), shape[-1]] (stacked experts as one matrix)."""
         off, shape = self.entries[name]
-        row = int(np.prod(shape[1:], dtype=np.int64)) * self.itemsize
+        if flat:
+            shape = (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+        row = int(np.prod(shape[1:], dtype=np.int64)) * self.item(name)
         return off + r0 * row, (r1 - r0, *shape[1:])
 
 
@@ -145,24 +167,26 @@ class GraphBuilder:
     def to_compute(self, x: str) -> str:
         return self.cast(x, self.compute)
 
-    def rows(self, name: str, r0: int, r1: int, dtype: int | None = None) -> str:
-        """Rows [r0, r1) of a stored tensor, read from the weight file with no copy; cast when the
-        stored dtype is not ``dtype`` (default: the compute dtype)."""
-        key = f"{name}[{r0}:{r1}]"
+    def rows(self, name: str, r0: int, r1: int, dtype: int | None = None, flat: bool = False) -> str:
+        """Rows [r0, r1) of a stored tensor (of its 2-D view with ``flat``, see WeightFile.row_range),
+        read from the weight file with no copy; cast when the stored dtype is not ``dtype`` (default:
+        the compute dtype)."""
+        key = f"{name}[{r0}:{r1}]" + ("flat" if flat else "")
+        stored = ONNX_DTYPES[self.wf.dtypes[name]]
         if key not in self.inits:
-            off, shape = self.wf.row_range(name, r0, r1)
+            off, shape = self.wf.row_range(name, r0, r1, flat)
             t = TensorProto()
             t.name = key
-            t.data_type = ONNX_DTYPES[self.wf.dtype]
+            t.data_type = stored
             t.dims.extend(shape)
             t.data_location = TensorProto.EXTERNAL
-            nbytes = int(np.prod(shape, dtype=np.int64)) * self.wf.itemsize
+            nbytes = int(np.prod(shape, dtype=np.int64)) * self.wf.item(name)
             for k, v in (("location", self.location), ("offset", str(off)), ("length", str(nbytes))):
                 e = t.external_data.add()
                 e.key, e.value = k, v
             self.inits[key] = t
         want = self.compute if dtype is None else dtype
-        if want != ONNX_DTYPES[self.wf.dtype]:
+        if want != stored:
             return self.op("Cast", key, to=want, name="wcast")
         return key
 

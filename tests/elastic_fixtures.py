@@ -8,7 +8,8 @@ from elastic_export.elastic import LayerWidths, Subnet, full_subnet
 
 
 def random_subnet(cfg, seed: int, keep_all: bool = False) -> Subnet:
-    """A random budget: every axis shrunk (embedding width, heads, head channels, FFN, depth)."""
+    """A random budget: every axis shrunk (embedding width, heads, head channels, FFN, depth; MoE: experts
+    kept per routing group, expert and shared-expert widths)."""
     rng = random.Random(seed)
     G, kv = cfg.n_groups, cfg.num_key_value_heads
     layers = []
@@ -20,6 +21,11 @@ def random_subnet(cfg, seed: int, keep_all: bool = False) -> Subnet:
                             mamba_head_dim=rng.randint(1, d["mamba_head_dim"]))
         elif t == "full_attention":
             w = LayerWidths(kept=kept, attn_heads=kv * rng.randint(1, d["num_attention_heads"] // kv))
+        elif t == "moe":
+            ng = cfg.n_group  # routing groups (G is the Mamba groups)
+            w = LayerWidths(kept=kept, experts=ng * rng.randint(2, d["n_routed_experts"] // ng),
+                            expert_ffn=rng.randint(1, d["moe_intermediate_size"]),
+                            shared_ffn=rng.randint(1, d["moe_shared_expert_intermediate_size"]))
         else:
             w = LayerWidths(kept=kept, ffn=rng.randint(1, d["intermediate_size"]))
         layers.append(w)

@@ -167,3 +167,26 @@ def test_the_matrix_names_its_sources():
         assert src["repository"] == "onnx/onnx-tensorrt" and src["path"] == "docs/operators.md"
         assert len(spec["operators"]) > 150 and spec["opset"][0] == 9
     assert VERSIONS["10.1"]["source"]["commit"] == "96e781103cfc4adf4a6bb557e94bac8e693f6f4c"
+
+
+# MoE layers (onnx_moe, dense form): routing in float32 (Sigmoid, TopK, ReduceSum, ScatterElements, Where,
+# GatherElements, ConstantOfShape) and the experts' Gemm / batched MatMul, in tiny MoE hybrids with one and
+# two routing groups
+@pytest.mark.parametrize("moe", [dict(n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1),
+                                 dict(n_routed_experts=5, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                      moe_latent_size=20)], ids=["groups", "latent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_moe_graphs_use_only_what_the_parser_supports(tmp_path, moe, dtype):
+    from elastic_export.model import build_model
+    from helpers import randomize, tiny_moe_config
+
+    cfg = tiny_moe_config(0, head_order="rank_major", **moe)
+    model = randomize(build_model(cfg, seed=0), 0).eval().to(dtype)
+    export_family(model, family(cfg, 0, 2), tmp_path, ssm_op="decomposed", dtype=dtype, compute_dtype=dtype)
+    # (moe_form auto: dense experts in prefill graphs, gathered ones in decode graphs)
+    ops = set()
+    for path in sorted(tmp_path.glob("*.onnx")):
+        ops |= {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        for version in VERSIONS:
+            assert unsupported(path, version) == [], path.name
+    assert {"TopK", "ScatterElements", "GatherElements", "Sigmoid", "Gather"} <= ops

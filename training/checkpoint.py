@@ -1,6 +1,6 @@
 """The resumable training state of a run (the nested checkpoint itself is elastic_export.nested's).
 
-Training state (``OUT/checkpoint/``, written atomically by rank 0): model, router and optimizer
+Training state (``OUT/checkpoint/``, safetensors + JSON, written atomically by rank 0): model, router and optimizer
 state, the global step, RNG states, the depth ranking and the evaluations so far. Everything random
 in a step is a function of (seed, step), so this is all an exact resume needs. The frozen teacher is
 written once to ``OUT/teacher/`` when elastification starts.
@@ -8,30 +8,74 @@ written once to ``OUT/teacher/`` when elastification starts.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from elastic_export.errors import CheckpointError
 from elastic_export.hf_io import atomic_dir
 
 
 # ---- training state -----------------------------------------------------------------------------
+# state.safetensors holds every tensor of the state; state.json the structure around them, with each
+# tensor replaced by {"__tensor__": key}. Tuples and dicts with non-string keys (optimizer states are
+# keyed by parameter index) are tagged so they come back as they went in. No pickle anywhere.
+
+def _encode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().contiguous().clone()  # safetensors refuses shared storage
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"training state holds a {type(obj).__name__}, which has no safetensors/JSON form")
+
+
+def _decode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
 
 def save_state(directory: str | Path, state: dict) -> None:
-    """Atomically replace ``directory`` with one holding ``state.pt``."""
+    """Atomically replace ``directory`` with one holding ``state.safetensors`` + ``state.json``."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, tensors)
     with atomic_dir(directory) as tmp:
-        torch.save(state, tmp / "state.pt")
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(structure))
 
 
 def load_state(directory: str | Path) -> dict | None:
-    f = Path(directory) / "state.pt"
+    directory = Path(directory)
+    f, meta = directory / "state.safetensors", directory / "state.json"
     if not f.is_file():
+        if (directory / "state.pt").is_file():
+            raise CheckpointError("is a training state of an older version (a pickle file, which is never loaded)",
+                                  path=directory / "state.pt", fix="delete the checkpoint directory to start over")
         return None
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
+        return _decode(json.loads(meta.read_text()), load_file(str(f)))
     except Exception as e:  # a truncated file cannot exist (atomic writes), but say so if it does
-        raise CheckpointError(f"could not be read ({e})", path=f, fix="delete it to start over") from None
+        raise CheckpointError(f"could not be read ({e})", path=directory, fix="delete it to start over") from None
 
 
 def rng_states() -> dict:
