@@ -327,3 +327,39 @@ def test_train_elastifies_a_tiny_moe_parent_end_to_end(tmp_path, metric):
     with torch.no_grad():
         for name, sub in subs.items():
             assert (slice_budget(ck.model, sub)(ids) - ck.model(ids, subnet=sub)).abs().max().item() <= 1e-5
+    if metric != "params":
+        return
+    # the chain on it: ONNX build, run from the build, validate (torch, sliced, torch engine, ONNX Runtime)
+    build, report = tmp_path / "build", tmp_path / "report"
+    out = CliRunner().invoke(main, ["build", str(nested), "--target", "onnx", "--out", str(build)])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, ["run", str(build), "--budget", "60pct", "--prompt", "def add", "--max-new-tokens", "4"])
+    assert out.exit_code == 0 and "[60pct] 4 tokens" in out.output, out.output
+    out = CliRunner().invoke(main, ["validate", str(build), "--report", str(report), "--tasks", "2",
+                                    "--greedy-tokens", "3", "--no-memory", "--quiet"])
+    assert out.exit_code == 0 and "PASSED" in out.output, out.output
+    rows = [l for l in out.output.splitlines() if l.startswith("ort-standard")]
+    assert len(rows) == 3 and all(l.endswith("pass") for l in rows), out.output
+
+
+@torch.no_grad()
+def test_rank_and_nest_a_moe_checkpoint_on_the_command_line(tmp_path):
+    from elastic_export.nested import load_nested
+
+    model = _model(9, **GROUPS["two_groups"])
+    model.save_pretrained(tmp_path / "parent")
+    (tmp_path / "calib.txt").write_text(" ".join(str(i % model.config.vocab_size) for i in range(7, 7 + 400)))
+    out = CliRunner().invoke(main, ["rank", str(tmp_path / "parent"), "--calib", str(tmp_path / "calib.txt"),
+                                    "--out", str(tmp_path / "sorted"), "--seq-len", "20", "--depth", "none"])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, ["nest", str(tmp_path / "sorted"), "--budget", "70%", "--budget", "90%/75%",
+                                    "--out", str(tmp_path / "nested")])
+    assert out.exit_code == 0, out.output
+    ck = load_nested(tmp_path / "nested")
+    ids = _ids(model.config, 9)
+    assert (ck.model(ids) - model(ids)).abs().max().item() <= 1e-5  # sorted, function preserved
+    assert count_active_params(ck.config, ck.budgets["90pct-A75pct"]) <= 0.75 * count_active_params(ck.config)
+    assert any(w.experts is not None and w.experts < ck.config.n_routed_experts
+               for s in ck.budgets.values() for w in s.layers)
+    for s in ck.budgets.values():
+        assert (slice_budget(ck.model, s)(ids) - ck.model(ids, subnet=s)).abs().max().item() <= 1e-5
