@@ -82,7 +82,8 @@ def _load_parent(path: str, dtype=None):
 
 _search_options = [
     click.option("--budget", "budgets", multiple=True, required=True,
-                 help="75%, 9B, 300M, NAME=SPEC or [NAME=]subnet.json (repeatable)."),
+                 help="75%, 9B, 300M, NAME=SPEC or [NAME=]subnet.json (repeatable); MoE parents also "
+                      "TOTAL/ACTIVE (23B/2.8B) to bound the active parameters."),
     click.option("--mode", type=click.Choice(["homogeneous", "heterogeneous"]), default="homogeneous",
                  show_default=True, help="One width per axis, or one per layer."),
     click.option("--divisor", type=int, default=None, help="Embedding width (and FFN) multiple [64 at scale]."),

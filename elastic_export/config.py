@@ -334,15 +334,6 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def refuse_moe(cfg: ModelConfig, command: str) -> None:
-    """ConfigError for a command that does not handle MoE layers yet (instead of a crash or a wrong result)."""
-    if cfg.has_moe:
-        layers = [i for i, t in enumerate(cfg.layers_block_type) if t == "moe"]
-        raise ConfigError(f"MoE layers are not supported by {command} yet (layers {layers[:4]}"
-                          f"{'...' if len(layers) > 4 else ''} are moe)", field="layers_block_type",
-                          fix="inspect, plan-memory, slice and load handle MoE models; this command does not")
-
-
 def check_expert_groups(experts: int, n_group: int, bad) -> None:
     """Routed experts split over routing groups as transformers' router needs: evenly, and at least
     two per group (it ranks a group by the sum of its two best scores). ``bad(msg, fix)`` refuses."""

@@ -9,7 +9,17 @@ Width scores (one pass over the calibration data, hooks on each mixer's input X 
   score f_h = ||S[h, D_top]||_2 over the top ``head_channels`` channels (all channels by default).
   Heads are ranked inside their group later (sorting.py), so a head never changes group;
 - attention query head h: sum over batch and sequence of ||softmax(q_h k_g^T / sqrt(hd)) v_g||_2,
-  its output before o_proj (g = its KV group); ranked inside its KV group later.
+  its output before o_proj (g = its KV group); ranked inside its KV group later;
+- MoE routed expert j (REAP, Lasby et al. 2025, "router-weighted expert activation pruning"):
+  S_j = 1/|X_j| * sum_{x in X_j} g_j(x) * ||f_j(x)||_2, where X_j is the set of calibration tokens
+  whose top-k choice includes j, g_j(x) the gate weight the layer multiplies expert j's output by
+  (normalized over the chosen experts when norm_topk_prob, times routed_scaling_factor: a common
+  factor, it does not change the ranking) and f_j(x) = down_j(act(up_j(u))) the expert's output
+  (u = x, or fc1_latent_proj(x) for a latent MoE: the norm is taken in the experts' own width). An
+  expert no token chose scores 0. Experts are ranked inside their routing group later (sorting.py);
+- MoE expert neuron i of expert j: sum over the tokens routed to j of |u W_up,j,i^T| (its up
+  projection's output, as Eq. 2 for MLP neurons), ungated; shared-expert neuron i: Eq. 2 over all
+  tokens.
 
 Depth (Eq. 5): s_j = sum (M_full - M_-j)^2 / sum M_full^2 over the calibration logits M, with layer
 j skipped. ``iterative``: remove the lowest-scoring layer, re-score the rest with it removed (always
@@ -32,8 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import refuse_moe
-from .elastic import LayerWidths, Subnet, full_subnet, group_members
+from .elastic import LayerWidths, Subnet, full_subnet, group_members, moe_views
 from .errors import ConfigError
 
 DEPTH_MODES = ("oneshot", "iterative", "none")
@@ -112,7 +121,7 @@ class Importance:
     """Scores per axis, indexed like the model's weights (the current head order).
 
     ``layers[i]``: Mamba ``{"channels": [P], "heads": [H]}``, attention ``{"heads": [Hq]}``,
-    MLP ``{"ffn": [F]}``. ``depth`` [L] and ``depth_order`` (least important first) may be None.
+    MLP ``{"ffn": [F]}``, MoE ``{"experts": [E] (REAP), "expert_ffn": [E, F], "shared_ffn": [S]}``. ``depth`` [L] and ``depth_order`` (least important first) may be None.
     """
     hidden: torch.Tensor
     layers: list[dict[str, torch.Tensor]]
@@ -159,6 +168,31 @@ def _attention_head_norms(a, x: torch.Tensor) -> torch.Tensor:
     return o.norm(dim=-1).sum(dim=(0, 2))  # [H]
 
 
+def _moe_sums(m, x: torch.Tensor) -> list[torch.Tensor]:
+    """One batch's sums for a MoE layer (float32 compute, float64 sums): [sum of g_j * ||f_j|| over the
+    tokens routed to j [E], their count [E], expert neuron |up| sums [E, F], shared neuron |up| sums [S]]."""
+    E, F_, din = m.experts.up_proj.shape
+    v = moe_views(m, LayerWidths(experts=E, expert_ffn=F_, shared_ffn=m.shared_experts.up_proj.weight.shape[0]),
+                  x.shape[-1])
+    x = x.reshape(-1, x.shape[-1])  # [T, D]
+    weights, idx = m.route(x, v)  # [T, k] float32, [T, k]
+    u = x if v.latent is None else F.linear(x, _f32(v.latent[0]), _f32(v.latent[1]))  # [T, din]
+    reap = torch.zeros(E, dtype=torch.float64)
+    routed = torch.bincount(idx.reshape(-1), minlength=E).double().cpu()
+    neurons = torch.zeros(E, F_, dtype=torch.float64)
+    for j in range(E):  # one block of rows per expert, as moe.routed_experts runs them
+        t, k = (idx == j).nonzero(as_tuple=True)
+        if t.numel() == 0:
+            continue
+        a = F.linear(u[t], _f32(v.Wup[j]))  # [n, F]
+        out = F.linear(m.act(a), _f32(v.Wdown[j]))  # [n, din]
+        reap[j] = float((weights[t, k] * out.norm(dim=-1)).double().sum())
+        neurons[j] = a.abs().sum(0).double().cpu()
+    sh = m.shared_experts.up_proj
+    shared = F.linear(x, _f32(sh.weight), _f32(sh.bias)).abs().sum(0).double().cpu()
+    return [reap, routed, neurons, shared]
+
+
 @torch.no_grad()
 def width_scores(model, batches: list[torch.Tensor], head_channels: int | None = None) -> Importance:
     """Embedding, FFN, Mamba channel/head and attention head scores from one pass (see module doc)."""
@@ -180,6 +214,8 @@ def width_scores(model, batches: list[torch.Tensor], head_channels: int | None =
                 acc[i] = acc.get(i, 0) + s.double().cpu()
             elif t == "full_attention":
                 acc[i] = acc.get(i, 0) + _attention_head_norms(mixer, x).double().cpu()
+            elif t == "moe":
+                acc[i] = [a + b for a, b in zip(acc[i], _moe_sums(mixer, x))] if i in acc else _moe_sums(mixer, x)
             else:
                 u = F.linear(x, _f32(mixer.up_proj.weight), _f32(mixer.up_proj.bias))
                 acc[i] = acc.get(i, 0) + u.abs().sum(dim=(0, 1)).double().cpu()
@@ -207,6 +243,9 @@ def width_scores(model, batches: list[torch.Tensor], head_channels: int | None =
             layers.append({"channels": ch, "heads": a[:, top].norm(dim=1)})  # [H] (Eq. 4)
         elif t == "full_attention":
             layers.append({"heads": a})
+        elif t == "moe":
+            reap, routed, neurons, shared = a
+            layers.append({"experts": reap / routed.clamp(min=1), "expert_ffn": neurons, "shared_ffn": shared})
         else:
             layers.append({"ffn": a})
     return Importance(acc["hidden"], layers)
@@ -265,7 +304,6 @@ def compute_importance(model, calib: torch.Tensor, batch_size: int = 8, depth: s
     """All scores for ``model`` (weights in their current order) from calibration windows [n, L]."""
     if depth not in DEPTH_MODES:
         raise ConfigError(f"unknown depth mode {depth!r}", field="depth", fix=f"use one of {DEPTH_MODES}")
-    refuse_moe(model.config, "rank (importance)")
     was_training = model.training
     model.eval()
     try:

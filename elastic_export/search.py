@@ -2,7 +2,10 @@
 
 A target is ``75%`` (of the parent's parameters), ``9B`` / ``6.5B`` / ``300M`` / ``120K`` / an
 integer (parameters), or a JSON file holding a subnet (``Subnet.to_dict``). ``NAME=SPEC`` names it;
-otherwise ``9B`` is named ``9B`` and ``75%`` ``75pct``. The target is an upper bound.
+otherwise ``9B`` is named ``9B`` and ``75%`` ``75pct``. The target is an upper bound. For a MoE
+parent ``TOTAL/ACTIVE`` (``23B/2.8B``, ``75%/60%``) bounds the active parameters too (per token: the
+routed experts counted top-k times, accounting.count_active_params); it is named ``23B-A2.8B``. A
+total of ``100%`` bounds the active parameters alone.
 
 Knobs and their choices (every choice respects the constraints):
 - embedding width d_e: multiples of ``embed_divisor`` (64 at scale);
@@ -10,6 +13,10 @@ Knobs and their choices (every choice respects the constraints):
   every group); Mamba head channels: multiples of ``channel_step``; attention heads: multiples of
   num_key_value_heads. Homogeneous mode has one knob per axis; heterogeneous mode one per layer
   (the embedding width stays global);
+- MoE: routed experts kept (multiples of ``n_group`` with at least two per group, the same count in
+  every group; steps of ``expert_step``), each expert's neurons (multiples of ``ffn_divisor``) and the
+  shared expert's. Expert scores are REAP (importance.py), the expert-neuron retained mass is that of
+  the neuron scores summed over experts;
 - depth: the number of layers dropped along the depth ranking (only with depth ranks).
 
 Our choice of objective (the paper trains a router instead): minimize sum_k w_k * (u_k + u_k^2),
@@ -18,7 +25,9 @@ sorted scores over their total; the kept fraction when no scores are given) and 
 the parent's parameters the knob acts on. The log term alone is flat between cutting the embedding
 width and cutting every other axis in proportion; the square makes the cut spread over the axes.
 Greedy: repeatedly take the one-step shrink with the smallest loss per parameter saved until the
-budget fits, then grow back any knob that still fits (largest gain per parameter first). With
+budget fits, then grow back any knob that still fits (largest gain per parameter first). With an
+active target too, a step's saving is the sum over the bounds still exceeded of its saving relative
+to that bound (total and active parameters alike), and growing back must keep both. With
 uniform scores all axes shrink about evenly; with scores, axes whose tail carries little
 importance shrink first.
 """
@@ -31,8 +40,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accounting import embedding_params, layer_params, count_params
-from .config import ModelConfig, refuse_moe
+from .accounting import active_layer_params, count_active_params, count_params, embedding_params, layer_params
+from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
 from .errors import BudgetError
 
@@ -49,6 +58,7 @@ class Target:
     spec: str
     params: int | None = None  # a parameter target, or
     subnet: Subnet | None = None  # an explicit subnet
+    active: int | None = None  # MoE: a bound on the active parameters too
 
 
 def parse_budget(spec: str, cfg: ModelConfig) -> Target:
@@ -70,24 +80,40 @@ def parse_budget(spec: str, cfg: ModelConfig) -> Target:
         _check_name(name, spec)
         validate_subnet(cfg, subnet, where=f"budget {name}")
         return Target(name, spec, subnet=subnet)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|[KMBGT]?)", value, flags=re.IGNORECASE)
-    if not m:
-        raise BudgetError(f"cannot read budget {spec!r}", field="--budget",
-                          fix="use a percentage (75%), a parameter count (9B, 300M), NAME=SPEC or a subnet .json")
-    number, unit = float(m.group(1)), m.group(2).upper()
-    if unit == "%":
-        params = int(full * number / 100)
-        name = name or f"{m.group(1)}pct"
-    else:
-        params = int(number * UNITS.get(unit, 1))
-        name = name or value
+    total_spec, _, active_spec = value.partition("/")
+    params, auto = _amount(total_spec, full, spec)
+    active = None
+    if active_spec:
+        if not cfg.has_moe:
+            raise BudgetError(f"budget {spec!r} bounds active parameters, but the parent has no MoE layers "
+                              "(every parameter is active)", field="--budget", fix="give the total alone")
+        full_active = count_active_params(cfg)
+        active, auto_a = _amount(active_spec, full_active, spec)
+        auto = f"{auto}-A{auto_a}"
+        if active > full_active:
+            raise BudgetError(f"budget {spec!r} asks for {active:,} active parameters, more than the parent's "
+                              f"{full_active:,}", field="--budget", fix="give an active bound no larger than the parent's")
+    name = name or auto
     _check_name(name, spec)
     if params > full:
         raise BudgetError(f"budget {name!r} asks for {params:,} parameters, more than the parent's {full:,}",
                           field="--budget", fix="give a budget no larger than the parent (at most 100%)")
-    if params <= 0:
+    if params <= 0 or active is not None and active <= 0:
         raise BudgetError(f"budget {name!r} asks for no parameters", field="--budget")
-    return Target(name, spec, params=params)
+    return Target(name, spec, params=params, active=active)
+
+
+def _amount(value: str, full: int, spec: str) -> tuple[int, str]:
+    """``75%`` / ``9B`` / an integer -> (parameters, default name)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|[KMBGT]?)", value.strip(), flags=re.IGNORECASE)
+    if not m:
+        raise BudgetError(f"cannot read budget {spec!r}", field="--budget",
+                          fix="use a percentage (75%), a parameter count (9B, 300M), NAME=SPEC, a subnet .json, or "
+                              "TOTAL/ACTIVE for a MoE parent (23B/2.8B)")
+    number, unit = float(m.group(1)), m.group(2).upper()
+    if unit == "%":
+        return int(full * number / 100), f"{m.group(1)}pct"
+    return int(number * UNITS.get(unit, 1)), value.strip()
 
 
 def _check_name(name: str, spec: str) -> None:
@@ -106,10 +132,17 @@ def default_divisor(n: int, min_choices: int = 8, largest: int = 64) -> int:
     return div
 
 
-def _choices(n: int, step: int) -> list[int]:
-    """Allowed widths, largest first: n and every multiple of step below it."""
+def _choices(n: int, step: int, least: int = 1) -> list[int]:
+    """Allowed widths, largest first: n and every multiple of step below it (at least ``least``)."""
     vals = {n} | {k * step for k in range(1, n // step + 1)}
-    return sorted((v for v in vals if 0 < v <= n), reverse=True)
+    return sorted((v for v in vals if max(1, least) <= v <= n), reverse=True)
+
+
+def expert_choices(E: int, n_group: int, step: int | None = None) -> list[int]:
+    """Routed-expert counts of a MoE layer, largest first: multiples of ``step`` (a multiple of n_group;
+    default n_group x default_divisor(E / n_group, 16)) keeping at least two experts per group."""
+    step = step or n_group * default_divisor(E // n_group, 16)
+    return _choices(E, step, 2 * n_group)
 
 
 def retained_fraction(scores, choices: list[int], full: int | None = None) -> list[float]:
@@ -159,7 +192,8 @@ class _Knob:
 
 class _Search:
     def __init__(self, cfg: ModelConfig, mode: str, importance=None, embed_divisor: int | None = None,
-                 ffn_divisor: int | None = None, channel_step: int | None = None, depth: bool | None = None):
+                 ffn_divisor: int | None = None, channel_step: int | None = None, depth: bool | None = None,
+                 expert_step: int | None = None):
         if mode not in MODES:
             raise BudgetError(f"unknown search mode {mode!r}", field="mode", fix=f"use one of {MODES}")
         self.cfg = cfg
@@ -175,8 +209,8 @@ class _Search:
         hidden_scores = None if imp is None else imp.hidden
         knobs.append(_Knob("hidden", "hidden", [], dch, retained_fraction(hidden_scores, dch), 1.0))
 
-        def add(kind, field, layers, n, step, scores_of):
-            ch = _choices(n, step)
+        def add(kind, field, layers, n, step, scores_of, ch=None):
+            ch = ch or _choices(n, step)
             share = sum(lp_full[i] for i in layers) / total
             if mode == "homogeneous":
                 rs = [retained_fraction(scores_of(i), ch) for i in layers]
@@ -206,6 +240,17 @@ class _Search:
             ls = by_type["full_attention"]
             add("attn_heads", "attn_heads", ls, dims[ls[0]]["num_attention_heads"], cfg.num_key_value_heads,
                 scores("heads"))
+        if "moe" in by_type:
+            ls = by_type["moe"]
+            E, f, sf = (dims[ls[0]][k] for k in ("n_routed_experts", "moe_intermediate_size",
+                                                 "moe_shared_expert_intermediate_size"))
+            if expert_step is not None and expert_step % cfg.n_group:
+                raise BudgetError(f"expert step {expert_step} is not a multiple of n_group={cfg.n_group}",
+                                  field="expert_step", fix=f"use a multiple of {cfg.n_group}")
+            add("experts", "experts", ls, E, None, scores("experts"), expert_choices(E, cfg.n_group, expert_step))
+            add("expert_ffn", "expert_ffn", ls, f, ffn_divisor or default_divisor(f),
+                lambda i: None if imp is None else imp.layers[i]["expert_ffn"].sum(0))
+            add("shared_ffn", "shared_ffn", ls, sf, ffn_divisor or default_divisor(sf), scores("shared_ffn"))
         has_depth = imp is not None and imp.depth_order is not None
         if depth and not has_depth:
             raise BudgetError("depth pruning needs depth ranks", field="--depth",
@@ -221,55 +266,66 @@ class _Search:
 
     def _homogeneous_widths_check(self, by_type, dims, mode):
         keys = {"mlp": ("intermediate_size",), "linear_attention": ("mamba_num_heads", "mamba_head_dim"),
-                "full_attention": ("num_attention_heads",)}
+                "full_attention": ("num_attention_heads",),
+                "moe": ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size")}
         for t, ls in by_type.items():
             for k in keys[t]:
                 if len({dims[i][k] for i in ls}) > 1:
                     raise BudgetError(f"the parent is heterogeneous ({k} differs across layers)", field="parent",
                                       fix="search budgets on the homogeneous parent, not on a slice")
 
-    # -- state: embedding width, per-layer widths and kept flags; parameters kept incrementally
+    # -- state: embedding width, per-layer widths and kept flags; parameters (total and active) kept
+    # incrementally
     def _reset(self):
         cfg = self.cfg
         self.d = cfg.hidden_size
         self.widths = [{k: v for k, v in w.to_dict().items() if k != "kept"} for w in self.full.layers]
         self.kept = [True] * cfg.num_hidden_layers
-        self.lp = [self._layer(i, self.d, self.widths[i], True) for i in range(cfg.num_hidden_layers)]
+        self.lp, self.la = map(list, zip(*(self._layer(i, self.d, self.widths[i], True)
+                                           for i in range(cfg.num_hidden_layers))))
         self.total = embedding_params(cfg, self.d) + sum(self.lp)
+        self.active = embedding_params(cfg, self.d) + sum(self.la)
         for k in self.knobs:
             k.idx = 0
 
-    def _layer(self, i, d, widths, kept) -> int:
-        return layer_params(self.cfg, i, d, LayerWidths(kept, **widths)) if kept else 0
+    def _layer(self, i, d, widths, kept) -> tuple[int, int]:
+        """(parameters, active parameters) of layer i."""
+        if not kept:
+            return 0, 0
+        w = LayerWidths(kept, **widths)
+        return layer_params(self.cfg, i, d, w), active_layer_params(self.cfg, i, d, w)
 
-    def _trial(self, k: _Knob, j: int) -> tuple[int, dict]:
-        """Parameters after setting knob k to choice j, and the per-layer changes {i: (widths, kept, params)}."""
+    def _trial(self, k: _Knob, j: int) -> tuple[int, int, dict]:
+        """(parameters, active parameters) after setting knob k to choice j, and the per-layer changes
+        {i: (widths, kept, params, active)}."""
         v = k.choices[j]
         changes = {}
         if k.field == "hidden":
             for i in range(len(self.lp)):
-                changes[i] = (self.widths[i], self.kept[i], self._layer(i, v, self.widths[i], self.kept[i]))
-            return embedding_params(self.cfg, v) + sum(c[2] for c in changes.values()), changes
+                changes[i] = (self.widths[i], self.kept[i], *self._layer(i, v, self.widths[i], self.kept[i]))
+            emb = embedding_params(self.cfg, v)
+            return emb + sum(c[2] for c in changes.values()), emb + sum(c[3] for c in changes.values()), changes
         if k.field == "depth":
             dropped = set(self.depth_order[:v])
             for i in range(len(self.lp)):
                 if (i not in dropped) != self.kept[i]:
                     changes[i] = (self.widths[i], i not in dropped,
-                                  self._layer(i, self.d, self.widths[i], i not in dropped))
+                                  *self._layer(i, self.d, self.widths[i], i not in dropped))
         else:
             for i in k.layers:
                 w = {**self.widths[i], k.field: v}
-                changes[i] = (w, self.kept[i], self._layer(i, self.d, w, self.kept[i]))
-        return self.total + sum(c[2] - self.lp[i] for i, c in changes.items()), changes
+                changes[i] = (w, self.kept[i], *self._layer(i, self.d, w, self.kept[i]))
+        return (self.total + sum(c[2] - self.lp[i] for i, c in changes.items()),
+                self.active + sum(c[3] - self.la[i] for i, c in changes.items()), changes)
 
     def _commit(self, k: _Knob, j: int) -> None:
-        total, changes = self._trial(k, j)
-        for i, (w, kept, p) in changes.items():
-            self.widths[i], self.kept[i], self.lp[i] = w, kept, p
+        total, active, changes = self._trial(k, j)
+        for i, (w, kept, p, a) in changes.items():
+            self.widths[i], self.kept[i], self.lp[i], self.la[i] = w, kept, p, a
         if k.field == "hidden":
             self.d = k.choices[j]
         k.idx = j
-        self.total = total
+        self.total, self.active = total, active
 
     def subnet(self) -> Subnet:
         return Subnet(self.d, tuple(LayerWidths(kept, **w) for w, kept in zip(self.widths, self.kept)))
@@ -279,28 +335,42 @@ class _Search:
         """Objective loss of knob k at choice j: w * (u + u^2), u = -log(retained importance)."""
         return objective(k.weight, k.retained[j])
 
-    def run(self, target: int) -> Subnet:
+    def _saving(self, dp: int, da: int, target: int, active: int | None) -> float:
+        """A shrink's saving: parameters (a total target alone, as for dense models), else the sum over
+        the bounds still exceeded of the saving relative to the bound."""
+        if active is None:
+            return dp
+        return (dp / target if self.total > target else 0.0) + (da / active if self.active > active else 0.0)
+
+    def run(self, target: int, active: int | None = None) -> Subnet:
         self._reset()
-        cache: dict[str, tuple[float, int]] = {}
-        while self.total > target:
+        cache: dict[str, tuple[float, int, int]] = {}
+
+        def over():
+            return self.total > target or (active is not None and self.active > active)
+
+        while over():
             best = None
             for k in self.knobs:
                 if k.idx + 1 >= len(k.choices):
                     continue
                 if k.name not in cache:
-                    p, _ = self._trial(k, k.idx + 1)
+                    p, a, _ = self._trial(k, k.idx + 1)
                     if k.field == "depth" and k.choices[k.idx + 1] >= len(self.lp):
                         continue
-                    cache[k.name] = (self._cost(k, k.idx + 1) - self._cost(k, k.idx), self.total - p)
-                cost, saving = cache[k.name]
+                    cache[k.name] = (self._cost(k, k.idx + 1) - self._cost(k, k.idx), self.total - p, self.active - a)
+                cost, dp, da = cache[k.name]
+                saving = self._saving(dp, da, target, active)
                 if saving <= 0:
                     continue
                 ratio = cost / saving
                 if best is None or ratio < best[0]:
                     best = (ratio, k)
             if best is None:
-                raise BudgetError(f"cannot reach {target:,} parameters: the smallest subnet under the constraints "
-                                  f"has {self.total:,}", field="--budget", fix="give a larger budget")
+                what = f"{target:,} parameters" + ("" if active is None else f" ({active:,} active)")
+                raise BudgetError(f"cannot reach {what}: the smallest subnet under the constraints "
+                                  f"has {self.total:,}" + ("" if active is None else f" ({self.active:,} active)"),
+                                  field="--budget", fix="give a larger budget")
             k = best[1]
             self._commit(k, k.idx + 1)
             # the embedding width and depth change every knob's saving; a layer knob those sharing its layers
@@ -313,11 +383,13 @@ class _Search:
             for k in self.knobs:
                 if k.idx == 0:
                     continue
-                p, _ = self._trial(k, k.idx - 1)
+                p, a, _ = self._trial(k, k.idx - 1)
                 gain = self._cost(k, k.idx) - self._cost(k, k.idx - 1)
-                if p > target or gain <= 0:
+                if p > target or (active is not None and a > active) or gain <= 0:
                     continue
-                score = gain / max(1, p - self.total)
+                added = max(1, p - self.total) if active is None else \
+                    max(1e-12, (p - self.total) / target + (a - self.active) / active)
+                score = gain / added
                 if best is None or score > best[0]:
                     best = (score, k)
             if best is None:
@@ -331,21 +403,22 @@ class _Search:
 
 def search_subnet(cfg: ModelConfig, target_params: int, mode: str = "homogeneous", importance=None,
                   embed_divisor: int | None = None, ffn_divisor: int | None = None,
-                  channel_step: int | None = None, depth: bool | None = None) -> Subnet:
-    """The subnet with at most ``target_params`` parameters chosen from the ranks (see module doc).
+                  channel_step: int | None = None, depth: bool | None = None, active_params: int | None = None,
+                  expert_step: int | None = None) -> Subnet:
+    """The subnet with at most ``target_params`` parameters (and at most ``active_params`` active ones,
+    when given) chosen from the ranks (see module doc).
 
     ``importance`` must be indexed like the sorted weights (as :func:`sorting.sort_model` returns it);
     None treats every component alike. ``depth`` None: prune depth when depth ranks are given.
     """
-    refuse_moe(cfg, "the budget search (plan, nest)")
     full = count_params(cfg)
     if target_params > full:
         raise BudgetError(f"target {target_params:,} parameters is more than the parent's {full:,}",
                           field="--budget", fix="give a budget no larger than the parent")
-    if target_params == full:
+    if target_params == full and (active_params is None or active_params >= count_active_params(cfg)):
         return full_subnet(cfg)
-    s = _Search(cfg, mode, importance, embed_divisor, ffn_divisor, channel_step, depth)
-    return s.run(target_params)
+    s = _Search(cfg, mode, importance, embed_divisor, ffn_divisor, channel_step, depth, expert_step)
+    return s.run(target_params, active_params)
 
 
 def plan_budgets(cfg: ModelConfig, specs: list[str], mode: str = "homogeneous", importance=None,
@@ -359,7 +432,7 @@ def plan_budgets(cfg: ModelConfig, specs: list[str], mode: str = "homogeneous", 
                               fix="name budgets uniquely with NAME=SPEC" if t.name != "full" else
                               "'full' is the parent itself; name the budget otherwise")
         out[t.name] = t.subnet if t.subnet is not None else \
-            search_subnet(cfg, t.params, mode, importance, **search_kw)
+            search_subnet(cfg, t.params, mode, importance, active_params=t.active, **search_kw)
     return dict(sorted(out.items(), key=lambda kv: -count_params(cfg, kv[1])))
 
 
@@ -399,7 +472,11 @@ def plan_text(cfg: ModelConfig, budgets: dict[str, Subnet], dtype: str = "bfloat
     lines = ["budgets:"]
     for n in names:
         p = count_params(cfg, budgets[n])
-        lines.append(f"  {n:<10} {human(p):>8} ({100 * p / full:5.1f}%)  {describe(cfg, budgets[n])}")
+        active = ""
+        if cfg.has_moe:  # per token: the routed experts counted top-k times
+            a = count_active_params(cfg, budgets[n])
+            active = f" active {human(a):>8} ({100 * a / count_active_params(cfg):5.1f}%)"
+        lines.append(f"  {n:<10} {human(p):>8} ({100 * p / full:5.1f}%){active}  {describe(cfg, budgets[n])}")
     lines += ["", f"memory at {dtype}, context {context}, batch {batch} (SSM state float32):",
               f"  {'budget':<10} {'params':>8} {'weights':>10} {'KV cache':>10} {'SSM+conv':>10} "
               f"{'activations':>11} {'total':>10}"]

@@ -10,7 +10,13 @@ Permutations (``perm[new] = old``, most important first):
   (position j*G + g holds the rank-j head of group g), so a head never changes group and every
   group keeps the same count. z, x, dt rows, the conv's x channels, dt_bias, A_log, D, the gated
   norm and out_proj's columns move together; B, C and n_groups are untouched;
-- attention: query heads ranked inside their KV group and stored rank-major (q rows, o columns).
+- attention: query heads ranked inside their KV group and stored rank-major (q rows, o columns);
+- MoE: routed experts by REAP score, ranked inside their routing group (``n_group``) and stored
+  rank-major like Mamba heads (elastic.moe_views: k experts per group are a prefix of k*G); the
+  router's rows, ``e_score_correction_bias`` and the expert weights move together (the grouped
+  top-k reads groups in the same head order, so every token picks the same experts); each expert's
+  neurons by its own scores (up rows, down columns of that expert), the shared expert's as an MLP's.
+  The latent projections (latent MoE) take the embedding permutation only.
 The sorted model has ``head_order = "rank_major"``; its logits equal the parent's up to rounding.
 """
 
@@ -27,7 +33,9 @@ from .importance import Importance
 @dataclass
 class Permutations:
     hidden: torch.Tensor  # [D]
-    layers: list[dict[str, torch.Tensor]]  # Mamba {"heads", "channels"}, attention {"heads"}, MLP {"ffn"}
+    # Mamba {"heads", "channels"}, attention {"heads"}, MLP {"ffn"},
+    # MoE {"experts" [E], "expert_ffn" [E, F] (row j: expert j's neuron order, old indices), "shared_ffn"}
+    layers: list[dict[str, torch.Tensor]]
 
 
 def _desc(scores: torch.Tensor) -> torch.Tensor:
@@ -53,6 +61,10 @@ def permutations(cfg, imp: Importance) -> Permutations:
                            "channels": _desc(s["channels"])})
         elif t == "full_attention":
             layers.append({"heads": rank_major_perm(s["heads"], cfg.num_key_value_heads, cfg.head_order)})
+        elif t == "moe":
+            layers.append({"experts": rank_major_perm(s["experts"], cfg.n_group, cfg.head_order),
+                           "expert_ffn": torch.argsort(s["expert_ffn"], dim=1, descending=True, stable=True),
+                           "shared_ffn": _desc(s["shared_ffn"])})
         else:
             layers.append({"ffn": _desc(s["ffn"])})
     return Permutations(_desc(imp.hidden), layers)
@@ -111,14 +123,40 @@ def permute_state(cfg, state: dict[str, torch.Tensor], perms: Permutations) -> d
                 cols(m + name + ".weight", pi)
             cols(m + "o_proj.weight", q)
             rows(m + "o_proj.weight", pi)
+        elif t == "moe":
+            pe = p["experts"]
+            for name in ("gate.weight", "gate.e_score_correction_bias", "experts.up_proj", "experts.down_proj"):
+                rows(m + name, pe)
+            cols(m + "gate.weight", pi)
+            nf = p["expert_ffn"][pe]  # [E, F]: neuron order of each expert at its new position
+            up, down = s[m + "experts.up_proj"], s[m + "experts.down_proj"]  # [E, F, din], [E, din, F]
+            s[m + "experts.up_proj"] = up.gather(1, nf[:, :, None].expand(up.shape))
+            s[m + "experts.down_proj"] = down.gather(2, nf[:, None, :].expand(down.shape))
+            if m + "fc1_latent_proj.weight" in s:  # latent: D -> L -> D; the experts see L, not D
+                cols(m + "fc1_latent_proj.weight", pi)
+                rows(m + "fc2_latent_proj.weight", pi)
+                rows(m + "fc2_latent_proj.bias", pi)
+            else:
+                s[m + "experts.up_proj"] = s[m + "experts.up_proj"][:, :, pi]
+                s[m + "experts.down_proj"] = s[m + "experts.down_proj"][:, pi]
+            _permute_mlp(s, m + "shared_experts.", p["shared_ffn"], pi)
         else:
-            rows(m + "up_proj.weight", p["ffn"])
-            rows(m + "up_proj.bias", p["ffn"])
-            cols(m + "up_proj.weight", pi)
-            cols(m + "down_proj.weight", p["ffn"])
-            rows(m + "down_proj.weight", pi)
-            rows(m + "down_proj.bias", pi)
+            _permute_mlp(s, m, p["ffn"], pi)
     return {k: v.contiguous() for k, v in s.items()}
+
+
+def _permute_mlp(s: dict, m: str, f: torch.Tensor, pi: torch.Tensor) -> None:
+    """An MLP's neurons by ``f`` (up rows, down columns) and its embedding side by ``pi``."""
+    def take(name, idx, dim):
+        if name in s and s[name] is not None:
+            s[name] = s[name].index_select(dim, idx)
+
+    take(m + "up_proj.weight", f, 0)
+    take(m + "up_proj.bias", f, 0)
+    take(m + "up_proj.weight", pi, 1)
+    take(m + "down_proj.weight", f, 1)
+    take(m + "down_proj.weight", pi, 0)
+    take(m + "down_proj.bias", pi, 0)
 
 
 def permute_importance(cfg, imp: Importance, perms: Permutations) -> Importance:
@@ -129,6 +167,10 @@ def permute_importance(cfg, imp: Importance, perms: Permutations) -> Importance:
             layers.append({"heads": s["heads"][p["heads"]], "channels": s["channels"][p["channels"]]})
         elif t == "full_attention":
             layers.append({"heads": s["heads"][p["heads"]]})
+        elif t == "moe":
+            pe = p["experts"]
+            layers.append({"experts": s["experts"][pe], "expert_ffn": s["expert_ffn"][pe].gather(1, p["expert_ffn"][pe]),
+                           "shared_ffn": s["shared_ffn"][p["shared_ffn"]]})
         else:
             layers.append({"ffn": s["ffn"][p["ffn"]]})
     return Importance(imp.hidden[perms.hidden], layers, imp.depth, imp.depth_order)
@@ -140,11 +182,9 @@ def sort_model(model, imp: Importance):
 
     Returns ``(sorted_model, sorted_importance)``; the input model is left unchanged.
     """
-    from .config import refuse_moe
     from .model import NemotronHForCausalLM
 
     cfg = model.config
-    refuse_moe(cfg, "sort")
     perms = permutations(cfg, imp)
     state = permute_state(cfg, model.state_dict(), perms)
     new_cfg = cfg.replace(head_order="rank_major")

@@ -159,35 +159,6 @@ def test_plan_memory_shows_active_compute_and_full_weight_memory():
     assert f"{m.weights / 1e9:.2f} GB" in out.output
 
 
-@pytest.mark.parametrize("argv", [["plan", "--preset", "nemotron-3-nano-30b-a3b", "--budget", "50%"],
-                                  ["plan-memory", "--preset", "nemotron-3-nano-30b-a3b", "--budget", "50%"]])
-def test_the_budget_search_refuses_moe_for_now(argv):
-    out = CliRunner().invoke(main, argv)
-    assert out.exit_code == 2 and "MoE layers are not supported by the budget search" in out.output
-
-
-def test_commands_without_moe_support_refuse_a_moe_model(tmp_path):
-    from elastic_export.importance import compute_importance
-    from elastic_export.sorting import sort_model
-    from helpers import randomize, tiny_moe_config
-
-    model = randomize(ee.build_model(tiny_moe_config(0)), 0)
-    model.save_pretrained(tmp_path / "moe")
-    ids = torch.randint(0, model.config.vocab_size, (2, 8))
-    for call, command in [(lambda: compute_importance(model, ids), "rank"), (lambda: sort_model(model, None), "sort")]:
-        with pytest.raises(ConfigError, match=f"MoE layers are not supported by {command}"):
-            call()
-    for argv, command in [(["validate", str(tmp_path / "moe"), "--report", str(tmp_path / "r")], "validate")]:
-        out = CliRunner().invoke(main, argv)
-        assert out.exit_code == 2 and f"MoE layers are not supported by {command}" in out.output, out.output
-    from train_helpers import tiny_recipe, to_toml
-
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(to_toml(tiny_recipe(tmp_path, **{"model.config.pattern": "ME*-"})))
-    out = CliRunner().invoke(main, ["train", str(recipe)])
-    assert out.exit_code == 2 and "MoE layers are not supported by train" in out.output, out.output
-
-
 def test_the_shipped_nested_checkpoint_format_1_still_reads():
     from elastic_export.build import default_model_path
     from elastic_export.nested import read_manifest

@@ -9,6 +9,12 @@ budget sampling, then longer ones with weighted sampling (see recipes/default.to
 Every problem is a ConfigError naming the recipe file and the field (``stages[1].seq_len``): an
 unknown or misspelt field, a missing one, a wrong type, a data path that does not exist, budgets
 the parent cannot reach with the router's choices.
+
+``router.budget_metric``: what a budget's fraction is a fraction of: ``params`` (total parameters, the
+paper's C), ``active`` (parameters one token computes with: a MoE layer's routed experts counted
+top-k times; the same as ``params`` for a model without MoE layers) or ``memory`` (weights + KV cache
++ Mamba state at ``router.memory_context`` tokens). The MoE axes (``experts``, ``expert_ffn``,
+``shared_ffn``) are in the default ``router.axes``; a parent without MoE layers has none of them.
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "budgets": {"names": (list, REQ, None), "fractions": (list, REQ, None)},
     "router": {"hidden": (int, 256, None), "lr": (NUM, 1e-2, None), "warmup_steps": (int, 60, None),
                "width_choices": (list, [0.5, 0.625, 0.75, 0.875, 1.0], None),
-               "axes": (list, ["embedding", "mamba_heads", "mamba_head_dim", "attn_heads", "ffn", "depth"], None),
+               "axes": (list, ["embedding", "mamba_heads", "mamba_head_dim", "attn_heads", "ffn", "experts",
+                               "expert_ffn", "shared_ffn", "depth"], None),
                "heterogeneous": (bool, True, None), "max_dropped_layers": (int, 1, None),
                "depth_ranking": (list, None, None), "embedding_multiple": (int, 16, None),
                "calibration_windows": (int, 32, None), "depth_mode": (str, "oneshot", ("oneshot", "iterative")),
                "head_channels": (int, None, None),
-               "budget_metric": (str, "params", ("params", "memory")), "memory_context": (int, 4096, None),
+               "budget_metric": (str, "params", ("params", "active", "memory")), "memory_context": (int, 4096, None),
                "lambda": (NUM, 1.0, None), "tolerance": (NUM, 0.05, None),
                "budget_cost": (str, "expected", ("expected", "sampled")), "repair": (bool, True, None),
                "freeze_after": (str, None, None), "nested": (bool, False, None),
@@ -246,11 +253,11 @@ def parent_config(r: dict, path=None):
 
         return load_config(m["init"])
     raw = dict(m["config"])
-    if "pattern" in raw:  # shorthand: M (Mamba2), * (attention), - (MLP)
+    if "pattern" in raw:  # shorthand: M (Mamba2), * (attention), - (MLP), E (MoE)
         pattern = raw.pop("pattern")
         if not isinstance(pattern, str) or set(pattern) - set(PATTERN_CHARS):
             raise ConfigError(f"is {pattern!r}", path=path, field="model.config.pattern",
-                              fix="use M (Mamba2), * (attention), - (MLP)")
+                              fix="use M (Mamba2), * (attention), - (MLP), E (MoE)")
         raw["layers_block_type"] = [PATTERN_CHARS[c] for c in pattern]
     raw.setdefault("head_order", "rank_major")  # trained from scratch in the nested order
     import dataclasses
@@ -272,9 +279,6 @@ def parent_config(r: dict, path=None):
 def check_parent(r: dict, path=None) -> None:
     """Refuse budgets the parent cannot reach and axes its head order cannot prefix."""
     cfg = parent_config(r, path)
-    from elastic_export.config import refuse_moe
-
-    refuse_moe(cfg, "train")
     tok = r["model"]["tokenizer"]
     if tok == "byte":
         from elastic_export.tokenizer import ByteTokenizer

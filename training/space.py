@@ -9,6 +9,9 @@ An axis is one elastic dimension of the model (METHOD.md "Elastic axes"):
 | ``mamba_head_dim`` | one per Mamba layer        | channels per head                        |
 | ``attn_heads``   | one per attention layer      | query heads (a multiple of the KV heads) |
 | ``ffn``          | one per MLP layer            | FFN neurons                              |
+| ``experts``      | one per MoE layer            | routed experts kept (a multiple of n_group, at least 2 per group) |
+| ``expert_ffn``   | one per MoE layer            | neurons of each routed expert            |
+| ``shared_ffn``   | one per MoE layer            | neurons of the shared expert             |
 | ``depth``        | 1 (global)                   | layers dropped along the depth ranking   |
 
 Heterogeneous mode has one row per layer; homogeneous mode one row shared by the axis's layers.
@@ -21,7 +24,10 @@ steps chosen by importance (the objective of ``elastic_export.search``), optiona
 per row (a larger budget's choice), which keeps budgets nested in each other.
 
 Costs are written in terms of widths so that the same function takes Python ints (an exact count for
-a ``Subnet``) or tensors (the router's straight-through widths, differentiable). Exact counts of a Subnet come from
+a ``Subnet``) or tensors (the router's straight-through widths, differentiable). Metrics: ``params``
+(total parameters), ``active`` (per token: a MoE layer's routed experts counted top-k times, top-k
+= min(num_experts_per_tok, topk_group * experts / n_group) as elastic.moe_top_k, piecewise linear in
+the expected expert count), ``memory`` (bytes at a context length). Exact counts of a Subnet come from
 ``elastic_export.accounting``; tests check this differentiable count against it and the weight views.
 """
 
@@ -34,13 +40,17 @@ import torch
 
 from elastic_export.elastic import LayerWidths, Subnet
 
-AXES = ("embedding", "mamba_heads", "mamba_head_dim", "attn_heads", "ffn", "depth")
+AXES = ("embedding", "mamba_heads", "mamba_head_dim", "attn_heads", "ffn", "experts", "expert_ffn", "shared_ffn",
+        "depth")
 LAYER_AXES = {"linear_attention": ("mamba_heads", "mamba_head_dim"), "full_attention": ("attn_heads",),
-              "mlp": ("ffn",)}
+              "mlp": ("ffn",), "moe": ("experts", "expert_ffn", "shared_ffn")}
 AXIS_TYPE = {"mamba_heads": "linear_attention", "mamba_head_dim": "linear_attention",
-             "attn_heads": "full_attention", "ffn": "mlp"}
+             "attn_heads": "full_attention", "ffn": "mlp", "experts": "moe", "expert_ffn": "moe", "shared_ffn": "moe"}
 WIDTH_KEY = {"mamba_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim",
-             "attn_heads": "num_attention_heads", "ffn": "intermediate_size"}
+             "attn_heads": "num_attention_heads", "ffn": "intermediate_size", "experts": "n_routed_experts",
+             "expert_ffn": "moe_intermediate_size", "shared_ffn": "moe_shared_expert_intermediate_size"}
+SCORE_KEY = {"mamba_heads": "heads", "mamba_head_dim": "channels", "attn_heads": "heads", "ffn": "ffn",
+             "experts": "experts", "expert_ffn": "expert_ffn", "shared_ffn": "shared_ffn"}  # Importance.layers keys
 
 
 @dataclass
@@ -72,11 +82,12 @@ class Axis:
         return -v if self.name == "depth" else v
 
 
-def _round(full: int, frac: float, multiple: int) -> int:
-    """A fraction of a width, rounded to the axis's multiple; 1.0 is always the full width itself."""
+def _round(full: int, frac: float, multiple: int, least: int | None = None) -> int:
+    """A fraction of a width, rounded to the axis's multiple (at least ``least``, default the multiple);
+    1.0 is always the full width itself."""
     if frac >= 1.0:
         return full
-    return min(full, max(multiple, round(full * frac / multiple) * multiple))
+    return min(full, max(least or multiple, round(full * frac / multiple) * multiple))
 
 
 class ElasticSpace:
@@ -87,7 +98,8 @@ class ElasticSpace:
         self.cfg = cfg
         fracs = sorted(width_choices)
         multiple = {"mamba_heads": cfg.n_groups, "mamba_head_dim": 1, "attn_heads": cfg.num_key_value_heads,
-                    "ffn": 1}
+                    "ffn": 1, "experts": cfg.n_group, "expert_ffn": 1, "shared_ffn": 1}
+        least = {"experts": 2 * cfg.n_group}  # transformers' grouped router ranks a group by its two best
         self.axes: dict[str, Axis] = {}
         for name in axes:
             if name == "embedding":
@@ -100,7 +112,7 @@ class ElasticSpace:
                 layers = [i for i, t in enumerate(cfg.layers_block_type) if t == AXIS_TYPE[name]]
                 if not layers:
                     continue
-                rows = [[_round(cfg.layer_dims(i)[WIDTH_KEY[name]], f, multiple[name]) for f in fracs]
+                rows = [[_round(cfg.layer_dims(i)[WIDTH_KEY[name]], f, multiple[name], least.get(name)) for f in fracs]
                         for i in (layers if heterogeneous else layers[:1])]
                 if not heterogeneous and cfg.layer_widths is not None:
                     raise ValueError("homogeneous routing needs a homogeneous parent")
@@ -149,9 +161,7 @@ class ElasticSpace:
         hidden, kept, dims = self.widths(pick)
         layers = []
         for t, k, w in zip(self.cfg.layers_block_type, kept, dims):
-            layers.append(LayerWidths(kept=bool(k), mamba_heads=w.get("mamba_heads"),
-                                      mamba_head_dim=w.get("mamba_head_dim"), attn_heads=w.get("attn_heads"),
-                                      ffn=w.get("ffn")))
+            layers.append(LayerWidths(kept=bool(k), **{n: int(v) for n, v in w.items()}))
         return Subnet(int(hidden), tuple(layers))
 
     def soft_widths(self, y: dict[str, torch.Tensor]) -> tuple:
@@ -174,6 +184,15 @@ class ElasticSpace:
             total = total + kept[i] * layer_params(cfg, t, d, dims[i])
         return total
 
+    def active_params(self, hidden, kept, dims):
+        """Active parameters (per token) of a configuration: MoE layers count top-k routed experts."""
+        cfg = self.cfg
+        d = hidden
+        total = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+        for i, t in enumerate(cfg.layers_block_type):
+            total = total + kept[i] * layer_params(cfg, t, d, dims[i], active=True)
+        return total
+
     def memory(self, hidden, kept, dims, context: int, bytes_per_param: int = 2):
         """Bytes at batch 1 and ``context`` tokens: weights + KV cache + Mamba conv and SSM state."""
         cfg = self.cfg
@@ -190,15 +209,18 @@ class ElasticSpace:
         return total
 
     def cost(self, config, metric: str = "params", context: int = 4096):
-        return self.params(*config) if metric == "params" else self.memory(*config, context=context)
+        if metric == "params":
+            return self.params(*config)
+        if metric == "active":
+            return self.active_params(*config)
+        return self.memory(*config, context=context)
 
     def subnet_cost(self, subnet: Subnet, metric: str = "params", context: int = 4096) -> int:
-        if metric == "params":
-            from elastic_export.accounting import count_params
+        if metric in ("params", "active"):
+            from elastic_export.accounting import count_active_params, count_params
 
-            return count_params(self.cfg, subnet)
-        dims = [{"mamba_heads": w.mamba_heads, "mamba_head_dim": w.mamba_head_dim, "attn_heads": w.attn_heads,
-                 "ffn": w.ffn} for w in subnet.layers]
+            return (count_params if metric == "params" else count_active_params)(self.cfg, subnet)
+        dims = [{n: getattr(w, n) for n in LAYER_AXES[t]} for t, w in zip(self.cfg.layers_block_type, subnet.layers)]
         return int(self.cost((subnet.hidden, [int(w.kept) for w in subnet.layers], dims), metric, context))
 
     def extreme_index(self, largest: bool) -> dict[str, list[int]]:
@@ -234,8 +256,8 @@ class ElasticSpace:
                 return None
             if name == "embedding":
                 return imp.hidden
-            key = {"mamba_heads": "heads", "mamba_head_dim": "channels", "attn_heads": "heads", "ffn": "ffn"}[name]
-            return imp.layers[layer][key]
+            s = imp.layers[layer][SCORE_KEY[name]]
+            return s.sum(0) if name == "expert_ffn" else s  # [E, F]: the neuron mass over every expert
 
         out = {}
         for name, ax in self.axes.items():
@@ -309,9 +331,11 @@ class ElasticSpace:
                 return None
             return (min if grow else max)(cand, key=lambda k: ax.size_key(r, k))
 
-        def moves(ix, grow):  # every one-step change of one row: (cost, objective change, indices)
+        def moves(ix, grow, lock=None):  # every one-step change of one row (but ``lock``): (cost, objective change, indices)
             for n, ax in self.axes.items():
                 for r in range(ax.rows):
+                    if (n, r) == lock:
+                        continue
                     k = neighbour(ix, n, r, grow)
                     if k is None:
                         continue
@@ -326,10 +350,10 @@ class ElasticSpace:
         def total(ix):  # the objective of a whole configuration
             return sum(objective(wts[n][r], ret[n][r][ix[n][r]]) for n, ax in self.axes.items() for r in range(ax.rows))
 
-        def shrink(ix, c):  # cheapest importance per unit of cost saved, until under the band's top
+        def shrink(ix, c, lock=None):  # cheapest importance per unit of cost saved, until under the band's top
             while c > hi:
                 best = None
-                for c2, d_obj, trial in moves(ix, grow=False):
+                for c2, d_obj, trial in moves(ix, grow=False, lock=lock):
                     if c2 < c and (best is None or d_obj / (c - c2) < best[0]):
                         best = (d_obj / (c - c2), c2, trial)
                 if best is None:
@@ -359,6 +383,12 @@ class ElasticSpace:
                 t, tc = fill(*shrink(trial, c2))
                 if c < tc <= hi:
                     cands.append((lo <= tc, -total(t) if lo <= tc else tc, tc, t))
+            if not cands:  # every shrink undid its growth (a coarse grid): grow a row, shrink the others only
+                for c2, _, trial in moves(idx, grow=True):
+                    lock = next((n, r) for n in trial for r in range(len(trial[n])) if trial[n][r] != idx[n][r])
+                    t, tc = fill(*shrink(trial, c2, lock=lock))
+                    if lo <= tc <= hi:
+                        cands.append((True, -total(t), tc, t))
             if not cands:
                 break
             _, _, c, idx = max(cands, key=lambda x: (x[0], x[1]))
@@ -388,8 +418,25 @@ class ElasticSpace:
         return emb, layer_gates
 
 
-def layer_params(cfg, layer_type: str, d, w: dict):
-    """Parameters of one layer (its pre-norm included) at embedding width d and widths w."""
+def moe_top_k(cfg, experts):
+    """elastic.moe_top_k for ints, and its piecewise-linear form for the router's expected expert count."""
+    if isinstance(experts, torch.Tensor):
+        return torch.clamp(cfg.topk_group * experts / cfg.n_group, max=cfg.num_experts_per_tok)
+    from elastic_export.elastic import moe_top_k as exact
+
+    return exact(cfg, experts)
+
+
+def layer_params(cfg, layer_type: str, d, w: dict, active: bool = False):
+    """Parameters of one layer (its pre-norm included) at embedding width d and widths w; ``active``: a
+    MoE layer's routed experts counted top-k times (what one token computes with)."""
+    if layer_type == "moe":  # the same terms as accounting.moe_params, in widths that may be tensors
+        e, f, sh, mb = w["experts"], w["expert_ffn"], w["shared_ffn"], int(cfg.mlp_bias)
+        L = cfg.moe_latent_size
+        din = d if L is None else L
+        routed = moe_top_k(cfg, e) if active else e
+        n = e * d + routed * 2 * f * din + 2 * sh * d + mb * (sh + d) + d
+        return n if L is None else n + 2 * L * d + mb * (L + d)
     bias = int(cfg.use_bias)
     if layer_type == "linear_attention":
         h, p = w["mamba_heads"], w["mamba_head_dim"]

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from elastic_export.accounting import count_params
+from elastic_export.accounting import count_active_params, count_params
 from elastic_export.elastic import Subnet, full_subnet, validate_subnet
 from elastic_export.errors import ConfigError
 from elastic_export.hf_io import atomic_write_bytes
@@ -97,11 +97,11 @@ class ElasticStep(nn.Module):
         self.distill = recipe["distill"]
         full = full_subnet(model.config)
         self.full_cost = self.space.subnet_cost(full, self.metric, self.context)
-        self.full_params = count_params(model.config)
+        self.full_active = count_active_params(model.config)  # compute per token (= parameters without MoE)
 
     def forward(self, x, y, kind: str, plan: list, tau: float, scale: float, noise_seed: int, teacher_logits=None):
         """``plan``: [(budget index, fraction, loss weight, fixed Subnet or None)]. Returns (loss, stats
-        [len(plan), 4] = task loss, budget loss, cost fraction, parameter share of the architecture run)."""
+        [len(plan), 4] = task loss, budget loss, cost fraction, active-parameter share of the architecture run)."""
         one = x.new_ones((), dtype=torch.float32)
         if kind == "pretrain":
             loss = ce_loss(self.model(x), y)
@@ -129,7 +129,7 @@ class ElasticStep(nn.Module):
                     cost = self.space.cost(widths, self.metric, self.context)
                     bl = budget_loss(cost, fraction * self.full_cost, self.tol)
                 frac = self.space.subnet_cost(sub, self.metric, self.context) / self.full_cost
-                share = count_params(self.model.config, sub) / self.full_params
+                share = count_active_params(self.model.config, sub) / self.full_active
                 t_logits = teacher_logits
                 if t_logits is None:  # trainable teacher: the model's own full budget
                     t_logits = self.model(x)
@@ -181,9 +181,6 @@ class Trainer:
             from elastic_export.hf_io import load
 
             self.model = load(recipe["model"]["init"])
-        from elastic_export.config import refuse_moe
-
-        refuse_moe(self.model.config, "train")
         self.parent_dtype = self.model.dtype  # output.dtype "parent" saves the result as the parent is stored
         self.model.float()  # trained in float32
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
@@ -417,7 +414,7 @@ class Trainer:
 
     def step_forwards(self, shares, elastic: bool) -> float:
         """Compute of a step in full-model forward equivalents (a backward counts as two forwards, a
-        budget's cost scales with the parameter share of the architecture it ran): teacher forward +
+        budget's cost scales with the active-parameter share of the architecture it ran): teacher forward +
         3 x each student's share."""
         if not elastic:
             return 3.0

@@ -44,7 +44,6 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
 
     ``builds``: further build directories (ONNX or TensorRT) whose engines join the comparison.
     """
-    from elastic_export.config import refuse_moe
     from elastic_export.nested import is_nested, load_nested
 
     if path is None:
@@ -67,7 +66,6 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
         attach_build(fam, path, manifest)
     elif is_nested(path):
         ckpt = load_nested(path, dtype=torch.float32)
-        refuse_moe(ckpt.config, "validate")
         fam = Family(ckpt.model, dict(ckpt.budgets), _tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size),
                      path=str(path))
         fam.engines.update(_torch_engine(fam))
@@ -76,7 +74,6 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
         from elastic_export import full_subnet, load
 
         model = load(path, dtype=torch.float32)
-        refuse_moe(model.config, "validate")
         fam = Family(model, {"full": full_subnet(model.config)},
                      _tokenizer(path / "tokenizer", model.config.vocab_size), path=str(path))
         fam.engines.update(_torch_engine(fam))
