@@ -111,6 +111,18 @@ def count_active_params(cfg: ModelConfig, subnet: Subnet | None = None) -> int:
     return embedding_params(cfg, d) + sum(active_layer_params(cfg, i, d, w) for i, w in enumerate(subnet.layers))
 
 
+def moe_summary(cfg: ModelConfig, subnet: Subnet | None = None) -> dict:
+    """For a model with MoE layers: the budget's active parameters and, per kept MoE layer, the routed
+    experts kept and used per token (reports and validation); {} for a dense model."""
+    if not cfg.has_moe:
+        return {}
+    subnet = subnet or full_subnet(cfg)
+    experts = [(w.experts, moe_top_k(cfg, w.experts)) for t, w in zip(cfg.layers_block_type, subnet.layers)
+               if t == "moe" and w.kept]
+    return {"active_params": count_active_params(cfg, subnet), "experts": [e for e, _ in experts],
+            "experts_per_token": [k for _, k in experts]}
+
+
 def router_sizes(cfg: ModelConfig, subnet: Subnet | None = None) -> tuple[int, int]:
     """(router weight parameters, score-bias buffer entries) of the kept MoE layers: float32 at every dtype."""
     subnet = subnet or full_subnet(cfg)

@@ -340,6 +340,14 @@ def test_train_elastifies_a_tiny_moe_parent_end_to_end(tmp_path, metric):
     assert out.exit_code == 0 and "PASSED" in out.output, out.output
     rows = [l for l in out.output.splitlines() if l.startswith("ort-standard")]
     assert len(rows) == 3 and all(l.endswith("pass") for l in rows), out.output
+    # the report covers the MoE family: active parameters and experts kept / per token, as accounted
+    rep = json.loads((report / "report.json").read_text())["source"]["budgets"]
+    for name, sub in subs.items():
+        experts = [w.experts for t, w in zip(cfg.layers_block_type, sub.layers) if t == "moe" and w.kept]
+        assert rep[name]["active_params"] == count_active_params(cfg, sub) < rep[name]["params"]
+        assert rep[name]["experts"] == experts
+        assert rep[name]["experts_per_token"] == [moe_top_k(cfg, e) for e in experts]
+    assert "| active | routed experts kept (per token) |" in (report / "report.md").read_text()
 
 
 @torch.no_grad()

@@ -202,9 +202,18 @@ def markdown(report: dict) -> str:
         out += ["## Failures", ""] + [f"- {f}" for f in report["failures"]] + [""]
     out += ["## Budgets (reference: torch elastic forward, float32)", "",
             "| budget | parameters | held-out ppl | loss | task accuracy |", "| --- | ---: | ---: | ---: | ---: |"]
+    moe = any("active_params" in v for v in src["budgets"].values())
+    if moe:  # MoE families: active parameters and routed experts (kept / per token) per MoE layer
+        out[-2:] = ["| budget | parameters | active | routed experts kept (per token) | held-out ppl | loss | "
+                    "task accuracy |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for b, v in src["budgets"].items():
         r = report["reference"].get(b, {})
-        out.append(f"| {b} | {v['params']:,} | {_f(r.get('ppl'), '.3f')} | {_f(r.get('loss'), '.4f')} | "
+        extra = ""
+        if moe:
+            kept = sorted(set(zip(v.get("experts", []), v.get("experts_per_token", []))))
+            extra = (f" {v.get('active_params', v['params']):,} | "
+                     f"{', '.join(f'{e} ({k})' for e, k in kept) or '-'} |")
+        out.append(f"| {b} | {v['params']:,} |{extra} {_f(r.get('ppl'), '.3f')} | {_f(r.get('loss'), '.4f')} | "
                    f"{_f(r.get('task_acc'), '.3f')} |")
     out += ["", "## Accuracy parity", "",
             "| backend | budget | prec. | max abs logit | mean abs | decode max | top-1 | ppl rel. delta | "

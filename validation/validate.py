@@ -186,7 +186,7 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
     """Run every check and (with ``report_dir``) write the report. Returns the report dict; its
     ``passed`` is False when any backend fails a threshold."""
     from elastic_export import __version__
-    from elastic_export.accounting import count_params
+    from elastic_export.accounting import count_params, moe_summary
 
     from . import memory as memory_lib
     from . import planner
@@ -254,7 +254,7 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
         "machine": _machine(),
         "source": {"path": family.path, "build": family.build, "kind": "build" if family.build else "nested",
                    "reference": "torch elastic forward, float32",
-                   "budgets": {b: {"params": count_params(cfg, family.budgets[b]),
+                   "budgets": {b: {"params": count_params(cfg, family.budgets[b]), **moe_summary(cfg, family.budgets[b]),
                                    "subnet": family.budgets[b].to_dict()} for b in budget_names}},
         "eval": {"rows": list(data.rows.shape), "decode_steps": data.decode_steps, "n_tasks": len(data.tasks),
                  "task_source": data.task_source, "greedy_tokens": data.greedy_tokens},
