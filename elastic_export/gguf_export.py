@@ -75,6 +75,10 @@ def check_types(types) -> list[str]:
 
 def check_supported(cfg) -> None:
     """Refuse what llama.cpp's nemotron_h graph does not compute (it would load and give wrong logits)."""
+    if cfg.has_moe:  # llama.cpp has nemotron_h_moe; our writer does not produce it yet
+        raise ConfigError("MoE layers (Nemotron 3) are not written by the GGUF target yet (llama.cpp's "
+                          "nemotron_h_moe architecture)", field="layers_block_type",
+                          fix="build --target onnx for this model")
     if cfg.mlp_hidden_act != "relu2":
         raise ConfigError(f"llama.cpp's nemotron_h MLP is relu2, not {cfg.mlp_hidden_act!r}", field="mlp_hidden_act")
     if cfg.mamba_hidden_act != "silu":

@@ -197,6 +197,10 @@ def test_refuses_what_llama_cpp_cannot_run():
         ge.check_supported(cfg.replace(mlp_hidden_act="silu"))
     with pytest.raises(ConfigError, match="unknown GGUF type"):
         ge.check_types(["q3_k"])
+    from helpers import tiny_moe_config
+    with pytest.raises(ConfigError, match="MoE layers") as e:
+        ge.check_supported(tiny_moe_config(1))
+    assert e.value.field == "layers_block_type"
 
 
 def test_cli_build_writes_every_budget_and_type(tmp_path):
