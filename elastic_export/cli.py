@@ -117,24 +117,39 @@ def _plan(cfg, importance, budgets, mode, divisor, depth):
 @click.option("--head-channels", type=int, default=None, help="Top channels scoring Mamba heads (Eq. 4) [all].")
 @click.option("--tokenizer", default=None, help="Tokenizer for text files [the parent's, else byte-level].")
 @click.option("--dtype", default=None, help="Compute and save dtype [as stored].")
+@click.option("--device", default="cpu", show_default=True, help="Where the calibration passes run: cpu or cuda[:N].")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bars with time estimates on stderr.")
 @user_errors
-def rank(parent, calib, out, seq_len, samples, batch_size, depth_mode, head_channels, tokenizer, dtype):
+def rank(parent, calib, out, seq_len, samples, batch_size, depth_mode, head_channels, tokenizer, dtype, device,
+         progress):
     """Rank every elastic axis on calibration data and sort the parent's weights (nested order)."""
     import time
 
-    from .importance import compute_importance, load_calibration
+    import torch
+
+    from .importance import PAPER_CALIB_TOKENS, compute_importance, compute_device, load_calibration
     from .nested import save_nested
     from .sorting import sort_model
     from .tokenizer import load_tokenizer
 
+    dev = compute_device(device)
     model, _, tok_dir = _load_parent(_default(parent), dtype)
     tok = load_tokenizer(tokenizer or tok_dir)
     ids = load_calibration(calib, model.config.vocab_size, seq_len, samples, tok)
     t0 = time.perf_counter()
-    imp = compute_importance(model.eval(), ids, batch_size, depth_mode, head_channels)
+    imp = compute_importance(model.to(dev).eval(), ids, batch_size, depth_mode, head_channels, progress)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    model = model.cpu()
     sorted_model, sorted_imp = sort_model(model, imp)
     save_nested(out, sorted_model, {}, importance=sorted_imp, tokenizer=tokenizer or tok_dir)
-    click.echo(f"ranked on {ids.shape[0]} x {ids.shape[1]} tokens in {time.perf_counter() - t0:.1f} s")
+    per_token = seconds / ids.numel()
+    click.echo(f"ranked on {ids.shape[0]} x {ids.shape[1]} tokens in {seconds:.1f} s")
+    click.echo(f"{per_token:.3g} s per calibration token on {dev} ({depth_mode} depth, {ids.shape[1]}-token windows); "
+               f"the paper's 1024 x 8192 tokens: about {per_token * PAPER_CALIB_TOKENS / 3600:.3g} h "
+               "(scaled linearly; attention grows with the window length)")
     if imp.depth_order is not None:
         click.echo(f"depth order (least important first): {imp.depth_order}")
     click.echo(f"wrote {out} (sorted weights, rank-major heads, scores)")

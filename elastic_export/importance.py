@@ -25,7 +25,9 @@ Depth (Eq. 5): s_j = sum (M_full - M_-j)^2 / sum M_full^2 over the calibration l
 j skipped. ``iterative``: remove the lowest-scoring layer, re-score the rest with it removed (always
 against the parent's logits M_full), repeat; the score kept for a layer is its score when removed.
 ``depth_order`` lists layers from least to most important: a budget dropping k layers drops the
-first k.
+first k. The prefix is not recomputed per layer: one pass keeps the residual stream h_j before each
+layer j and M_-j runs layers j+1.. from h_j (half the layer work of a full forward per layer), batch
+by batch, so one batch's L residual streams and logits are the peak memory.
 
 Calibration data: token files (.npy of ids; .bin of raw little-endian ids, uint16 when the vocab
 fits in 16 bits, else uint32; .txt of whitespace-separated integers) or text files (any other
@@ -42,10 +44,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .elastic import LayerWidths, Subnet, full_subnet, group_members, moe_views
+from .elastic import LayerWidths, Subnet, embedding_view, full_subnet, group_members, moe_views
 from .errors import ConfigError
 
 DEPTH_MODES = ("oneshot", "iterative", "none")
+PAPER_CALIB_TOKENS = 1024 * 8192  # the paper's calibration set: 1024 windows of 8192 tokens
+
+
+def compute_device(name: str) -> torch.device:
+    """The device the calibration passes run on; CUDA only where torch sees a GPU."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}", field="--device", fix="use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("asks for CUDA, but torch sees no CUDA GPU on this machine", field="--device",
+                              fix="run on a machine with a GPU and a CUDA build of torch, or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"asks for GPU {dev.index}, but torch sees {torch.cuda.device_count()}",
+                              field="--device", fix="use an index below the GPU count")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {name!r} is not supported", field="--device", fix="use cpu or cuda[:N]")
+    return dev
 
 
 # ---- calibration data ---------------------------------------------------------------------------
@@ -161,7 +182,7 @@ def _attention_head_norms(a, x: torch.Tensor) -> torch.Tensor:
     q = q.unflatten(-1, (H, hd)).transpose(1, 2)  # [b, H, l, hd]
     k = k.unflatten(-1, (nkv, hd)).transpose(1, 2)  # [b, nkv, l, hd]
     v = v.unflatten(-1, (nkv, hd)).transpose(1, 2)
-    kv_of = torch.empty(H, dtype=torch.long)
+    kv_of = torch.empty(H, dtype=torch.long, device=x.device)
     for g, members in enumerate(group_members(H, nkv, a.head_order)):
         kv_of[members] = g
     o = F.scaled_dot_product_attention(q, k[:, kv_of], v[:, kv_of], is_causal=True, scale=hd ** -0.5)
@@ -194,7 +215,8 @@ def _moe_sums(m, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def width_scores(model, batches: list[torch.Tensor], head_channels: int | None = None) -> Importance:
+def width_scores(model, batches: list[torch.Tensor], head_channels: int | None = None,
+                 progress: bool = False) -> Importance:
     """Embedding, FFN, Mamba channel/head and attention head scores from one pass (see module doc)."""
     cfg = model.config
     acc: dict = {"hidden": torch.zeros(cfg.hidden_size, dtype=torch.float64)}
@@ -225,9 +247,11 @@ def width_scores(model, batches: list[torch.Tensor], head_channels: int | None =
     for i, blk in enumerate(model.backbone.layers):
         hooks.append(blk.mixer.register_forward_pre_hook(hook_for(i, blk)))
     try:
-        for ids in batches:
-            h = model.hidden_states(ids.to(model.device))  # final norm output
-            acc["hidden"] += h.float().abs().sum(dim=(0, 1)).double().cpu()
+        with _progress(len(batches), "width scores", progress, unit="batch") as bar:
+            for ids in batches:
+                h = model.hidden_states(ids.to(model.device))  # final norm output
+                acc["hidden"] += h.float().abs().sum(dim=(0, 1)).double().cpu()
+                bar.update(1)
     finally:
         for hk in hooks:
             hk.remove()
@@ -257,41 +281,100 @@ def _skip_subnet(cfg, removed: set[int]) -> Subnet:
                                      for i, w in enumerate(full.layers)))
 
 
+_LOGIT_CHUNK = 1 << 25  # logit elements compared at once (bounds the float64 difference's memory)
+
+
+def _sq_err(model, h: torch.Tensor, full: torch.Tensor) -> float:
+    """sum (M_full - M)^2 in float64, M the logits of the residual stream h [b, l, d], position chunk by chunk."""
+    b, l, _ = h.shape
+    step = max(1, _LOGIT_CHUNK // max(1, b * full.shape[-1]))
+    err = 0.0
+    for s in range(0, l, step):
+        m = model.lm_logits(model.final_norm(h[:, s:s + step]))  # [b, c, V] float32
+        err += float((full[:, s:s + step].double() - m.double()).pow(2).sum())
+    return err
+
+
+def _skip_errors(model, ids: torch.Tensor, full: torch.Tensor, removed: set[int], bar=None) -> dict[int, float]:
+    """One batch's sum (M_full - M_-j)^2 for every layer j not in ``removed``, the layers in ``removed``
+    skipped too. The prefix runs once: h_j, the residual stream before layer j (the layers before it not
+    in ``removed`` applied), is kept for every candidate j; M_-j runs only layers j+1.. from h_j (skipping j
+    makes h_j the input of layer j+1). Peak: one batch's L residual streams [b, l, d]."""
+    _, views = model.layer_views(None)
+    L = len(views)
+    live = [i for i in range(L) if i not in removed]
+    h = F.embedding(ids, embedding_view(model.backbone.embeddings.weight, model.config.hidden_size))  # [b, l, d]
+    before: dict[int, torch.Tensor] = {}
+    for i in live:
+        before[i] = h
+        h = model.apply_layer(i, h, views[i])
+    errs = {}
+    for j in live:
+        h = before.pop(j)  # h_j: dropped once used, so the kept streams shrink as j advances
+        for i in live:
+            if i > j:
+                h = model.apply_layer(i, h, views[i])
+        errs[j] = _sq_err(model, h, full)
+        if bar is not None:
+            bar.update(1)
+    return errs
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str = "layer"):
+    """A tqdm bar (elapsed, rate and time left) on stderr; silent unless ``enabled``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
 @torch.no_grad()
-def depth_scores(model, batches: list[torch.Tensor], mode: str = "oneshot") -> tuple[torch.Tensor, list[int]]:
-    """Normalized logit MSE per layer (Eq. 5) and the depth order, least important first."""
+def depth_scores(model, batches: list[torch.Tensor], mode: str = "oneshot",
+                 progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Normalized logit MSE per layer (Eq. 5) and the depth order, least important first.
+
+    Batch by batch: the parent's logits M_full of one batch and its prefix residual streams live at once
+    (``_skip_errors``); the sums per layer accumulate across batches. ``progress``: a bar over the
+    (batch, layer) scores with a time estimate."""
     if mode not in DEPTH_MODES[:2]:
         raise ConfigError(f"unknown depth mode {mode!r}", field="depth", fix=f"use one of {DEPTH_MODES}")
-    cfg = model.config
-    L = cfg.num_hidden_layers
-    full = [model(ids.to(model.device)).double() for ids in batches]
-    den = sum(float(m.pow(2).sum()) for m in full) or 1.0
+    L = model.config.num_hidden_layers
+    dev = model.device
+    den = 0.0
 
-    def score(removed: set[int], j: int) -> float:
-        sub = _skip_subnet(cfg, removed)
-        num = 0.0
-        for ids, m in zip(batches, full):
-            num += float((m - model(ids.to(model.device), subnet=sub, skip_layer=j).double()).pow(2).sum())
-        return num / den
+    def round_errors(removed: set[int], bar) -> dict[int, float]:
+        nonlocal den
+        num: dict[int, float] = {}
+        for ids in batches:
+            ids = ids.to(dev)
+            full = model(ids)  # [b, l, V] float32
+            if not removed:
+                den += float(full.double().pow(2).sum())
+            for j, e in _skip_errors(model, ids, full, removed, bar).items():
+                num[j] = num.get(j, 0.0) + e
+            del full
+        return num
 
     scores = torch.zeros(L, dtype=torch.float64)
     try:
         if mode == "oneshot":
+            with _progress(L * len(batches), "depth (one-shot)", progress) as bar:
+                num = round_errors(set(), bar)
+            den = den or 1.0
             for j in range(L):
-                scores[j] = score(set(), j)
+                scores[j] = num[j] / den
             order = torch.argsort(scores, stable=True).tolist()
         else:
             removed: list[int] = []
-            while len(removed) < L:
-                rest = [j for j in range(L) if j not in removed]
-                if len(rest) == 1:  # nothing left to compare against: the last layer scores against the empty model
-                    scores[rest[0]] = score(set(removed), rest[0])
-                    removed.append(rest[0])
-                    break
-                cand = {j: score(set(removed), j) for j in rest}
-                j = min(rest, key=lambda r: (cand[r], r))
-                scores[j] = cand[j]
-                removed.append(j)
+            with _progress(L * (L + 1) // 2 * len(batches), "depth (iterative)", progress) as bar:
+                while len(removed) < L:
+                    num = round_errors(set(removed), bar)
+                    if not removed:
+                        den = den or 1.0
+                    rest = [j for j in range(L) if j not in removed]
+                    # the last layer left scores against the empty model
+                    j = min(rest, key=lambda r: (num[r] / den, r))
+                    scores[j] = num[j] / den
+                    removed.append(j)
             order = removed
     finally:
         model._views.clear()
@@ -300,7 +383,7 @@ def depth_scores(model, batches: list[torch.Tensor], mode: str = "oneshot") -> t
 
 @torch.no_grad()
 def compute_importance(model, calib: torch.Tensor, batch_size: int = 8, depth: str = "oneshot",
-                       head_channels: int | None = None) -> Importance:
+                       head_channels: int | None = None, progress: bool = False) -> Importance:
     """All scores for ``model`` (weights in their current order) from calibration windows [n, L]."""
     if depth not in DEPTH_MODES:
         raise ConfigError(f"unknown depth mode {depth!r}", field="depth", fix=f"use one of {DEPTH_MODES}")
@@ -308,9 +391,9 @@ def compute_importance(model, calib: torch.Tensor, batch_size: int = 8, depth: s
     model.eval()
     try:
         batches = list(calib.split(batch_size))
-        imp = width_scores(model, batches, head_channels)
+        imp = width_scores(model, batches, head_channels, progress)
         if depth != "none":
-            imp.depth, imp.depth_order = depth_scores(model, batches, depth)
+            imp.depth, imp.depth_order = depth_scores(model, batches, depth, progress)
     finally:
         model.train(was_training)
     return imp

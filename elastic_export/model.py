@@ -451,25 +451,39 @@ class NemotronHForCausalLM(nn.Module):
         embedding_gate, layer_gates = gates if gates is not None else (None, None)
         if embedding_gate is not None:
             h = h * embedding_gate.to(h.dtype)
-        eps = self.config.layer_norm_epsilon
-        for i, (blk, w, v) in enumerate(zip(self.backbone.layers, subnet.layers, views)):
+        for i, v in enumerate(views):
             if v is None or i == skip_layer:
                 continue  # a skipped layer is the identity on the residual stream
-            x = rms_norm(h, elastic.norm_view(blk.norm, d), eps)
-            if blk.block_type == "linear_attention":
-                x = blk.mixer(x, v, cache, new_mask)
-            elif blk.block_type == "full_attention":
-                x = blk.mixer(x, v, cache, key_mask)
-            else:  # MLP or MoE: position-wise
-                x = blk.mixer(x, v)
-            if layer_gates is not None and layer_gates[i] is not None:
-                x = x * layer_gates[i].to(x.dtype)
-            h = h + x
+            h = self.apply_layer(i, h, v, cache, new_mask, key_mask, None if layer_gates is None else layer_gates[i])
         if cache is not None:
             cache.seen += l
             if cache.windows is not None:
                 cache.window_len = l
-        return rms_norm(h, elastic.norm_view(self.backbone.norm_f, d), eps)
+        return self.final_norm(h)
+
+    def apply_layer(self, i: int, h: torch.Tensor, v, cache: InferenceCache | None = None,
+                    new_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                    gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual stream [B, L, d] after layer ``i`` (its views ``v``): h + gate * mixer(rmsnorm(h))."""
+        blk = self.backbone.layers[i]
+        x = rms_norm(h, elastic.norm_view(blk.norm, h.shape[-1]), self.config.layer_norm_epsilon)
+        if blk.block_type == "linear_attention":
+            x = blk.mixer(x, v, cache, new_mask)
+        elif blk.block_type == "full_attention":
+            x = blk.mixer(x, v, cache, key_mask)
+        else:  # MLP or MoE: position-wise
+            x = blk.mixer(x, v)
+        if gate is not None:
+            x = x * gate.to(x.dtype)
+        return h + x
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """norm_f of the residual stream [B, L, d]."""
+        return rms_norm(h, elastic.norm_view(self.backbone.norm_f, h.shape[-1]), self.config.layer_norm_epsilon)
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, L, V] of final normed hidden states [B, L, d]."""
+        return F.linear(h, elastic.embedding_view(self.lm_head_weight, h.shape[-1])).float()
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None, cache: InferenceCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
@@ -477,8 +491,7 @@ class NemotronHForCausalLM(nn.Module):
         h = self.hidden_states(input_ids, subnet, cache, attention_mask, skip_layer, gates)
         if last_only:
             h = h[:, -1:]
-        d = h.shape[-1]
-        return F.linear(h, elastic.embedding_view(self.lm_head_weight, d)).float()
+        return self.lm_logits(h)
 
     def new_cache(self) -> InferenceCache:
         return InferenceCache(self.config.num_hidden_layers)
