@@ -7,6 +7,7 @@ identical before anything is reported. Also prints the per-token cost of each an
 the paper's calibration size (1024 x 8192 tokens) at these window lengths on this device.
 
     python benchmarks/rank_bench.py --threads 2
+    python benchmarks/rank_bench.py --threads 2 --layers 32 --hidden 384 --vocab 8192
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import elastic_export as ee
 from elastic_export.importance import PAPER_CALIB_TOKENS, _skip_subnet, compute_device, depth_scores
 from elastic_export.model import build_model
 
-LAYERS = ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp", "linear_attention", "mlp",
-          "linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]
+PATTERN = ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp", "linear_attention", "mlp",
+           "linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]  # Nemotron-H's mix
 
 
 @torch.no_grad()
@@ -40,10 +41,12 @@ def per_layer_full_forward(model, batches):
     return scores, torch.argsort(scores, stable=True).tolist()
 
 
-def _model(dtype, device):
-    cfg = ee.ModelConfig(vocab_size=16384, hidden_size=640, layers_block_type=LAYERS, mamba_num_heads=20,
-                         mamba_head_dim=64, n_groups=2, ssm_state_size=64, conv_kernel=4, chunk_size=64,
-                         num_attention_heads=10, num_key_value_heads=2, head_dim=64, intermediate_size=2560,
+def _model(dtype, device, layers=12, hidden=640, vocab=16384):
+    """~42M parameters at 12 layers x 640 (Nemotron Nano 12B has 62 layers: the deeper, the more reuse saves)."""
+    cfg = ee.ModelConfig(vocab_size=vocab, hidden_size=hidden, layers_block_type=(PATTERN * 8)[:layers],
+                         mamba_num_heads=hidden // 32, mamba_head_dim=64, n_groups=2, ssm_state_size=64,
+                         conv_kernel=4, chunk_size=64, num_attention_heads=hidden // 64, num_key_value_heads=2,
+                         head_dim=64, intermediate_size=4 * hidden,
                          tie_word_embeddings=True)
     m = build_model(cfg, seed=0)
     with torch.no_grad():
@@ -69,6 +72,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=640)
+    ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -76,7 +82,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = compute_device(a.device)
-    model = _model(getattr(torch, a.dtype), dev)
+    model = _model(getattr(torch, a.dtype), dev, a.layers, a.hidden, a.vocab)
     ids = torch.randint(0, model.config.vocab_size, (a.windows, a.seq_len), generator=torch.Generator().manual_seed(1))
     batches = [b.to(dev) for b in ids.split(a.batch_size)]
     old = new = float("inf")
@@ -89,7 +95,8 @@ def main():
         if a.dtype == "float32":
             assert got[1] == ref[1]
     tokens = ids.numel()
-    print(f"model {model.num_parameters() / 1e6:.1f}M params, {len(LAYERS)} layers, {a.dtype} on {dev}, "
+    print(f"model {model.num_parameters() / 1e6:.1f}M params, {a.layers} layers x {a.hidden}, vocab {a.vocab}, "
+          f"{a.dtype} on {dev}, "
           f"{a.threads} threads; calibration {a.windows} x {a.seq_len} tokens, batch {a.batch_size}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'one-shot depth ranking':<28}{'s':>9}{'s/token':>12}{'1024x8192 h':>14}")

@@ -285,21 +285,23 @@ _LOGIT_CHUNK = 1 << 25  # logit elements compared at once (bounds the float64 di
 
 
 def _sq_err(model, h: torch.Tensor, full: torch.Tensor) -> float:
-    """sum (M_full - M)^2 in float64, M the logits of the residual stream h [b, l, d], position chunk by chunk."""
+    """sum (M_full - M)^2 (float64 sum), M the logits of the residual stream h [b, l, d], position chunk by chunk."""
     b, l, _ = h.shape
     step = max(1, _LOGIT_CHUNK // max(1, b * full.shape[-1]))
     err = 0.0
     for s in range(0, l, step):
         m = model.lm_logits(model.final_norm(h[:, s:s + step]))  # [b, c, V] float32
-        err += float((full[:, s:s + step].double() - m.double()).pow(2).sum())
+        # float32 difference (relative error 2^-24 per element, so 1.2e-7 on the sum), float64 square and sum
+        err += float((full[:, s:s + step] - m).double().pow(2).sum())
     return err
 
 
-def _skip_errors(model, ids: torch.Tensor, full: torch.Tensor, removed: set[int], bar=None) -> dict[int, float]:
+def _skip_errors(model, ids: torch.Tensor, removed: set[int], bar=None) -> tuple[dict[int, float], float]:
     """One batch's sum (M_full - M_-j)^2 for every layer j not in ``removed``, the layers in ``removed``
-    skipped too. The prefix runs once: h_j, the residual stream before layer j (the layers before it not
-    in ``removed`` applied), is kept for every candidate j; M_-j runs only layers j+1.. from h_j (skipping j
-    makes h_j the input of layer j+1). Peak: one batch's L residual streams [b, l, d]."""
+    skipped too, and sum M_full^2. The prefix runs once: h_j, the residual stream before layer j (the layers
+    before it not in ``removed`` applied), is kept for every candidate j; M_-j runs only layers j+1.. from
+    h_j (skipping j makes h_j the input of layer j+1). With nothing removed the prefix pass is the parent's
+    forward and gives M_full too. Peak: one batch's L residual streams [b, l, d] and its logits [b, l, V]."""
     _, views = model.layer_views(None)
     L = len(views)
     live = [i for i in range(L) if i not in removed]
@@ -308,6 +310,8 @@ def _skip_errors(model, ids: torch.Tensor, full: torch.Tensor, removed: set[int]
     for i in live:
         before[i] = h
         h = model.apply_layer(i, h, views[i])
+    full = model(ids) if removed else model.lm_logits(model.final_norm(h))  # M_full [b, l, V] float32
+    den = float(full.double().pow(2).sum())
     errs = {}
     for j in live:
         h = before.pop(j)  # h_j: dropped once used, so the kept streams shrink as j advances
@@ -317,7 +321,7 @@ def _skip_errors(model, ids: torch.Tensor, full: torch.Tensor, removed: set[int]
         errs[j] = _sq_err(model, h, full)
         if bar is not None:
             bar.update(1)
-    return errs
+    return errs, den
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str = "layer"):
@@ -345,13 +349,11 @@ def depth_scores(model, batches: list[torch.Tensor], mode: str = "oneshot",
         nonlocal den
         num: dict[int, float] = {}
         for ids in batches:
-            ids = ids.to(dev)
-            full = model(ids)  # [b, l, V] float32
+            errs, batch_den = _skip_errors(model, ids.to(dev), removed, bar)
             if not removed:
-                den += float(full.double().pow(2).sum())
-            for j, e in _skip_errors(model, ids, full, removed, bar).items():
+                den += batch_den
+            for j, e in errs.items():
                 num[j] = num.get(j, 0.0) + e
-            del full
         return num
 
     scores = torch.zeros(L, dtype=torch.float64)
