@@ -497,8 +497,8 @@ def _csv(values) -> list[str]:
 @click.option("--memory-isolation", type=click.Choice(["fork", "spawn"]), default=None,
               help="Measure each process forked from one interpreter, or spawn a fresh interpreter each "
               "[fork on a Linux CPU].")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime [their default]; "
-              "1 is often fastest for small models on a busy machine.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime [1 for a model "
+              "under 20M parameters, whose tiny ops gain nothing from more; else the runtimes' default].")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @user_errors
 def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,

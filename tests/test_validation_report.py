@@ -113,3 +113,26 @@ def test_hf_checkpoint_validates_as_one_budget(tmp_path):
     rep = validate(fam, None, backends=["torch", "sliced"], measure_memory=False, progress=False,
                    eval_kwargs={"n_tasks": 1, "greedy_tokens": 4})
     assert rep["passed"], rep["failures"]
+
+
+def test_small_models_validate_on_one_thread_and_the_caller_keeps_its_threads():
+    """Without --threads, a small model runs on 1 thread (its tiny ops gain nothing from more); the
+    process's thread count is what it was afterwards, and the report says what ran."""
+    import torch
+
+    from validation.validate import SMALL_MODEL_PARAMS, default_threads, validate
+
+    assert default_threads(SMALL_MODEL_PARAMS - 1) == 1 and default_threads(SMALL_MODEL_PARAMS) is None
+    model, budgets = small_family()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        from elastic_export.tokenizer import ByteTokenizer
+        from validation.backends import Family
+        fam = Family(model=model, budgets=budgets, tokenizer=ByteTokenizer())
+        rep = validate(fam, None, backends=["torch"], measure_memory=False, progress=False,
+                       eval_kwargs={"n_tasks": 1, "greedy_tokens": 3})
+        assert rep["machine"]["cpu_threads"] == 1 and fam.threads == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
