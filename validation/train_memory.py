@@ -34,9 +34,11 @@ full activations recomputed in the backward.
 
 DDP: everything replicated on each of N GPUs; activations at the per-GPU batch (batch_size / N).
 FSDP2 (``fully_shard`` per layer, student and teacher): weights, gradients, moments and teacher
-divided by N, plus the largest layer unsharded in flight (all-gathered parameters of the layer being
-computed and the next one prefetched, each at the compute dtype, and one layer's unsharded float32
-gradient before its reduce-scatter); activations as for DDP.
+divided by N, plus the largest unit unsharded in flight (a layer, or the embeddings + lm_head + final
+norm: the all-gathered parameters of the unit being computed and the next one prefetched, each at the
+compute dtype, and one unit's unsharded float32 gradient before its reduce-scatter); activations as
+for DDP. The trainer has neither FSDP2 nor activation checkpointing yet: those columns are what they
+will need.
 """
 
 from __future__ import annotations
