@@ -555,11 +555,20 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
 @click.option("--prefill-chunk", type=int, default=None, help="Plan activations for a chunked prefill of this size.")
 @click.option("--json", "json_out", default=None, help="Also write the plan as JSON.")
 @click.option("--plot", default=None, help="Also draw the plan as a PNG (family vs separate, totals vs devices).")
+@click.option("--recipe", default=None, help="Plan the training of this recipe instead: per-GPU memory of each "
+              "stage for DDP and FSDP2 (--preset overrides the recipe's model).")
+@click.option("--gpus", "gpus", multiple=True, type=int, help="GPU counts for --recipe (repeatable) [those of 1, 2, 4, 8 that divide every stage's batch].")
+@click.option("--teacher-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="The frozen teacher's dtype for --recipe (the trainer holds it in float32).")
 @user_errors
-def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefill_chunk, json_out, plot):
-    """Which budgets fit a device at a context length and batch (weights, KV, conv + SSM state, activations)."""
+def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefill_chunk, json_out, plot, recipe, gpus,
+                teacher_dtype):
+    """Which budgets fit a device at a context length and batch (weights, KV, conv + SSM state, activations);
+    with --recipe, the per-GPU memory of training that recipe (weights, grads, AdamW, teacher, activations)."""
     import json
 
+    if recipe is not None:
+        return _plan_training_memory(recipe, source, preset, gpus, teacher_dtype, json_out)
     from validation.planner import EDGE, PROFILES, deployment_comparison, device_profile, plan, plan_text
 
     from .errors import ConfigError
@@ -597,6 +606,34 @@ def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefi
         from validation.report import plot_deployment
 
         plot_deployment(out["comparison"], out["plans"], plot)
+
+
+def _plan_training_memory(recipe_path, source, preset, gpus, teacher_dtype, json_out):
+    import json
+
+    from training.recipe import load_recipe, parent_config
+    from validation.train_memory import plan_training, training_plan_text
+
+    from .accounting import count_params
+    from .errors import ConfigError
+    from .hf_io import atomic_write_text
+    from .inspect import make_preset
+
+    if source is not None:
+        raise ConfigError("give --recipe without SOURCE (the recipe names the model; --preset overrides it)",
+                          field="SOURCE")
+    if any(n <= 0 for n in gpus):
+        raise ConfigError(f"must be positive, got {list(gpus)}", field="--gpus")
+    r = load_recipe(recipe_path)
+    # default: those of 1, 2, 4, 8 GPUs that divide every stage's batch (as the trainer requires)
+    gpus = list(gpus) or [n for n in (1, 2, 4, 8) if all(s["batch_size"] % n == 0 for s in r["stages"])]
+    cfg = make_preset(preset) if preset else parent_config(r, recipe_path)
+    rows = plan_training(cfg, r, gpus, teacher_bytes=4 if teacher_dtype == "float32" else 2)
+    click.echo(f"recipe {recipe_path}" + (f" on preset {preset}" if preset else ""))
+    click.echo(training_plan_text(rows, params=count_params(cfg)))
+    if json_out:
+        atomic_write_text(json_out, json.dumps({"recipe": str(recipe_path), "preset": preset, "rows": rows},
+                                               indent=2) + "\n")
 
 
 def _plan_memory_budgets(source, preset, budgets):
