@@ -247,6 +247,16 @@ def run_bench(labels, work: Path, steps=STEPS, timeout: float = 1800,
     return base, sizes
 
 
+def print_saved(paths) -> list[dict]:
+    """One table from several runs' JSON (e.g. one size per run), growth recomputed between consecutive sizes."""
+    sizes = [sz for p in paths for sz in json.loads(Path(p).read_text())["sizes"]]
+    steps = [s for s in STEPS if all(s in sz["steps"] for sz in sizes)]
+    for a, b in zip(sizes, sizes[1:]):
+        b["growth"] = {s: growth(a, b, s) for s in steps}
+    print(table(sizes, steps))
+    return sizes
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_rusage"]:
@@ -259,7 +269,11 @@ def main(argv=None):
     ap.add_argument("--steps", default=",".join(STEPS), help="Comma-separated subset (in order).")
     ap.add_argument("--timeout", type=float, default=1800, help="Seconds per step.")
     ap.add_argument("--json", default=None, help="Also write the measurements as JSON.")
+    ap.add_argument("--from-json", nargs="+", default=None, help="Print the table of earlier --json runs "
+                    "(sizes in the order given, growth between them) instead of measuring.")
     a = ap.parse_args(argv)
+    if a.from_json:
+        return print_saved(a.from_json)
     steps = [s for s in a.steps.split(",") if s]
     load0 = os.getloadavg()
     base, sizes = run_bench(a.sizes, Path(a.work), steps, a.timeout)

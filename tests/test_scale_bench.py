@@ -48,6 +48,20 @@ def test_growth_from_measured_numbers(sb):
     assert g["time_exponent"] == pytest.approx(1 / 3)
 
 
+def test_table_of_saved_runs(sb, tmp_path, capsys):
+    def size(label, params, rss):
+        r = {"rc": 0, "wall_s": 1.5, "peak_rss": rss, "ratio": rss / (2 * params), "target": 1.3, "pass": False}
+        return {"label": label, "params": params, "ckpt_bytes": 2 * params, "steps": {"nest": r}}
+    for name, sz in (("a", size("10M", 10**7, 5 * 10**7)), ("b", size("30M", 3 * 10**7, 9 * 10**7))):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"baseline": None, "sizes": [sz]}))
+    sizes = sb.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    g = sizes[1]["growth"]["nest"]
+    assert g["exponent"] == pytest.approx(math.log(9 / 5) / math.log(3))
+    assert g["slope"] == pytest.approx(4 * 10**7 / (4 * 10**7))
+    out = capsys.readouterr().out
+    assert f"| 30M | 30,000,000 | 0.06 | nest | 0 | 1.5 | 0.09 | 1.50x | <= 1.3x MISS | -x | {g['exponent']:.2f} | 1.00 |" in out
+
+
 def test_tiny_checkpoint_and_steps(sb, tmp_path, monkeypatch):
     monkeypatch.setattr(sb, "SHARD_BYTES", 2**20 + 12345)  # an odd shard limit: several shards
     steps = ["inspect", "rank"]
