@@ -141,6 +141,7 @@ def measure(cmd: list[str], timeout: float, log: Path) -> dict:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = 124
+            _kill_children(p)  # /usr/bin/time then still reports the peak so far (a lower bound)
         finally:  # a timeout, or this process interrupted: the step's whole session goes too
             if p.poll() is None:
                 os.killpg(p.pid, 9)
@@ -149,10 +150,27 @@ def measure(cmd: list[str], timeout: float, log: Path) -> dict:
     text = rss_file.read_text() if rss_file.exists() else ""
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     rss = int(m.group(1)) * 1024 if m else None
-    if rc == 0 and tv:
+    if rc != 124 and tv:
         m = re.search(r"Exit status: (\d+)", text)
         rc = int(m.group(1)) if m else rc
-    return {"rc": rc, "wall_s": wall, "peak_rss": rss, "log": str(log)}
+    return {"rc": rc, "wall_s": wall, "peak_rss": rss, "log": str(log), "timed_out": rc == 124}
+
+
+def _kill_children(p: subprocess.Popen, grace: float = 10) -> None:
+    """SIGKILL the measured command under the timing wrapper, and give the wrapper time to write its report."""
+    try:
+        kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+    except OSError:
+        return
+    for k in kids:
+        try:
+            os.kill(int(k), 9)
+        except ProcessLookupError:
+            pass
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _rusage_wrapper(rss_file: str, cmd: list[str]) -> None:
@@ -215,8 +233,9 @@ def table(sizes: list[dict], steps) -> str:
             r = sz["steps"][s]
             g = sz.get("growth", {}).get(s, {})
             tgt = "-" if r["target"] is None else f"<= {r['target']}x {'pass' if r['pass'] else 'MISS'}"
+            late = ">" if r.get("timed_out") else ""  # stopped at the timeout: lower bounds
             lines.append(f"| {sz['label']} | {sz['params']:,} | {_gb(sz['ckpt_bytes'])} | {s} | {r['rc']} | "
-                         f"{r['wall_s']:.1f} | {_gb(r['peak_rss'])} | {_f(r['ratio'], '.2f')}x | {tgt} | {_f(r.get('net_ratio'), '.2f')}x | "
+                         f"{late}{r['wall_s']:.1f} | {late}{_gb(r['peak_rss'])} | {_f(r['ratio'], '.2f')}x | {tgt} | {_f(r.get('net_ratio'), '.2f')}x | "
                          f"{_f(g.get('exponent'), '.2f')} | {_f(g.get('slope'), '.2f')} | "
                          f"{_f(g.get('time_exponent'), '.2f')} |")
     return "\n".join(lines)

@@ -39,6 +39,15 @@ def test_peak_rss_of_a_known_allocation(sb, tmp_path, monkeypatch, fallback):
     assert r["rc"] == 3
 
 
+def test_timeout_reports_the_peak_so_far(sb, tmp_path):
+    if sb._time_cmd() is None:
+        pytest.skip("/usr/bin/time -v missing (apt package `time`)")
+    code = "import time\nb = bytearray(83 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1\ntime.sleep(60)"
+    r = sb.measure([sys.executable, "-c", code], 3, tmp_path / "slow.log")
+    assert r["rc"] == 124 and r["timed_out"] and r["wall_s"] < 20
+    assert r["peak_rss"] >= 83 * 2**20
+
+
 def test_growth_from_measured_numbers(sb):
     a = {"params": 1000, "ckpt_bytes": 2000, "steps": {"nest": {"peak_rss": 3000, "wall_s": 2.0}}}
     b = {"params": 8000, "ckpt_bytes": 16000, "steps": {"nest": {"peak_rss": 24000, "wall_s": 4.0}}}
