@@ -69,6 +69,11 @@ def test_head_score_over_top_channels():
     torch.testing.assert_close(imp.layers[i]["heads"].float(), s[:, top].norm(dim=1), rtol=1e-4, atol=1e-4)
 
 
+def _squared_error(m, ids, full, j, subnet=None) -> float:
+    """Eq. 5's numerator, computed directly: sum of squared logit differences with layer j skipped."""
+    return float(((full - m(ids, subnet=subnet, skip_layer=j).double()) ** 2).sum())
+
+
 def test_depth_normalized_mse_oneshot_and_iterative():
     m = random_model(2).eval()
     cfg = m.config
@@ -77,8 +82,8 @@ def test_depth_normalized_mse_oneshot_and_iterative():
     with torch.no_grad():
         full = m(ids).double()
         for j in range(cfg.num_hidden_layers):
-            ref = ((full - m(ids, skip_layer=j).double()) ** 2).sum() / (full ** 2).sum()
-            assert abs(scores[j].item() - ref.item()) <= 1e-6 * max(1.0, ref.item())
+            ref = _squared_error(m, ids, full, j) / float((full ** 2).sum())
+            assert abs(scores[j].item() - ref) <= 1e-6 * max(1.0, ref)
     assert order == sorted(range(cfg.num_hidden_layers), key=lambda j: scores[j].item())
     it_scores, it_order = depth_scores(m, [ids], "iterative")
     assert sorted(it_order) == list(range(cfg.num_hidden_layers))
@@ -127,11 +132,10 @@ def test_iterative_depth_rescores_after_each_removal():
         den = float((full ** 2).sum())
         for k, j in enumerate(order[:-1]):
             gone = set(order[:k])
-            ref = float(((full - m(ids, subnet=_skip_subnet(cfg, gone), skip_layer=j).double()) ** 2).sum()) / den
+            ref = _squared_error(m, ids, full, j, _skip_subnet(cfg, gone)) / den
             assert abs(scores[j].item() - ref) <= 1e-6 * max(1.0, ref), (k, j)
             rest = [i for i in range(cfg.num_hidden_layers) if i not in gone]
-            cand = {i: float(((full - m(ids, subnet=_skip_subnet(cfg, gone), skip_layer=i).double()) ** 2).sum())
-                    for i in rest}
+            cand = {i: _squared_error(m, ids, full, i, _skip_subnet(cfg, gone)) for i in rest}
             assert j == min(rest, key=lambda i: (cand[i], i))  # the least important of what is left goes next
     oneshot, _ = depth_scores(m, [ids], "oneshot")
     assert not torch.allclose(scores[order[1]], oneshot[order[1]])  # re-scored, not the one-shot score

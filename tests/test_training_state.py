@@ -41,3 +41,12 @@ def test_an_old_pickle_state_is_refused_not_loaded(tmp_path):
     with pytest.raises(CheckpointError, match="pickle"):
         ckpt.load_state(tmp_path)
     assert ckpt.load_state(tmp_path / "missing") is None
+
+
+def test_tensors_sharing_storage_round_trip(tmp_path):
+    """Tied weights, views and transposes share storage, which safetensors refuses: they are copied."""
+    w = torch.randn(6, 5)
+    state = {"a": w, "tied": w, "rows": w[:2], "t": w.t(), "e": torch.empty(0), "e2": torch.empty(0)}
+    ckpt.save_state(tmp_path / "c", state)
+    back = ckpt.load_state(tmp_path / "c")
+    assert all(torch.equal(back[k], v) for k, v in state.items())

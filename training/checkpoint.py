@@ -23,19 +23,25 @@ from elastic_export.hf_io import atomic_dir
 # tensor replaced by {"__tensor__": key}. Tuples and dicts with non-string keys (optimizer states are
 # keyed by parameter index) are tagged so they come back as they went in. No pickle anywhere.
 
-def _encode(obj, tensors: dict[str, torch.Tensor]):
+def _encode(obj, tensors: dict[str, torch.Tensor], seen: set[int]):
     if isinstance(obj, torch.Tensor):
         key = str(len(tensors))
-        tensors[key] = obj.detach().cpu().contiguous().clone()  # safetensors refuses shared storage
+        t = obj.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share storage: copy only those (a view, or storage seen before)
+        if storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: _encode(v, tensors) for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+            return {k: _encode(v, tensors, seen) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, seen), _encode(v, tensors, seen)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+        return {"__tuple__": [_encode(v, tensors, seen) for v in obj]}
     if isinstance(obj, list):
-        return [_encode(v, tensors) for v in obj]
+        return [_encode(v, tensors, seen) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"training state holds a {type(obj).__name__}, which has no safetensors/JSON form")
@@ -58,7 +64,7 @@ def _decode(obj, tensors: dict[str, torch.Tensor]):
 def save_state(directory: str | Path, state: dict) -> None:
     """Atomically replace ``directory`` with one holding ``state.safetensors`` + ``state.json``."""
     tensors: dict[str, torch.Tensor] = {}
-    structure = _encode(state, tensors)
+    structure = _encode(state, tensors, set())
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(structure))
