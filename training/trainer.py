@@ -407,7 +407,8 @@ class Trainer:
             if self.main:
                 imp = compute_importance(plain.to(self.device), calib.to(self.device), depth=depth,
                                          head_channels=ro["head_channels"])
-                sorted_model, imp = sort_model(plain.cpu(), imp)
+                imp = Importance.from_tensors(imp.to_tensors(), self.cfg.num_hidden_layers)  # on the CPU
+                sorted_model, imp = sort_model(plain.cpu(), imp)  # sorted on the CPU: one whole copy on the GPU at most
                 del plain
             scores = parallel.broadcast_tensors(None if imp is None else imp.to_tensors(), self.device)
             imp = Importance.from_tensors(scores, self.cfg.num_hidden_layers)
@@ -609,12 +610,19 @@ class Trainer:
         self._warn_out_of_band(report)
         self.log({"step": self.step, "event": "router_frozen", "budgets": report})
 
-    def evaluate(self, stage: Stage, elastic: bool, model=None) -> dict:
-        """``model``: the plain model to evaluate (under FSDP2 the gathered one); default the trained one."""
+    def evaluate(self, stage: Stage, elastic: bool) -> dict | None:
+        """Rank 0 evaluates every budget; under FSDP2 every rank calls this (the full weights are gathered
+        to rank 0, which evaluates them on its device, then drops them) and the others get None."""
+        model = self.model
+        if self.fsdp:
+            model = parallel.gather(self.model)
+            if not self.main:
+                return None
+            model.to(self.device)
         subnets = self.budget_subnets() if elastic else {"parent": full_subnet(self.cfg)}
         d = self.r["data"]
         seq = max(s.spec["seq_len"] for s in self.stages)  # one length for every evaluation of the run
-        result = evaluate_budgets(model or self.model, subnets, self.mixture, self.tokenizer, seq,
+        result = evaluate_budgets(model, subnets, self.mixture, self.tokenizer, seq,
                                   d["eval_windows"], d["eval_tasks"], self.r["seed"], self.r["train"]["eval_batch_size"])
         return {"step": self.step, "stage": stage.spec["name"], **result}
 
@@ -660,9 +668,9 @@ class Trainer:
             if self.step == stage.end:
                 if self.freeze_step == self.step and not self.fixed and self.step != self.elastic_start:
                     self.freeze_router()
-                plain = parallel.gather(self.model) if self.fsdp else self.model  # FSDP2: on rank 0 only
+                if self.main or self.fsdp:
+                    ev = self.evaluate(stage, elastic)
                 if self.main:
-                    ev = self.evaluate(stage, elastic, plain.to(self.device))
                     self.evals.append(ev)
                     self.log({"step": self.step, "event": "eval", **ev})
                     bar.write(format_eval(ev))
