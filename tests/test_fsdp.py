@@ -94,6 +94,19 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(runs):
     assert state["parallel"] == "fsdp2" and state["world"] == 2 and state["step"] == 10
 
 
+def test_sharded_checkpoint_loads_on_another_process_count(runs, tmp_path):
+    """k2's last checkpoint (2 processes, step 10) resumed by 1 process: DCP reshards model, router, moments
+    and teacher; nothing is left to train, so the nested checkpoint is f2's to the bit."""
+    import shutil
+
+    tmp, _, _ = runs
+    shutil.copytree(tmp / "k2" / "checkpoint", tmp_path / "one" / "checkpoint")
+    shutil.copytree(tmp / "k2" / "teacher", tmp_path / "one" / "teacher")
+    shutil.copy(tmp / "k2" / "metrics.jsonl", tmp_path / "one" / "metrics.jsonl")
+    nested = train(validate_recipe(fsdp_recipe(tmp)), out=tmp_path / "one")
+    assert max_diff(params(tmp / "f2" / "nested"), params(nested)) == 0.0
+
+
 def test_nested_checkpoint_has_the_one_process_format(runs):
     tmp, single, _ = runs
     assert layout(tmp / "f2" / "nested") == layout(single)

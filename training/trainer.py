@@ -202,6 +202,9 @@ class Trainer:
         self.space = make_space(self.cfg, recipe)
         torch.manual_seed(recipe["seed"])
         self.router = Router(self.space, len(recipe["budgets"]["names"]), recipe["router"]["hidden"]).to(self.device)
+        if self.fsdp and self.distributed:  # replicated outside FSDP2: rank 0's values everywhere (DDP does this)
+            for t in self.router.state_dict().values():
+                dist.broadcast(t, 0)
         self.stages = plan_stages(recipe["stages"])
         self.total_steps = self.stages[-1].end
         first = [s for s in self.stages if s.spec["kind"] == "elastic"]
