@@ -784,12 +784,15 @@ class _null:
 
 
 def format_eval(ev: dict) -> str:
+    def f(v, spec):  # None: not evaluated (data.eval_tasks = 0)
+        return "-" if v is None else format(v, spec)
+
     lines = [f"eval after {ev['stage']} (step {ev['step']}):"]
     for name, e in ev["budgets"].items():
         lines.append(f"  {name:>8}: {e['params']:>10,} params  held-out loss {e['held_out_loss']:.4f}  "
-                     f"short {e['acc_short']:.1%}  long {e['acc_long']:.1%}  "
-                     f"answer loss short {e.get('answer_loss_short', float('nan')):.3f} "
-                     f"long {e.get('answer_loss_long', float('nan')):.3f}")
+                     f"short {f(e['acc_short'], '.1%')}  long {f(e['acc_long'], '.1%')}  "
+                     f"answer loss short {f(e.get('answer_loss_short'), '.3f')} "
+                     f"long {f(e.get('answer_loss_long'), '.3f')}")
     return "\n".join(lines)
 
 
