@@ -41,6 +41,11 @@ def fsdp_recipe(tmp: Path, **overrides) -> dict:
     return tiny_recipe(tmp, **{"stages": stages, "train.grad_accum": 2, "train.parallel": "fsdp2", **overrides})
 
 
+def budgets(run: Path) -> dict[int, str]:
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["budget"] for r in recs if "loss" in r}
+
+
 def params(nested: Path) -> dict[str, torch.Tensor]:
     return load_file(str(nested / "model.safetensors"))
 
@@ -72,6 +77,7 @@ def test_two_process_fsdp2_equals_one_process(runs):
     tmp, single, _ = runs
     a, b = losses(tmp / "f2"), losses(tmp / "single")
     assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert budgets(tmp / "f2") == budgets(tmp / "single")  # the same draws on every rank as on one process
     assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
     d = max_diff(params(tmp / "f2" / "nested"), params(single))
     assert d < 1e-5, d
