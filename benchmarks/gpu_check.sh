@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check run, at most 8 minutes on one data-center GPU (image: torch, triton, transformers,
 # onnx, onnxruntime; TensorRT and mamba-ssm optional). Runs the GPU-capable tests, then
-# benchmarks/gpu_check.py, whose table is printed last. Extra arguments go to gpu_check.py.
+# benchmarks/fsdp_gpu_check.py (FSDP2 training, up to 100 s), then benchmarks/gpu_check.py, whose table is
+# printed last. Extra arguments go to gpu_check.py.
 #   bash benchmarks/gpu_check.sh                 # JSON results to ${OUT:-/tmp}/gpu_check.json
 set -u
 cd "$(dirname "$0")/.."
@@ -23,12 +24,25 @@ timeout 150 python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
 TESTS=$?
 echo "== tests exit code: $TESTS"
 
+OUTDIR=${OUT:-/tmp}
+# FSDP2 training (issue 13): NCCL, bf16 mixed precision, activation checkpointing, kill + resume from the
+# sharded checkpoint, on 2 GPUs when there are 2+ (torchrun), else in one process (about a minute).
+echo "== FSDP2 training on the GPU(s)"
+LEFT=$(( TOTAL - ($(date +%s) - START) ))
+FSDP=0
+if [ "$LEFT" -ge 240 ]; then
+  timeout 100 python benchmarks/fsdp_gpu_check.py --timeout-s 85 --json "$OUTDIR/fsdp_gpu_check.json"
+  FSDP=$?
+  echo "== FSDP2 check exit code: $FSDP"
+else
+  echo "gpu_check.sh: only ${LEFT}s left after the tests; skipping benchmarks/fsdp_gpu_check.py (NOT checked)" >&2
+fi
+
 LEFT=$(( TOTAL - ($(date +%s) - START) ))
 if [ "$LEFT" -lt 120 ]; then
   echo "gpu_check.sh: only ${LEFT}s left after the tests; skipping gpu_check.py" >&2
   exit 1
 fi
-OUTDIR=${OUT:-/tmp}
 timeout "$LEFT" python benchmarks/gpu_check.py --budget-s $(( LEFT - 150 )) --json "$OUTDIR/gpu_check.json" "$@"
 CHECK=$?
-[ "$TESTS" -eq 0 ] && [ "$CHECK" -eq 0 ]
+[ "$TESTS" -eq 0 ] && [ "$FSDP" -eq 0 ] && [ "$CHECK" -eq 0 ]

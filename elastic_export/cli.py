@@ -263,16 +263,22 @@ def slice_cmd(nested, budget, out, dtype, layout):
 @click.option("--out", help="Run directory (checkpoints, metrics.jsonl); default: the recipe's `out`.")
 @click.option("--fresh", is_flag=True, help="Start over instead of resuming from OUT/checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl).")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp2"]), default=None,
+              help="Override the recipe's train.parallel: ddp (whole model per process) or fsdp2 (sharded).")
 @user_errors
-def train(recipe, out, fresh, no_progress):
+def train(recipe, out, fresh, no_progress, parallel):
     """Train a recipe: pretrain a parent and/or elastify it; writes a nested checkpoint.
 
     Runs on N processes unchanged: torchrun --nproc-per-node N -m elastic_export.cli train RECIPE
+    (--parallel fsdp2 shards the model over them: docs/training.md).
     """
     from training.recipe import load_recipe
     from training.trainer import train as run_training
 
-    path = run_training(load_recipe(recipe), out=out, resume=not fresh, progress=False if no_progress else None)
+    r = load_recipe(recipe)
+    if parallel is not None:
+        r["train"]["parallel"] = parallel
+    path = run_training(r, out=out, resume=not fresh, progress=False if no_progress else None)
     if path is not None:
         click.echo(f"nested checkpoint: {path}")
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import activations, elastic
 from .cache import InferenceCache, MambaWindow, StepState
@@ -367,6 +368,28 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.mixer = MIXERS[self.block_type](cfg, cfg.layer_dims(layer_idx), layer_idx)
 
+    def residual(self, h: torch.Tensor, v, cache: InferenceCache | None = None, new_mask: torch.Tensor | None = None,
+                 key_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual stream [B, L, d] after this layer with its views ``v``: h + gate * mixer(rmsnorm(h))."""
+        x = rms_norm(h, elastic.norm_view(self.norm, h.shape[-1]), self.norm.eps)
+        if self.block_type == "linear_attention":
+            x = self.mixer(x, v, cache, new_mask)
+        elif self.block_type == "full_attention":
+            x = self.mixer(x, v, cache, key_mask)
+        else:  # MLP or MoE: position-wise
+            x = self.mixer(x, v)
+        if gate is not None:
+            x = x * gate.to(x.dtype)
+        return h + x
+
+    def forward(self, h: torch.Tensor, widths: elastic.LayerWidths, cache: InferenceCache | None = None,
+                new_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer at ``widths``, its views taken inside this call: the call FSDP2 wraps (the layer's
+        parameters are whole only during it) and activation checkpointing recomputes."""
+        return self.residual(h, VIEWS[self.block_type](self.mixer, widths, h.shape[-1]), cache, new_mask, key_mask,
+                             gate)
+
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -387,6 +410,12 @@ class NemotronHForCausalLM(nn.Module):
         # lm_head.weight (hf_io.resolve_tying), so this follows the checkpoint, not config.json alone.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._views: dict[Subnet, list] = {}
+        # How hidden_states() runs the layers (set by the trainer): ``layerwise`` calls each Block with its
+        # widths, so each layer takes its views inside its own call (FSDP2 unshards a layer only then), instead
+        # of taking every layer's views up front; ``checkpoint_layers`` also recomputes each layer's
+        # activations in the backward (torch.utils.checkpoint, non-reentrant) instead of keeping them.
+        self.layerwise = False
+        self.checkpoint_layers = False
 
     # ---- weights -------------------------------------------------------------------------------
     @property
@@ -435,7 +464,8 @@ class NemotronHForCausalLM(nn.Module):
         passes straight-through values (exactly 1 in the forward, gradient to the router), so the
         result equals the plain budget forward.
         """
-        subnet, views = self.layer_views(subnet)
+        layerwise = self.layerwise or self.checkpoint_layers
+        subnet, views = (subnet or full_subnet(self.config), None) if layerwise else self.layer_views(subnet)
         d = subnet.hidden
         b, l = input_ids.shape
         if cache is not None:
@@ -451,10 +481,17 @@ class NemotronHForCausalLM(nn.Module):
         embedding_gate, layer_gates = gates if gates is not None else (None, None)
         if embedding_gate is not None:
             h = h * embedding_gate.to(h.dtype)
-        for i, v in enumerate(views):
-            if v is None or i == skip_layer:
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
+        for i, w in enumerate(subnet.layers):
+            if not w.kept or i == skip_layer:
                 continue  # a skipped layer is the identity on the residual stream
-            h = self.apply_layer(i, h, v, cache, new_mask, key_mask, None if layer_gates is None else layer_gates[i])
+            gate = None if layer_gates is None else layer_gates[i]
+            if views is not None:
+                h = self.apply_layer(i, h, views[i], cache, new_mask, key_mask, gate)
+            elif recompute:
+                h = checkpoint(self.backbone.layers[i], h, w, cache, new_mask, key_mask, gate, use_reentrant=False)
+            else:
+                h = self.backbone.layers[i](h, w, cache, new_mask, key_mask, gate)
         if cache is not None:
             cache.seen += l
             if cache.windows is not None:
@@ -465,17 +502,7 @@ class NemotronHForCausalLM(nn.Module):
                     new_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                     gate: torch.Tensor | None = None) -> torch.Tensor:
         """Residual stream [B, L, d] after layer ``i`` (its views ``v``): h + gate * mixer(rmsnorm(h))."""
-        blk = self.backbone.layers[i]
-        x = rms_norm(h, elastic.norm_view(blk.norm, h.shape[-1]), self.config.layer_norm_epsilon)
-        if blk.block_type == "linear_attention":
-            x = blk.mixer(x, v, cache, new_mask)
-        elif blk.block_type == "full_attention":
-            x = blk.mixer(x, v, cache, key_mask)
-        else:  # MLP or MoE: position-wise
-            x = blk.mixer(x, v)
-        if gate is not None:
-            x = x * gate.to(x.dtype)
-        return h + x
+        return self.backbone.layers[i].residual(h, v, cache, new_mask, key_mask, gate)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """norm_f of the residual stream [B, L, d]."""

@@ -52,6 +52,21 @@ def test_report_table_and_json(capsys):
     assert r.to_json()["timings"][0]["ratio"] == "3.0x"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_fsdp_check_without_cuda_says_so(capsys):
+    import fsdp_gpu_check
+
+    assert fsdp_gpu_check.parse_args(["--gpus", "2"]).gpus == 2
+    assert fsdp_gpu_check.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_check_sh_runs_the_fsdp_check():
+    sh = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert "benchmarks/fsdp_gpu_check.py" in sh and '[ "$FSDP" -eq 0 ]' in sh
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+
+
 pytest.importorskip("triton")
 
 

@@ -79,7 +79,7 @@ def test_fsdp2_shards_what_ddp_replicates(tmp_path):
 
     cfg, s = parent_config(r), r["stages"][1]
     d1, f1 = (stage_memory(cfg, r, s, 1, k) for k in ("ddp", "fsdp2"))
-    assert d1.total == f1.total
+    assert f1.total == d1.total + f1.in_flight and f1.in_flight > 0  # FSDP2 gathers into its own buffers on 1 GPU too
     d4, f4 = (stage_memory(cfg, r, s, 4, k) for k in ("ddp", "fsdp2"))
     for k in ("weights", "grads", "optimizer", "teacher"):
         assert getattr(d4, k) == getattr(d1, k) and getattr(f4, k) == getattr(d1, k) / 4
@@ -100,7 +100,8 @@ def test_nano_12b_training_plan_is_printed(tmp_path):
         # 12.3B float32 parameters + grads + AdamW moments are 197 GB before any activation: DDP never fits
         assert by[stage, "ddp", 8]["total_ckpt"] > usable80
         assert by[stage, "fsdp2", 8]["total"] <= usable80
-        assert by[stage, "fsdp2", 1]["total"] == by[stage, "ddp", 1]["total"]
+        one = by[stage, "fsdp2", 1]
+        assert one["total"] == by[stage, "ddp", 1]["total"] + one["in_flight"]
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -4,6 +4,11 @@ Training state (``OUT/checkpoint/``, safetensors + JSON, written atomically by r
 state, the global step, RNG states, the depth ranking and the evaluations so far. Everything random
 in a step is a function of (seed, step), so this is all an exact resume needs. The frozen teacher is
 written once to ``OUT/teacher/`` when elastification starts.
+
+Under FSDP2 (``train.parallel = "fsdp2"``) the same directories add ``sharded/``: the sharded tensors
+(model, AdamW moments, router), one safetensors file per rank written by torch.distributed.checkpoint
+(training/parallel.py); state.json keeps the rest. This is training state only: the nested checkpoint a
+run ends with is the same single safetensors file whatever the process count or strategy.
 """
 
 from __future__ import annotations
@@ -61,13 +66,18 @@ def _decode(obj, tensors: dict[str, torch.Tensor]):
     return obj
 
 
-def save_state(directory: str | Path, state: dict) -> None:
-    """Atomically replace ``directory`` with one holding ``state.safetensors`` + ``state.json``."""
+def write_state(directory: Path, state: dict) -> None:
+    """Write ``state.safetensors`` + ``state.json`` into the existing ``directory``."""
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors, set())
+    save_file(tensors, str(directory / "state.safetensors"))
+    (directory / "state.json").write_text(json.dumps(structure))
+
+
+def save_state(directory: str | Path, state: dict) -> None:
+    """Atomically replace ``directory`` with one holding ``state.safetensors`` + ``state.json``."""
     with atomic_dir(directory) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(structure))
+        write_state(tmp, state)
 
 
 def load_state(directory: str | Path) -> dict | None:

@@ -6,6 +6,11 @@ stage trains the parent alone with cross-entropy; ``elastic`` stages train every
 (router + distillation). The paper's curriculum is two elastic stages: short sequences with uniform
 budget sampling, then longer ones with weighted sampling (see recipes/default.toml).
 
+``train.parallel``: ``ddp`` (the default: every process holds the whole model, DDP averages gradients;
+plain single-process training on one process) or ``fsdp2`` (torch's fully_shard: parameters, gradients,
+AdamW moments and the frozen teacher sharded over the processes, on 1 process too); see docs/training.md.
+``train.activation_checkpointing``: recompute each decoder layer's activations in the backward.
+
 Every problem is a ConfigError naming the recipe file and the field (``stages[1].seq_len``): an
 unknown or misspelt field, a missing one, a wrong type, a data path that does not exist, budgets
 the parent cannot reach with the router's choices.
@@ -66,7 +71,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
               "weights": (list, None, None)},
     "train": {"grad_accum": (int, 1, None), "checkpoint_every": (int, 100, None), "log_every": (int, 10, None),
               "precision": (str, "auto", ("auto", "float32", "bf16")), "grad_clip": (NUM, 1.0, None),
-              "threads": (int, 0, None), "progress": (bool, True, None), "eval_batch_size": (int, 64, None)},
+              "threads": (int, 0, None), "progress": (bool, True, None), "eval_batch_size": (int, 64, None),
+              "parallel": (str, "ddp", ("ddp", "fsdp2")), "activation_checkpointing": (bool, False, None)},
     "output": {"path": (str, None, None), "dtype": (str, "parent", ("parent", "float32", "bfloat16"))},
 }
 

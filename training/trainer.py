@@ -1,4 +1,4 @@
-"""The trainer: setup -> stages -> nested checkpoint, on 1 process or N (torchrun, DDP).
+"""The trainer: setup -> stages -> nested checkpoint, on 1 process or N (torchrun; DDP or FSDP2).
 
 One step of an ``elastic`` stage (Nemotron Elastic, Eq. 17):
 1. the step's plan: one budget drawn by the sampler (the same on every rank: a function of (seed,
@@ -17,6 +17,10 @@ checkpoint holds model, router, optimizer, the frozen teacher, the depth ranking
 the learning rates and the Gumbel schedule are functions of the step too.
 Multi-process: the global batch of a step is split over ranks x gradient-accumulation micro-batches;
 DDP averages gradients (gloo on CPU, NCCL on GPU); rank 0 evaluates, logs and writes checkpoints.
+``train.parallel = "fsdp2"`` shards student and teacher instead (training/parallel.py): gradients are
+reduce-scattered (averaged like DDP's), the replicated router's are all-reduced here; the sharded
+state is written by every rank (torch.distributed.checkpoint); rank 0 evaluates and writes the nested
+checkpoint from the gathered full weights.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from elastic_export.errors import ConfigError
 from elastic_export.hf_io import atomic_write_bytes
 
 from . import checkpoint as ckpt
+from . import parallel
 from .data import build_mixture
 from .distill import ce_loss, distill_loss
 from .recipe import load_recipe, make_space, parent_config
@@ -150,17 +155,19 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.distributed = self.world > 1
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.fsdp = tr["parallel"] == "fsdp2"
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
             self.device = torch.device("cuda", local)
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        self.owns_group = parallel.init_group(self.world, self.device) if self.distributed or self.fsdp else False
         prec = tr["precision"]
         self.bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.main = self.rank == 0
+        if self.fsdp:  # bf16 on a GPU: FSDP2's mixed precision (bf16 gathered parameters), not autocast
+            self.mesh, self.mp = parallel.make_mesh(self.device), parallel.mp_policy(self.bf16)
         self.progress = tr["progress"] if progress is None else progress
 
         from elastic_export.tokenizer import load_tokenizer
@@ -169,7 +176,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(None if tok == "byte" else tok)
         self.mixture = build_mixture(recipe["data"], self.tokenizer, recipe["seed"])
         self.cfg = parent_config(recipe)
-        if recipe["model"]["init"] == "scratch":
+        if self.fsdp and not self.main:  # FSDP2: only rank 0 builds or loads the parent (sharded_model)
+            self.model = None
+        elif recipe["model"]["init"] == "scratch":
             from elastic_export.model import build_model
 
             self.model = build_model(self.cfg, seed=recipe["seed"])
@@ -181,15 +190,21 @@ class Trainer:
             from elastic_export.hf_io import load
 
             self.model = load(recipe["model"]["init"])
-        self.parent_dtype = self.model.dtype  # output.dtype "parent" saves the result as the parent is stored
-        self.model.float()  # trained in float32
+        self.parent_dtype = None
+        if self.model is not None:
+            self.parent_dtype = self.model.dtype  # output.dtype "parent" saves the result as the parent is stored
+            self.model.float()  # trained in float32
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids, the parent {self.cfg.vocab_size}",
                               field="model.tokenizer")
-        self.model.to(self.device)
+        if self.model is not None and not self.fsdp:
+            self.model.to(self.device)
         self.space = make_space(self.cfg, recipe)
         torch.manual_seed(recipe["seed"])
         self.router = Router(self.space, len(recipe["budgets"]["names"]), recipe["router"]["hidden"]).to(self.device)
+        if self.fsdp and self.distributed:  # replicated outside FSDP2: rank 0's values everywhere (DDP does this)
+            for t in self.router.state_dict().values():
+                dist.broadcast(t, 0)
         self.stages = plan_stages(recipe["stages"])
         self.total_steps = self.stages[-1].end
         first = [s for s in self.stages if s.spec["kind"] == "elastic"]
@@ -211,20 +226,29 @@ class Trainer:
             if s.spec["batch_size"] % (self.world * tr["grad_accum"]):
                 raise ConfigError(f"{s.spec['batch_size']} is not divisible by {self.world} processes x "
                                   f"grad_accum {tr['grad_accum']}", field=f"stages[{s.index}].batch_size")
-        self._set_model(self.model)
+        self._set_model(self.model, self.cfg)
         self.teacher = None
         self.step = 0
         self.elapsed = 0.0
         self.evals: list[dict] = []
 
-    def _set_model(self, model) -> None:
-        """(Re)build what wraps the model: the step module, DDP and a fresh optimizer."""
-        self.model = model.to(self.device)
-        self.cfg = model.config
-        self.space.cfg = model.config
+    def _set_model(self, model, cfg=None) -> None:
+        """(Re)build what wraps the model: the step module, DDP or FSDP2, and a fresh optimizer.
+
+        FSDP2: ``model`` is rank 0's plain model (None on the other ranks, and on every rank for shards
+        that a resume fills), ``cfg`` its config; the model becomes the sharded one."""
+        cfg = cfg or model.config
+        if self.fsdp:
+            self.model = self.opt = None  # the previous shards and moments go before the new ones come
+            self.model = parallel.sharded_model(cfg, self.mesh, self.mp, self.device, model)
+        else:
+            self.model = model.to(self.device)
+        self.model.checkpoint_layers = self.r["train"]["activation_checkpointing"]
+        self.cfg = cfg
+        self.space.cfg = cfg
         self.step_module = ElasticStep(self.model, self.router, self.r)
         self.ddp = nn.parallel.DistributedDataParallel(self.step_module, find_unused_parameters=True) \
-            if self.distributed else self.step_module
+            if self.distributed and not self.fsdp else self.step_module
         params_m = list(self.model.parameters())
         self.opt = torch.optim.AdamW([
             {"params": [p for p in params_m if p.dim() >= 2], "weight_decay": 0.0},
@@ -237,16 +261,58 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoint"
 
+    def _run_state(self) -> dict:
+        """Everything of the training state but the model, router and optimizer tensors."""
+        return {"step": self.step, "elapsed": self.elapsed, "rng": ckpt.rng_states(),
+                "depth_ranking": self.space.depth_ranking, "evals": self.evals, "recipe": self.r["name"],
+                "head_order": self.cfg.head_order, "fixed": {n: b.to_dict() for n, b in self.fixed.items()},
+                "importance": None if self.importance is None else self.importance.to_tensors(),
+                "parallel": self.r["train"]["parallel"]}
+
     def save(self) -> None:
+        if self.fsdp:
+            return self._save_sharded()
         if not self.main:
             return
-        ckpt.save_state(self.ckpt_dir, {
-            "step": self.step, "elapsed": self.elapsed, "model": self.model.state_dict(),
-            "router": self.router.state_dict(), "optimizer": self.opt.state_dict(), "rng": ckpt.rng_states(),
-            "depth_ranking": self.space.depth_ranking, "evals": self.evals, "recipe": self.r["name"],
-            "head_order": self.cfg.head_order, "fixed": {n: b.to_dict() for n, b in self.fixed.items()},
-            "importance": None if self.importance is None else self.importance.to_tensors(),
-        })
+        ckpt.save_state(self.ckpt_dir, {**self._run_state(), "model": self.model.state_dict(),
+                                        "router": self.router.state_dict(), "optimizer": self.opt.state_dict()})
+
+    # FSDP2: model, router and AdamW moments are DCP tensors keyed by name (every rank its shards); the
+    # JSON says which parameters have moments, so a resume rebuilds exactly those (none are invented).
+    def _named_params(self) -> dict:
+        return {**{f"model.{n}": p for n, p in self.model.named_parameters()},
+                **{f"router.{n}": p for n, p in self.router.named_parameters()}}
+
+    def _sharded_state(self, moments: dict) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        params = self._named_params()
+        optim = {}
+        for name, keys in moments.items():
+            st = self.opt.state[params[name]]
+            optim.update({f"{name}.{k}": st[k] for k in keys})
+        return {"model": get_model_state_dict(self.model), "router": self.router.state_dict(), "optim": optim}
+
+    def _save_sharded(self) -> None:
+        moments = {n: sorted(self.opt.state[p]) for n, p in self._named_params().items() if self.opt.state.get(p)}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        rest = {**self._run_state(), "world": self.world, "moments": moments, "param_groups": groups}
+        parallel.save_sharded(self.ckpt_dir, self._sharded_state(moments), lambda d: ckpt.write_state(d, rest))
+
+    def _resume_sharded(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        params = self._named_params()
+        for name, keys in state["moments"].items():  # AdamW's own layout: step (a CPU scalar), two moments
+            p = params[name]
+            self.opt.state[p] = {k: torch.zeros((), dtype=torch.float32) if k == "step" else torch.zeros_like(p)
+                                 for k in keys}
+        tensors = self._sharded_state(state["moments"])
+        parallel.load_sharded(self.ckpt_dir, tensors)
+        set_model_state_dict(self.model, tensors["model"])
+        self.router.load_state_dict(tensors["router"])
+        for g, saved in zip(self.opt.param_groups, state["param_groups"]):
+            g.update(saved)
 
     def resume(self) -> bool:
         state = ckpt.load_state(self.ckpt_dir)
@@ -255,13 +321,22 @@ class Trainer:
         if state.get("recipe") != self.r["name"]:
             raise ConfigError(f"{self.ckpt_dir} belongs to recipe {state.get('recipe')!r}", field="out",
                               fix="use another output directory or delete the old run")
+        written = state.get("parallel", "ddp")
+        if written != self.r["train"]["parallel"]:
+            raise ConfigError(f"{self.ckpt_dir} was written with train.parallel = {written!r}, this run has "
+                              f"{self.r['train']['parallel']!r}", field="train.parallel",
+                              fix=f"resume with train.parallel = {written!r}, or start over (--fresh)")
         if state.get("head_order", self.cfg.head_order) != self.cfg.head_order:  # sorted at the elastic start
             from elastic_export.model import NemotronHForCausalLM
 
-            self._set_model(NemotronHForCausalLM(self.cfg.replace(head_order=state["head_order"])))
-        self.model.load_state_dict(state["model"])
-        self.router.load_state_dict(state["router"])
-        self.opt.load_state_dict(state["optimizer"])
+            cfg = self.cfg.replace(head_order=state["head_order"])
+            self._set_model(None if self.fsdp else NemotronHForCausalLM(cfg), cfg)
+        if self.fsdp:
+            self._resume_sharded(state)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.router.load_state_dict(state["router"])
+            self.opt.load_state_dict(state["optimizer"])
         ckpt.set_rng_states(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.space.depth_ranking = list(state["depth_ranking"])
@@ -272,8 +347,12 @@ class Trainer:
 
             self.importance = Importance.from_tensors(state["importance"], self.cfg.num_hidden_layers)
         if self.elastic_start is not None and self.step > self.elastic_start and self.r["distill"]["mode"] == "frozen":
-            self.teacher = self._new_teacher()
-            self.teacher.load_state_dict(ckpt.load_state(self.out / "teacher")["model"])
+            if self.fsdp:
+                self.teacher = parallel.empty_sharded(self.cfg, self.mesh, self.mp, self.device, trainable=False)
+                self._teacher_state(load=True)
+            else:
+                self.teacher = self._new_teacher()
+                self.teacher.load_state_dict(ckpt.load_state(self.out / "teacher")["model"])
         self._truncate_metrics()
         return True
 
@@ -290,10 +369,25 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _new_teacher(self):
+        if self.fsdp:
+            return parallel.sharded_copy(self.model, self.mesh, self.mp, self.device).eval()
         t = copy.deepcopy(self.model).eval()
         for p in t.parameters():
             p.requires_grad_(False)
         return t
+
+    def _teacher_state(self, load: bool = False) -> None:
+        """FSDP2: write (once, at the elastic start) or read the sharded teacher, ``OUT/teacher/``."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        tensors = {"model": get_model_state_dict(self.teacher)}
+        if load:
+            parallel.load_sharded(self.out / "teacher", tensors)
+            set_model_state_dict(self.teacher, tensors["model"])
+            self.teacher.eval()
+        else:
+            parallel.save_sharded(self.out / "teacher", tensors,
+                                  lambda d: ckpt.write_state(d, {"head_order": self.cfg.head_order}))
 
     # ---- elastic phase start -------------------------------------------------------------------
     def _begin_elastic(self) -> None:
@@ -307,17 +401,33 @@ class Trainer:
         n = self.r["router"]["calibration_windows"]
         calib = self.mixture.batch(range(2 * 10**9, 2 * 10**9 + n), min(s["seq_len"], 512))[:, :-1]
         ro = self.r["router"]  # Eq. 5 one-shot or iterative; Eq. 4 over the top head_channels channels (all: None)
-        imp = compute_importance(self.model, calib.to(self.device),
-                                 depth=ro["depth_mode"] if "depth" in self.space.axes else "none",
-                                 head_channels=ro["head_channels"])
-        sorted_model, imp = sort_model(self.model, imp)
-        self._set_model(sorted_model)
+        depth = ro["depth_mode"] if "depth" in self.space.axes else "none"
+        if self.fsdp:  # rank 0 ranks and sorts the gathered parent; its scores go to every rank, its weights to the shards
+            from elastic_export.importance import Importance
+
+            plain = parallel.gather(self.model)
+            sorted_model, imp = None, None
+            if self.main:
+                imp = compute_importance(plain.to(self.device), calib.to(self.device), depth=depth,
+                                         head_channels=ro["head_channels"])
+                imp = Importance.from_tensors(imp.to_tensors(), self.cfg.num_hidden_layers)  # on the CPU
+                sorted_model, imp = sort_model(plain.cpu(), imp)  # sorted on the CPU: one whole copy on the GPU at most
+                del plain
+            scores = parallel.broadcast_tensors(None if imp is None else imp.to_tensors(), self.device)
+            imp = Importance.from_tensors(scores, self.cfg.num_hidden_layers)
+            self._set_model(sorted_model, self.cfg.replace(head_order="rank_major"))  # as sort_model's config
+        else:
+            imp = compute_importance(self.model, calib.to(self.device), depth=depth, head_channels=ro["head_channels"])
+            sorted_model, imp = sort_model(self.model, imp)
+            self._set_model(sorted_model)
         self.importance = imp
         if "depth" in self.space.axes and self.r["router"]["depth_ranking"] is None:
             self.space.depth_ranking = list(imp.depth_order)
         if self.r["distill"]["mode"] == "frozen":
             self.teacher = self._new_teacher()
-            if self.main:
+            if self.fsdp:
+                self._teacher_state()
+            elif self.main:
                 ckpt.save_state(self.out / "teacher", {"model": self.teacher.state_dict(),
                                                        "head_order": self.cfg.head_order})
         if self.main:
@@ -356,19 +466,24 @@ class Trainer:
             first = base + (self.rank * A + m) * mb
             batch = self.mixture.batch(range(first, first + mb), s["seq_len"]).to(self.device)
             x, y = batch[:, :-1], batch[:, 1:]
-            sync = m == A - 1 or not self.distributed
+            sync = m == A - 1 or not self.distributed or self.fsdp  # FSDP2 reduce-scatters every micro-batch
             ctx = self.ddp.no_sync() if not sync else _null()
-            with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            with ctx, torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16 and not self.fsdp):
                 t_logits = None
                 if elastic and self.teacher is not None:
                     with torch.no_grad():
                         t_logits = self.teacher(x)
+                    if self.fsdp:
+                        self.teacher.reshard()  # the root unit stays gathered after a forward otherwise
                 loss, stats = self.ddp(x, y, s["kind"], plan, tau, scale,
                                        self.r["seed"] * 1_000_003 + self.step + 17, t_logits)
                 (loss / A).backward()
             loss_sum += float(loss.detach()) / A
             stat_sum += stats.double().cpu() / A
+        if self.fsdp and self.distributed:
+            self._average_router_grads()
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), tr["grad_clip"] if tr["grad_clip"] > 0 else math.inf)
+        norm = parallel.full_value(norm)  # FSDP2: the norm over every rank's shards, the same on each
         # A step with no signal (the full budget while the student still equals the frozen teacher: KD = 0)
         # has only rounding noise as gradient, which Adam would scale up to a full learning-rate step in a
         # random direction (its second moment is as small as the noise). Such a step is skipped.
@@ -393,6 +508,39 @@ class Trainer:
             rec["budgets"] = {names[p[0]]: {"task_loss": stat_sum[k, 0].item(), "budget_loss": stat_sum[k, 1].item(),
                                             "cost_frac": stat_sum[k, 2].item()} for k, p in enumerate(plan)}
         return rec
+
+    def _average_router_grads(self) -> None:
+        """FSDP2: the replicated router's gradients averaged over the ranks (what DDP does for it)."""
+        grads = [p.grad for p in self.router.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(v.view_as(g))
+
+    def memory_terms(self) -> dict:
+        """Bytes this rank holds (its local shards under FSDP2): the student's weights, gradients and AdamW
+        moments, the teacher, and the router's weights + gradients + moments (plan-memory's counted terms)."""
+        def nbytes(ts):
+            return sum(parallel.local(t).numel() * t.element_size() for t in ts if t is not None)
+
+        def moments(ps):
+            return [v for p in ps for k, v in self.opt.state.get(p, {}).items() if k != "step"]
+
+        model, router = list(self.model.parameters()), list(self.router.parameters())
+        return {"weights": nbytes(model), "grads": nbytes(p.grad for p in model), "optimizer": nbytes(moments(model)),
+                "teacher": nbytes(self.teacher.parameters()) if self.teacher is not None else 0,
+                "router": nbytes(router) + nbytes(p.grad for p in router) + nbytes(moments(router))}
+
+    def log_memory(self, stage: Stage) -> None:
+        """After a stage's first step: every rank's memory_terms (and its CUDA peak) in metrics.jsonl."""
+        terms = self.memory_terms()
+        if self.device.type == "cuda":
+            terms["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
+        ranks = parallel.all_gather_ints(list(terms.values()), self.device) if self.distributed else [list(terms.values())]
+        self.log({"step": self.step, "event": "memory", "stage": stage.spec["name"],
+                  "parallel": self.r["train"]["parallel"], "ranks": [dict(zip(terms, r)) for r in ranks]})
 
     def step_plan(self, s: dict) -> list:
         """The budgets one elastic step trains: [(index, fraction, loss weight, fixed Subnet or None)].
@@ -465,11 +613,19 @@ class Trainer:
         self._warn_out_of_band(report)
         self.log({"step": self.step, "event": "router_frozen", "budgets": report})
 
-    def evaluate(self, stage: Stage, elastic: bool) -> dict:
+    def evaluate(self, stage: Stage, elastic: bool) -> dict | None:
+        """Rank 0 evaluates every budget; under FSDP2 every rank calls this (the full weights are gathered
+        to rank 0, which evaluates them on its device, then drops them) and the others get None."""
+        model = self.model
+        if self.fsdp:
+            model = parallel.gather(self.model)
+            if not self.main:
+                return None
+            model.to(self.device)
         subnets = self.budget_subnets() if elastic else {"parent": full_subnet(self.cfg)}
         d = self.r["data"]
         seq = max(s.spec["seq_len"] for s in self.stages)  # one length for every evaluation of the run
-        result = evaluate_budgets(self.model, subnets, self.mixture, self.tokenizer, seq,
+        result = evaluate_budgets(model, subnets, self.mixture, self.tokenizer, seq,
                                   d["eval_windows"], d["eval_tasks"], self.r["seed"], self.r["train"]["eval_batch_size"])
         return {"step": self.step, "stage": stage.spec["name"], **result}
 
@@ -500,6 +656,8 @@ class Trainer:
             ts = time.time()
             rec = self.train_step(stage)
             dt = time.time() - ts
+            if self.step == stage.start + 1:
+                self.log_memory(stage)
             self.elapsed += dt
             tokens_window += rec["tokens"]
             time_window += dt
@@ -513,8 +671,9 @@ class Trainer:
             if self.step == stage.end:
                 if self.freeze_step == self.step and not self.fixed and self.step != self.elastic_start:
                     self.freeze_router()
-                if self.main:
+                if self.main or self.fsdp:
                     ev = self.evaluate(stage, elastic)
+                if self.main:
                     self.evals.append(ev)
                     self.log({"step": self.step, "event": "eval", **ev})
                     bar.write(format_eval(ev))
@@ -531,6 +690,7 @@ class Trainer:
         return path
 
     def finish(self) -> Path | None:
+        model = parallel.gather(self.model) if self.fsdp else self.model  # FSDP2: the full weights on rank 0
         if not self.main:
             return None
         subnets = self.budget_subnets()
@@ -550,7 +710,7 @@ class Trainer:
                     "tokens": sum(s.steps * s.spec["batch_size"] * s.spec["seq_len"] for s in self.stages)}
         from elastic_export.nested import save_nested
 
-        save_nested(path, self.model, subnets, router=self.router, importance=self.importance,
+        save_nested(path, model, subnets, router=self.router, importance=self.importance,
                     tokenizer=self.tokenizer, dtype=dtype,
                     extra={"fractions": dict(zip(self.r["budgets"]["names"], self.r["budgets"]["fractions"])),
                            "training": training})
@@ -624,12 +784,15 @@ class _null:
 
 
 def format_eval(ev: dict) -> str:
+    def f(v, spec):  # None: not evaluated (data.eval_tasks = 0)
+        return "-" if v is None else format(v, spec)
+
     lines = [f"eval after {ev['stage']} (step {ev['step']}):"]
     for name, e in ev["budgets"].items():
         lines.append(f"  {name:>8}: {e['params']:>10,} params  held-out loss {e['held_out_loss']:.4f}  "
-                     f"short {e['acc_short']:.1%}  long {e['acc_long']:.1%}  "
-                     f"answer loss short {e.get('answer_loss_short', float('nan')):.3f} "
-                     f"long {e.get('answer_loss_long', float('nan')):.3f}")
+                     f"short {f(e['acc_short'], '.1%')}  long {f(e['acc_long'], '.1%')}  "
+                     f"answer loss short {f(e.get('answer_loss_short'), '.3f')} "
+                     f"long {f(e.get('answer_loss_long'), '.3f')}")
     return "\n".join(lines)
 
 
@@ -642,5 +805,5 @@ def train(recipe, out: str | Path | None = None, resume: bool = True, progress: 
     try:
         return trainer.run(resume=resume, stop_after_step=stop_after_step)
     finally:
-        if trainer.distributed and dist.is_initialized():
+        if trainer.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -33,12 +33,15 @@ With activation checkpointing per layer only the layer inputs d per token are ke
 full activations recomputed in the backward.
 
 DDP: everything replicated on each of N GPUs; activations at the per-GPU batch (batch_size / N).
-FSDP2 (``fully_shard`` per layer, student and teacher): weights, gradients, moments and teacher
-divided by N, plus the largest unit unsharded in flight (a layer, or the embeddings + lm_head + final
-norm: the all-gathered parameters of the unit being computed and the next one prefetched, each at the
-compute dtype, and one unit's unsharded float32 gradient before its reduce-scatter); activations as
-for DDP. The trainer has neither FSDP2 nor activation checkpointing yet: those columns are what they
-will need.
+FSDP2 (``train.parallel = "fsdp2"``: ``fully_shard`` per decoder layer, then the root, for the student
+and the teacher; training/parallel.py): weights, gradients, moments and teacher divided by N (float32
+shards; ``sum over ranks`` of the trainer's local shards equals N x these terms, tests/test_fsdp.py),
+the router replicated, plus what is unsharded in flight: the root unit (embeddings + lm_head + final
+norm) gathered at the compute dtype from the student's forward to the end of its backward, the layer
+being computed and the next one prefetched at the compute dtype, and one unit's unsharded gradient (at
+the compute dtype, plus its float32 copy for the reduction under bf16) before its reduce-scatter. On
+one GPU too: FSDP2 gathers into a separate buffer whatever N is. The teacher's gathered root is freed
+right after its forward. Activations as for DDP.
 """
 
 from __future__ import annotations
@@ -125,12 +128,17 @@ def activation_bytes(cfg, seq_len: int, batch: int, act_bytes: int, budgets: flo
     return head + tok * budgets * sum(layer)
 
 
-def largest_layer_params(cfg) -> int:
+def fsdp2_in_flight(cfg, act: int) -> float:
+    """Bytes FSDP2 holds unsharded at once (see the module docstring): the root unit for the whole step, two
+    layers (computed + prefetched) at the compute dtype ``act``, one unit's gradient before its reduction."""
     from elastic_export.accounting import embedding_params, layer_params
     from elastic_export.elastic import full_subnet
 
     s = full_subnet(cfg)
-    return max([embedding_params(cfg, s.hidden)] + [layer_params(cfg, i, s.hidden, w) for i, w in enumerate(s.layers)])
+    root = embedding_params(cfg, s.hidden)
+    layer = max(layer_params(cfg, i, s.hidden, w) for i, w in enumerate(s.layers))
+    grad = act + 4 if act != 4 else 4  # bf16 gradient + its float32 copy for the reduce-scatter
+    return root * act + 2 * layer * act + max(root, layer) * grad
 
 
 def stage_memory(cfg, recipe: dict, stage: dict, gpus: int, strategy: str, *, teacher_bytes: int = 4,
@@ -164,10 +172,7 @@ def stage_memory(cfg, recipe: dict, stage: dict, gpus: int, strategy: str, *, te
     share = (sum(fractions) if stage.get("sampling") == "sandwich" else max(fractions)) if elastic else 1.0
     acts = [activation_bytes(cfg, stage["seq_len"], mb, act, share, teacher, scores, ck) for ck in (False, True)]
     div = gpus if strategy == "fsdp2" else 1
-    flight = 0.0
-    if strategy == "fsdp2" and gpus > 1:
-        L = largest_layer_params(cfg)
-        flight = L * (2 * act + 4)  # this layer and the prefetched next at the compute dtype, one fp32 grad
+    flight = fsdp2_in_flight(cfg, act) if strategy == "fsdp2" else 0.0
     return StageMemory(stage["name"], gpus, strategy, P * 4 / div, P * 4 / div, P * 8 / div,
                        P * teacher_bytes / div if teacher else 0.0, R * (16 if router_trained else 4),
                        acts[0], acts[1], flight)
