@@ -228,28 +228,29 @@ def slice_cmd(nested, budget, out, dtype, layout):
     """Standalone checkpoints of nested budgets (plain HF nemotron_h unless --layout compact)."""
     import shutil
 
-    from .hf_io import atomic_dir, parse_dtype, save_pretrained
-    from .nested import load_nested
     from .accounting import count_params
+    from .hf_io import atomic_dir, parse_dtype
+    from .model import build_model
+    from .nested import load_nested
     from .padding import eps_factors, layout_of
+    from .slicing import save_slice
 
     dt = parse_dtype(dtype)
-    ck = load_nested(_default(nested))
+    ck = load_nested(_default(nested), writable=False)  # read-only map: its pages are dropped behind each tensor
     names = list(ck.budgets) if budget == "all" else [budget]
     subnets = {n: ck.subnet(n) for n in names}  # unknown names fail here, before any write
     with atomic_dir(out) as tmp:
         for n, s in subnets.items():
             target = tmp / n if budget == "all" else tmp
-            sl = ck.slice(n, layout=layout)
-            save_pretrained(sl, target, dtype=dt)
+            cfg = save_slice(ck.model, s, target, layout=layout, dtype=dt, after=lambda _: ck.drop_pages())
             if ck.tokenizer_path is not None:
                 shutil.copytree(ck.tokenizer_path, target / "tokenizer")
             kind = {"compact": "compact, per-layer widths (elastic_export.load only)",
-                    "padded": "padded HF nemotron_h", "plain": "HF nemotron_h"}[layout_of(sl.config)]
-            real = "" if layout_of(sl.config) != "padded" else f" ({count_params(ck.model.config, s):,} without padding)"
+                    "padded": "padded HF nemotron_h", "plain": "HF nemotron_h"}[layout_of(cfg)]
+            real = "" if layout_of(cfg) != "padded" else f" ({count_params(ck.model.config, s):,} without padding)"
             where = f"{out}/{n}" if budget == "all" else out
-            click.echo(f"{n}: {sl.num_parameters():,} parameters{real}, {kind} -> {where}")
-            if layout == "padded" and (k := eps_factors(sl.config)):
+            click.echo(f"{n}: {build_model(cfg, device='meta').num_parameters():,} parameters{real}, {kind} -> {where}")
+            if layout == "padded" and (k := eps_factors(cfg)):
                 click.echo(f"  note: padded Mamba layers {', '.join(f'{i} (x{f:.3g})' for i, f in k.items())} run with "
                            "their gated-norm epsilon multiplied as shown (see elastic_export/padding.py); "
                            "--layout compact is exact", err=True)
