@@ -306,6 +306,16 @@ def tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
+def open_checkpoint(path: str | Path, writable: bool = False) -> tuple[ModelConfig, CheckpointReader]:
+    """The config of an HF checkpoint directory (tying resolved) and a reader of its weights, every
+    tensor checked against the config from the headers alone (no weight read yet)."""
+    path = checkpoint_dir(path)
+    cfg = load_config(path)
+    reader = CheckpointReader.of_dir(path, writable)
+    check_tensors(path, cfg, {k: shape for k, (_, shape) in reader.specs().items()})  # cfg's tying is resolved
+    return cfg, reader
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          writable: bool = True):
     """Load an HF `nemotron_h` checkpoint (or our sliced checkpoints) as a NemotronHForCausalLM.
@@ -314,18 +324,25 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     page-cache pages, shared with other processes reading them); cast or moved ones are copied one
     at a time, their source pages dropped behind them. ``writable=False`` maps the files read-only,
     for callers that never write the weights (a write is then a fault)."""
+    cfg, reader = open_checkpoint(path, writable)
+    return model_from(cfg, reader, dtype, device)
+
+
+def model_from(cfg: ModelConfig, reader: CheckpointReader, dtype=None, device="cpu"):
+    """A NemotronHForCausalLM of ``cfg`` on the tensors of ``reader`` (see :func:`load`)."""
     from .model import NemotronHForCausalLM
 
-    path = checkpoint_dir(path)
-    cfg = load_config(path)
-    dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = NemotronHForCausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    reader = CheckpointReader.of_dir(path, writable)
-    check_tensors(path, cfg, {k: shape for k, (_, shape) in reader.specs().items()})  # cfg's tying is resolved
-    model.load_state_dict(assign_state(reader, expected, dtype, device), assign=True)
+    names = list(model.state_dict())
+    model.load_state_dict(assign_state(reader, names, parse_dtype(dtype), device), assign=True)
     return model
+
+
+def reader_entries(cfg: ModelConfig, reader: CheckpointReader) -> dict[str, "Lazy"]:
+    """The model's tensors (names as its state_dict) as lazy entries read from ``reader`` when written."""
+    specs = reader.specs()
+    return {n: Lazy(*specs[n], lambda n=n: reader.tensor(n)) for n in expected_shapes(cfg)}
 
 
 def assign_state(reader: CheckpointReader, names, dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:

@@ -44,8 +44,8 @@ from .accounting import count_params
 from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
 from .errors import BudgetError, CheckpointError, ConfigError
-from .hf_io import (CheckpointReader, Lazy, as_lazy, assign_state, atomic_dir, cast_lazy, dtype_name, model_entries,
-                    parse_dtype, resolve_tying)
+from .hf_io import (CheckpointReader, Lazy, as_lazy, atomic_dir, cast_lazy, dtype_name, expected_shapes,
+                    model_entries, model_from, parse_dtype, resolve_tying)
 from .safetensors_io import save_tensors, write_file
 
 FORMAT = "elastic-export/nested"
@@ -301,6 +301,26 @@ def read_importance(path: str | Path, cfg: ModelConfig | None = None, verify: bo
     return Importance.from_tensors(_read(path / IMPORTANCE), (cfg or mcfg).num_hidden_layers)
 
 
+def open_nested(path: str | Path, verify: bool = True, writable: bool = False) -> tuple:
+    """(manifest, parent config with tying resolved, budgets, hf_io.CheckpointReader of the weights):
+    files verified (``verify``), every tensor checked against the parent config from the header alone."""
+    path = Path(path)
+    manifest, cfg, budgets = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    reader = CheckpointReader.of_file(path / WEIGHTS, writable)
+    specs = reader.specs()
+    cfg = resolve_tying(cfg, specs)
+    for name, shape in expected_shapes(cfg).items():
+        if name not in specs:
+            raise CheckpointError(f"tensor {name!r} is missing", path=path / WEIGHTS,
+                                  fix="the weights do not match the manifest's parent_config")
+        if tuple(specs[name][1]) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(specs[name][1])}, the parent config "
+                                  f"implies {tuple(shape)}", path=path / WEIGHTS)
+    return manifest, cfg, budgets, reader
+
+
 def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                 verify: bool = True, writable: bool = True) -> NestedCheckpoint:
     """Read a nested checkpoint: the sorted parent model, its budgets and the optional parts.
@@ -312,28 +332,10 @@ def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device
     copied one tensor at a time.
     """
     from .importance import Importance
-    from .model import NemotronHForCausalLM
 
     path = Path(path)
-    manifest, cfg, budgets = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
-    dtype = parse_dtype(dtype)
-    reader = CheckpointReader.of_file(path / WEIGHTS, writable)
-    specs = reader.specs()
-    cfg = resolve_tying(cfg, specs)
-    with torch.device("meta"):
-        model = NemotronHForCausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for name, shape in expected.items():
-        if name not in specs:
-            raise CheckpointError(f"tensor {name!r} is missing", path=path / WEIGHTS,
-                                  fix="the weights do not match the manifest's parent_config")
-        if tuple(specs[name][1]) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(specs[name][1])}, the parent config "
-                                  f"implies {tuple(shape)}", path=path / WEIGHTS)
-    model.load_state_dict(assign_state(reader, expected, dtype, device), assign=True)
-    model.eval()
+    manifest, cfg, budgets, reader = open_nested(path, verify, writable)
+    model = model_from(cfg, reader, dtype, device).eval()
     router = _read(path / ROUTER) if ROUTER in manifest["files"] else None
     importance = Importance.from_tensors(_read(path / IMPORTANCE), cfg.num_hidden_layers) \
         if IMPORTANCE in manifest["files"] else None
