@@ -12,7 +12,9 @@ against the file's size) and hands out tensors that are views of a memory map of
 time: their resident memory is page-cache pages the kernel can drop and re-read, not a private copy.
 ``writable=True`` maps copy-on-write (a tensor may be modified in place; only the pages written
 become private); the default maps read-only, for commands that only read, which may then
-:meth:`~SafetensorsFile.drop_pages` behind them to keep their resident set at one tensor.
+:meth:`~SafetensorsFile.drop_pages` behind them to keep their resident set at one tensor. As with
+any memory map, a file truncated in place while mapped faults on access; the toolkit replaces
+checkpoints by renaming a new directory into place (hf_io.atomic_dir), which leaves mapped files intact.
 
 Writing: :func:`write_file` takes the names, dtypes and shapes up front (the header is computed
 from them, before any data exists) and a callable that produces one tensor at a time; each is
