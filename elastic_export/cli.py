@@ -66,18 +66,21 @@ def _default(path: str | None) -> str:
 
 # ---- elastic core: rank, plan, nest, slice -----------------------------------------------------
 
-def _load_parent(path: str, dtype=None):
-    """(model, importance or None, tokenizer dir or None) from a nested or an HF checkpoint."""
+def _open_parent(path: str) -> tuple:
+    """(config, read-only hf_io.CheckpointReader, importance or None, tokenizer dir or None) of a nested
+    or an HF checkpoint, checked from the headers; the weights are read when used, one tensor at a time."""
     from pathlib import Path
 
-    from .hf_io import load
-    from .nested import is_nested, load_nested
+    from .hf_io import open_checkpoint
+    from .nested import is_nested, open_nested, read_importance
 
-    if is_nested(path):
-        ck = load_nested(path, dtype=dtype)
-        return ck.model, ck.importance, ck.tokenizer_path
     tok = Path(path) / "tokenizer"
-    return load(path, dtype=dtype), None, tok if tok.is_dir() else None
+    tok = tok if tok.is_dir() else None
+    if is_nested(path):
+        _, cfg, _, reader = open_nested(path)
+        return cfg, reader, read_importance(path, cfg, verify=False), tok  # verified by open_nested
+    cfg, reader = open_checkpoint(path)
+    return cfg, reader, None, tok
 
 
 _search_options = [
@@ -116,35 +119,48 @@ def _plan(cfg, importance, budgets, mode, divisor, depth):
               show_default=True, help="Depth ranking by normalized logit MSE (Eq. 5).")
 @click.option("--head-channels", type=int, default=None, help="Top channels scoring Mamba heads (Eq. 4) [all].")
 @click.option("--tokenizer", default=None, help="Tokenizer for text files [the parent's, else byte-level].")
-@click.option("--dtype", default=None, help="Compute and save dtype [as stored].")
+@click.option("--dtype", default=None, help="Save dtype of the sorted weights [as stored].")
+@click.option("--compute-dtype", default=None, help="Dtype of the calibration passes (the scores accumulate in "
+              "float32 or wider whatever it is) [--dtype, else as stored].")
 @click.option("--device", default="cpu", show_default=True, help="Where the calibration passes run: cpu or cuda[:N].")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bars with time estimates on stderr.")
 @user_errors
-def rank(parent, calib, out, seq_len, samples, batch_size, depth_mode, head_channels, tokenizer, dtype, device,
-         progress):
+def rank(parent, calib, out, seq_len, samples, batch_size, depth_mode, head_channels, tokenizer, dtype, compute_dtype,
+         device, progress):
     """Rank every elastic axis on calibration data and sort the parent's weights (nested order)."""
+    import gc
     import time
 
     import torch
 
+    from .hf_io import expected_shapes, model_from, parse_dtype
     from .importance import PAPER_CALIB_TOKENS, compute_importance, compute_device, load_calibration
-    from .nested import save_nested
-    from .sorting import sort_model
+    from .nested import save_nested_state
+    from .sorting import permutations, permute_importance, sorted_entries
     from .tokenizer import load_tokenizer
 
     dev = compute_device(device)
-    model, _, tok_dir = _load_parent(_default(parent), dtype)
+    save_dtype = parse_dtype(dtype)
+    cfg, reader, _, tok_dir = _open_parent(_default(parent))
+    # the calibration model: views of the read-only map where the compute dtype is the stored one
+    model = model_from(cfg, reader, parse_dtype(compute_dtype) or save_dtype, dev)
     tok = load_tokenizer(tokenizer or tok_dir)
-    ids = load_calibration(calib, model.config.vocab_size, seq_len, samples, tok)
+    ids = load_calibration(calib, cfg.vocab_size, seq_len, samples, tok)
     t0 = time.perf_counter()
-    imp = compute_importance(model.to(dev).eval(), ids, batch_size, depth_mode, head_channels, progress)
+    imp = compute_importance(model.eval(), ids, batch_size, depth_mode, head_channels, progress)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    model = model.cpu()
-    sorted_model, sorted_imp = sort_model(model, imp)
-    save_nested(out, sorted_model, {}, importance=sorted_imp, tokenizer=tokenizer or tok_dir)
+    del model
+    gc.collect()
+    reader.drop_pages()
+    # the sorted weights, from the stored tensors (not the compute copy), one tensor at a time
+    perms = permutations(cfg, imp)
+    specs = {n: reader.specs()[n] for n in expected_shapes(cfg)}
+    save_nested_state(out, cfg.replace(head_order="rank_major"), sorted_entries(cfg, specs, reader.tensor, perms), {},
+                      importance=permute_importance(cfg, imp, perms), tokenizer=tokenizer or tok_dir,
+                      dtype=save_dtype, after=lambda _: reader.drop_pages())
     per_token = seconds / ids.numel()
     click.echo(f"ranked on {ids.shape[0]} x {ids.shape[1]} tokens in {seconds:.1f} s")
     click.echo(f"{per_token:.3g} s per calibration token on {dev} ({depth_mode} depth, {ids.shape[1]}-token windows); "
@@ -201,17 +217,20 @@ def plan(parent, preset, budgets, mode, divisor, depth, context, batch, dtype, j
 @user_errors
 def nest(parent_sorted, budgets, mode, divisor, depth, out, dtype):
     """A nested checkpoint from a sorted parent with budgets chosen by the pruning baseline (no training)."""
-    from .nested import check_budgets, save_nested
+    from .hf_io import reader_entries
+    from .nested import check_budgets, save_nested_state
     from .search import plan_text
 
-    model, importance, tok_dir = _load_parent(_default(parent_sorted))
-    chosen = _plan(model.config, importance, budgets, mode, divisor, depth)
-    check_budgets(model.config, chosen)  # refuse before warning or writing
+    cfg, reader, importance, tok_dir = _open_parent(_default(parent_sorted))
+    chosen = _plan(cfg, importance, budgets, mode, divisor, depth)
+    check_budgets(cfg, chosen)  # refuse before warning or writing
     if importance is None:
         click.echo("warning: the parent carries no importance scores (run `elastic-export rank` first); "
                    "budgets are prefixes of the weights as stored", err=True)
-    save_nested(out, model, chosen, importance=importance, tokenizer=tok_dir, dtype=dtype)
-    click.echo(plan_text(model.config, chosen))
+    # the weights as stored (cast to --dtype), read and written one tensor at a time
+    save_nested_state(out, cfg, reader_entries(cfg, reader), chosen, importance=importance, tokenizer=tok_dir,
+                      dtype=dtype, after=lambda _: reader.drop_pages())
+    click.echo(plan_text(cfg, chosen))
     click.echo(f"wrote {out}")
 
 
@@ -228,28 +247,29 @@ def slice_cmd(nested, budget, out, dtype, layout):
     """Standalone checkpoints of nested budgets (plain HF nemotron_h unless --layout compact)."""
     import shutil
 
-    from .hf_io import atomic_dir, parse_dtype, save_pretrained
-    from .nested import load_nested
     from .accounting import count_params
+    from .hf_io import atomic_dir, parse_dtype
+    from .model import build_model
+    from .nested import load_nested
     from .padding import eps_factors, layout_of
+    from .slicing import save_slice
 
     dt = parse_dtype(dtype)
-    ck = load_nested(_default(nested))
+    ck = load_nested(_default(nested), writable=False)  # read-only map: its pages are dropped behind each tensor
     names = list(ck.budgets) if budget == "all" else [budget]
     subnets = {n: ck.subnet(n) for n in names}  # unknown names fail here, before any write
     with atomic_dir(out) as tmp:
         for n, s in subnets.items():
             target = tmp / n if budget == "all" else tmp
-            sl = ck.slice(n, layout=layout)
-            save_pretrained(sl, target, dtype=dt)
+            cfg = save_slice(ck.model, s, target, layout=layout, dtype=dt, after=lambda _: ck.drop_pages())
             if ck.tokenizer_path is not None:
                 shutil.copytree(ck.tokenizer_path, target / "tokenizer")
             kind = {"compact": "compact, per-layer widths (elastic_export.load only)",
-                    "padded": "padded HF nemotron_h", "plain": "HF nemotron_h"}[layout_of(sl.config)]
-            real = "" if layout_of(sl.config) != "padded" else f" ({count_params(ck.model.config, s):,} without padding)"
+                    "padded": "padded HF nemotron_h", "plain": "HF nemotron_h"}[layout_of(cfg)]
+            real = "" if layout_of(cfg) != "padded" else f" ({count_params(ck.model.config, s):,} without padding)"
             where = f"{out}/{n}" if budget == "all" else out
-            click.echo(f"{n}: {sl.num_parameters():,} parameters{real}, {kind} -> {where}")
-            if layout == "padded" and (k := eps_factors(sl.config)):
+            click.echo(f"{n}: {build_model(cfg, device='meta').num_parameters():,} parameters{real}, {kind} -> {where}")
+            if layout == "padded" and (k := eps_factors(cfg)):
                 click.echo(f"  note: padded Mamba layers {', '.join(f'{i} (x{f:.3g})' for i, f in k.items())} run with "
                            "their gated-norm epsilon multiplied as shown (see elastic_export/padding.py); "
                            "--layout compact is exact", err=True)

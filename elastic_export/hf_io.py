@@ -1,6 +1,8 @@
 """Read and write Hugging Face `nemotron_h` checkpoints: config.json + safetensors (single or sharded).
 
-Weights load only through safetensors. MoE experts are read in either layout transformers reads (one
+Weights load only through safetensors, memory-mapped (:mod:`elastic_export.safetensors_io`): a
+loaded model's tensors are views of the files' pages wherever the dtype is unchanged, and every write
+streams, one tensor produced and written at a time. MoE experts are read in either layout transformers reads (one
 ``mixer.experts.{j}.up_proj.weight`` / ``down_proj.weight`` per expert, as NVIDIA's checkpoints and
 transformers' own save_pretrained write them, or the stacked ``mixer.experts.up_proj`` [E, F, din] of
 its in-memory model) and written per expert by default. Router weights stay float32 at every dtype.
@@ -17,14 +19,15 @@ import re
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .safetensors_io import SafetensorsFile, read_header, write_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -166,12 +169,7 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 
 def _keys(f: Path) -> list[str]:
-    try:
-        with safe_open(f, "pt") as sf:
-            return list(sf.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"is not a readable safetensors file ({e})", path=f,
-                              fix="the file is truncated or corrupt; copy it again") from None
+    return list(read_header(f)[0])
 
 
 def _canonical(name: str) -> str:
@@ -179,21 +177,89 @@ def _canonical(name: str) -> str:
     return "backbone." + name[len("model."):] if name.startswith("model.") else name
 
 
-def read_tensors(path: Path, names_needed: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
-    files = weight_files(path)
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, f in files.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
+class CheckpointReader:
+    """The tensors of a checkpoint by the model's names, one at a time, from memory-mapped files.
+
+    ``files`` maps each stored name to its file (:func:`weight_files`); names are canonical
+    (``backbone.``) and per-expert MoE tensors are read stacked, as the model holds them (stacking
+    is the one copy: one stacked tensor at a time, whose sources' pages are dropped behind it).
+    ``writable``: copy-on-write maps, for tensors handed to a model that may train; otherwise
+    read-only, and :meth:`drop_pages` returns what was read to the page cache."""
+
+    def __init__(self, files: Mapping[str, Path], path: Path, writable: bool = False):
+        self.path = path
+        self.files = {f: SafetensorsFile(f, writable) for f in dict.fromkeys(files.values())}
+        self._where = {_canonical(n): (self.files[f], n) for n, f in files.items()}
+        self._parts = merge_experts({n: n for n in self._where}, path, lambda names, key: list(names))
+        self._specs = None
+
+    @classmethod
+    def of_dir(cls, path: str | Path, writable: bool = False) -> "CheckpointReader":
+        path = checkpoint_dir(path)
+        return cls(weight_files(path), path, writable)
+
+    @classmethod
+    def of_file(cls, f: str | Path, writable: bool = False) -> "CheckpointReader":
+        f = Path(f)
+        return cls({n: f for n in _keys(f)}, f, writable)
+
+    def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """name -> (dtype, shape), the experts stacked; from the headers alone."""
+        if self._specs is None:
+            out = {}
+            for name, parts in self._parts.items():
+                if isinstance(parts, str):
+                    i = self._info(parts)
+                    out[name] = (i.dtype, i.shape)
+                    continue
+                infos = [self._info(p) for p in parts]
+                if len({(i.dtype, i.shape) for i in infos}) > 1:
+                    raise CheckpointError(f"the per-expert tensors of {name!r} differ in shape or dtype",
+                                          path=self.path, fix="the weights are corrupt")
+                out[name] = (infos[0].dtype, (len(infos), *infos[0].shape))
+            self._specs = out
+        return self._specs
+
+    def _info(self, name: str):
+        f, stored = self._where[name]
+        return f.infos[stored]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parts
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name``: a view of its file, or (per-expert experts) a stacked copy."""
+        parts = self._parts[name]
         try:
-            with safe_open(f, "pt") as sf:
-                for name in names:
-                    out[_canonical(name)] = sf.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"could not be read ({e})", path=f,
+            if isinstance(parts, str):
+                f, stored = self._where[parts]
+                return f.tensor(stored)
+            out = torch.stack([self._where[p][0].tensor(self._where[p][1]) for p in parts])
+            for p in parts:  # nobody else holds these views: give their pages back now
+                f, stored = self._where[p]
+                f.drop_pages([stored])
+            return out
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"could not be read ({e})", path=self.path,
                                   fix="the file is truncated or corrupt; copy it again") from None
-    return merge_experts(out, path, lambda ts, key: torch.stack(ts))
+
+    def drop_pages(self, names=None) -> None:
+        """Return the pages read so far (of ``names``' files only, else all) to the page cache."""
+        if names is None:
+            for f in self.files.values():
+                f.drop_pages()
+            return
+        for name in names:
+            parts = self._parts[name]
+            for p in [parts] if isinstance(parts, str) else parts:
+                f, stored = self._where[p]
+                f.drop_pages([stored])
+
+
+def read_tensors(path: Path, names_needed: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (views of copy-on-write maps; stacked experts copied)."""
+    reader = CheckpointReader.of_dir(path, writable=True)
+    return {name: reader.tensor(name) for name in reader.specs()}
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -228,95 +294,219 @@ def check_tensors(path: Path, cfg: ModelConfig, found: dict[str, tuple[int, ...]
 
 def tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Names, shapes and dtypes of all tensors, from the safetensors headers only (no data read)."""
+    from .safetensors_io import NAMES
+
     out = {}
+    headers = {}
     for name, f in weight_files(path).items():
-        try:
-            with safe_open(f, "pt") as sf:
-                sl = sf.get_slice(name)
-                out[_canonical(name)] = (tuple(sl.get_shape()), sl.get_dtype())
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"could not be read ({e})", path=f,
-                                  fix="the file is truncated or corrupt; copy it again") from None
+        if f not in headers:
+            headers[f] = read_header(f)[0]
+        i = headers[f][name]
+        out[_canonical(name)] = (i.shape, NAMES[i.dtype])
     return out
 
 
-def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load an HF `nemotron_h` checkpoint (or our sliced checkpoints) as a NemotronHForCausalLM."""
-    from .model import NemotronHForCausalLM
-
+def open_checkpoint(path: str | Path, writable: bool = False) -> tuple[ModelConfig, CheckpointReader]:
+    """The config of an HF checkpoint directory (tying resolved) and a reader of its weights, every
+    tensor checked against the config from the headers alone (no weight read yet)."""
     path = checkpoint_dir(path)
     cfg = load_config(path)
-    dtype = parse_dtype(dtype)
+    reader = CheckpointReader.of_dir(path, writable)
+    check_tensors(path, cfg, {k: shape for k, (_, shape) in reader.specs().items()})  # cfg's tying is resolved
+    return cfg, reader
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+         writable: bool = True):
+    """Load an HF `nemotron_h` checkpoint (or our sliced checkpoints) as a NemotronHForCausalLM.
+
+    Tensors whose dtype and device do not change are views of the memory-mapped files (resident as
+    page-cache pages, shared with other processes reading them); cast or moved ones are copied one
+    at a time, their source pages dropped behind them. ``writable=False`` maps the files read-only,
+    for callers that never write the weights (a write is then a fault)."""
+    cfg, reader = open_checkpoint(path, writable)
+    return model_from(cfg, reader, dtype, device)
+
+
+def model_from(cfg: ModelConfig, reader: CheckpointReader, dtype=None, device="cpu"):
+    """A NemotronHForCausalLM of ``cfg`` on the tensors of ``reader`` (see :func:`load`)."""
+    from .model import NemotronHForCausalLM
+
     with torch.device("meta"):
         model = NemotronHForCausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors = read_tensors(path)
-    check_tensors(path, cfg, {k: tuple(v.shape) for k, v in tensors.items()})  # cfg's tying is resolved
-    state = {}
-    for name in expected:
-        state[name] = cast(name, tensors[name], dtype).to(device)
-    model.load_state_dict(state, assign=True)
+    names = list(model.state_dict())
+    model.load_state_dict(assign_state(reader, names, parse_dtype(dtype), device), assign=True)
     return model
+
+
+def reader_entries(cfg: ModelConfig, reader: CheckpointReader) -> dict[str, "Lazy"]:
+    """The model's tensors (names as its state_dict) as lazy entries read from ``reader`` when written."""
+    specs = reader.specs()
+    return {n: Lazy(*specs[n], lambda n=n: reader.tensor(n)) for n in expected_shapes(cfg)}
+
+
+def assign_state(reader: CheckpointReader, names, dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:
+    """name -> tensor for ``load_state_dict(assign=True)``: views where nothing changes, else one copy
+    at a time (the source's pages dropped once copied)."""
+    state = {}
+    for name in names:
+        t = reader.tensor(name)
+        state[name] = cast(name, t, dtype).to(device)
+        if state[name] is not t:
+            reader.drop_pages([name])
+        del t
+    return state
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A tensor to be made when it is written: its dtype, shape and the function that makes it."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+def as_lazy(t: torch.Tensor) -> Lazy:
+    return Lazy(t.dtype, tuple(t.shape), lambda: t.detach())
+
+
+def lazy_entries(build: Callable, model) -> dict[str, Lazy]:
+    """``build(model)`` -> {name: () -> tensor}, run on a meta twin of ``model`` for the dtypes and
+    shapes (no memory), and on ``model`` for the functions that make the tensors."""
+    specs = {n: f() for n, f in build(meta_twin(model)).items()}
+    return {n: Lazy(specs[n].dtype, tuple(specs[n].shape), f) for n, f in build(model).items()}
+
+
+def meta_twin(model):
+    """The same model (config, dtypes, shapes) on the meta device: for shapes without memory."""
+    from .model import NemotronHForCausalLM
+
+    with torch.device("meta"):
+        twin = NemotronHForCausalLM(model.config)
+    twin.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()},
+                         assign=True)
+    return twin.train(model.training)
+
+
+def cast_lazy(name: str, e: Lazy, dtype: torch.dtype | None) -> Lazy:
+    out = cast(name, torch.empty(0, dtype=e.dtype), dtype).dtype
+    return e if out == e.dtype else Lazy(out, e.shape, lambda: cast(name, e.make(), dtype))
+
+
+def split_lazy(entries: dict[str, Lazy]) -> dict[str, Lazy]:
+    """:func:`split_experts` on lazy entries: each stacked expert tensor is made once, held until its
+    last expert is written (file order keeps one layer's experts together), and dropped."""
+    out: dict[str, Lazy] = {}
+    for name, e in entries.items():
+        pre, _, proj = name.rpartition(".")
+        if not (pre.endswith(".mixer.experts") and proj in ("up_proj", "down_proj")):
+            out[name] = e
+            continue
+        held = {"left": e.shape[0]}
+
+        def part(j, e=e, held=held):
+            if "t" not in held:
+                held["t"] = e.make()
+            t = held["t"][j]
+            held["left"] -= 1
+            if held["left"] == 0:
+                del held["t"]
+            return t
+
+        for j in range(e.shape[0]):
+            out[f"{pre}.{j}.{proj}.weight"] = Lazy(e.dtype, e.shape[1:], lambda j=j, part=part: part(j))
+    return out
+
+
+def model_entries(model) -> dict[str, Lazy]:
+    """The state dict of ``model`` as lazy entries (its tensors as they are; refuses meta tensors)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {name!r} has no data (meta device)", field="model",
+                                  fix="load or initialize the weights before saving")
+        out[name] = as_lazy(t)
+    return out
 
 
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int | None = None, extra_files: dict[str, str] | None = None,
-                    expert_layout: str = "per_expert") -> Path:
-    """Write config.json and safetensors (sharded above ``max_shard_bytes``) atomically. MoE experts
-    are written ``per_expert`` (as NVIDIA's checkpoints and transformers write them) or ``stacked``."""
-    path = Path(path)
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ConfigError(f"unknown expert layout {expert_layout!r}", field="expert_layout",
-                          fix=f"use one of {', '.join(EXPERT_LAYOUTS)}")
+                    expert_layout: str = "per_expert", after: Callable[[str], None] | None = None) -> Path:
+    """Write config.json and safetensors (sharded above ``max_shard_bytes``) atomically, one tensor
+    at a time. MoE experts are written ``per_expert`` (as NVIDIA's checkpoints and transformers write
+    them) or ``stacked``. ``after(name)``: called once each tensor is written (e.g. to drop the pages
+    of a memory-mapped source)."""
     if model.config.head_order != "group_contiguous":
         # HF readers assume group-contiguous heads and would silently misread rank-major weights:
         # write the HF order (the full budget, sliced), which computes the same logits.
         from .elastic import full_subnet
-        from .slicing import slice_budget
+        from .slicing import slice_entries, sliced_config
 
-        model = slice_budget(model, full_subnet(model.config))
-    cfg = model.config
-    state = {}
-    sd = model.state_dict()
-    if model.lm_head is None:
+        sub = full_subnet(model.config)
+        return save_entries(sliced_config(model.config, sub), slice_entries(model, sub), path, dtype,
+                            max_shard_bytes, extra_files, expert_layout, after)
+    return save_entries(model.config, model_entries(model), path, dtype, max_shard_bytes, extra_files,
+                        expert_layout, after)
+
+
+def save_entries(cfg: ModelConfig, entries: dict[str, Lazy], path: str | Path, dtype: torch.dtype | None = None,
+                 max_shard_bytes: int | None = None, extra_files: dict[str, str] | None = None,
+                 expert_layout: str = "per_expert", after: Callable[[str], None] | None = None) -> Path:
+    """:func:`save_pretrained` of a config and its (lazy) state, group-contiguous heads."""
+    path = Path(path)
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ConfigError(f"unknown expert layout {expert_layout!r}", field="expert_layout",
+                          fix=f"use one of {', '.join(EXPERT_LAYOUTS)}")
+    entries = dict(entries)
+    if LM_HEAD not in entries and cfg.tie_word_embeddings:
         # transformers' NemotronH does not tie lm_head to the embeddings on load (its
         # _tied_weights_keys is empty), so tied checkpoints carry an explicit copy for it.
-        sd[LM_HEAD] = sd["backbone.embeddings.weight"].clone()
-    for name, t in sd.items():
-        state[name] = cast(name, t.detach(), dtype).contiguous().cpu()
+        entries[LM_HEAD] = entries["backbone.embeddings.weight"]
+    entries = {name: cast_lazy(name, e, dtype) for name, e in entries.items()}
     if expert_layout == "per_expert":
-        state = split_experts(state)
-    saved_dtype = state["backbone.embeddings.weight"].dtype
+        entries = split_lazy(entries)
+    saved_dtype = entries["backbone.embeddings.weight"].dtype
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(dtype_name(saved_dtype)), indent=2) + "\n")
-        write_safetensors(state, tmp, max_shard_bytes)
+        write_safetensors(entries, tmp, max_shard_bytes, after)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return path
 
 
-def write_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None) -> None:
+def write_safetensors(state: Mapping[str, torch.Tensor | Lazy], directory: Path, max_shard_bytes: int | None = None,
+                      after: Callable[[str], None] | None = None) -> None:
+    """model.safetensors, or shards of at most ``max_shard_bytes`` (in the order of ``state``) with
+    the HF index; each tensor made and written one at a time (the bytes safetensors' save_file writes)."""
     meta = {"format": "pt"}
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    state = {n: e if isinstance(e, Lazy) else as_lazy(e) for n, e in state.items()}
+
+    def nbytes(e: Lazy) -> int:
+        n = e.dtype.itemsize
+        for s in e.shape:
+            n *= s
+        return n
+
+    total = sum(nbytes(e) for e in state.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(state, str(directory / SINGLE), metadata=meta)
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
+        shards = [list(state)]
+    else:
+        shards, size = [[]], 0
+        for name, e in state.items():
+            if shards[-1] and size + nbytes(e) > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes(e)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata=meta)
-        weight_map.update({name: fname for name in shard})
-    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                              indent=2) + "\n")
+    for i, names in enumerate(shards):
+        fname = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_file(directory / fname, {n: (state[n].dtype, state[n].shape) for n in names},
+                   lambda n: state[n].make(), meta, after)
+        weight_map.update({n: fname for n in names})
+    if len(shards) > 1:
+        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2) + "\n")
 
 
 def umask() -> int:

@@ -25,7 +25,8 @@ written (and read) as version 1.
 Budgets are listed largest first; "full" (the parent) is always present. There is deliberately no
 config.json: transformers would load the rank-major weights as group-contiguous and compute garbage.
 Slice a budget (:func:`elastic_export.slice_budget`) to get a checkpoint other tools can read.
-Loading verifies every file's size and SHA-256 before reading a byte of it; writes are atomic.
+Loading verifies every file's size and SHA-256 before reading a byte of it; writes are atomic and
+stream (one tensor made and written at a time); loaded weights are views of the memory-mapped file.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .accounting import count_params
 from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet, validate_subnet
 from .errors import BudgetError, CheckpointError, ConfigError
-from .hf_io import atomic_dir, cast, dtype_name, parse_dtype, resolve_tying
+from .hf_io import (CheckpointReader, Lazy, as_lazy, atomic_dir, cast_lazy, dtype_name, expected_shapes,
+                    model_entries, model_from, parse_dtype, resolve_tying)
+from .safetensors_io import save_tensors, write_file
 
 FORMAT = "elastic-export/nested"
 FORMAT_VERSION = 2  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 1 is read as well
@@ -71,6 +72,16 @@ class NestedCheckpoint:
     router: dict[str, torch.Tensor] | None = None
     importance: Any = None  # importance.Importance in sorted order, or None
     extras: dict = field(default_factory=dict)
+    source: Any = None  # the hf_io.CheckpointReader the weights are views of
+
+    def drop_pages(self) -> None:
+        """Give the weights' pages read so far back to the page cache; they are read again on use.
+        Only for a read-only load (``load_nested(..., writable=False)``), whose weights are never written."""
+        if self.source is None:
+            return
+        if any(f.writable for f in self.source.files.values()):
+            raise ValueError("drop_pages needs a read-only load: load_nested(..., writable=False)")
+        self.source.drop_pages()
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -124,15 +135,26 @@ def check_budgets(cfg: ModelConfig, budgets: dict[str, Subnet]) -> dict[str, Sub
 
 
 def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None, importance=None,
-                tokenizer=None, dtype: str | torch.dtype | None = None, extra: dict | None = None) -> Path:
+                tokenizer=None, dtype: str | torch.dtype | None = None, extra: dict | None = None,
+                after=None) -> Path:
     """Write a nested checkpoint atomically. Every budget is validated before anything is written.
 
     ``router``: a module or a dict of tensors; ``importance``: scores in sorted order;
     ``tokenizer``: a directory or tokenizer.json path, or an object with ``save(directory)``;
     ``extra``: JSON-able provenance for the manifest: ``{"fractions": {name: f}}`` adds a
     ``fraction`` to those budgets, ``"training"`` becomes the manifest's ``training`` entry, any
-    other key goes under ``extra`` (``"params"`` is ignored: counts are always computed).
+    other key goes under ``extra`` (``"params"`` is ignored: counts are always computed); ``after(name)``
+    runs once each weight is written (e.g. to drop the pages of a memory-mapped source).
     """
+    return save_nested_state(path, model.config, model_entries(model), budgets, router, importance, tokenizer,
+                             dtype, extra, after)
+
+
+def save_nested_state(path: str | Path, cfg: ModelConfig, state: dict, budgets: dict[str, Subnet], router=None,
+                      importance=None, tokenizer=None, dtype: str | torch.dtype | None = None,
+                      extra: dict | None = None, after=None) -> Path:
+    """:func:`save_nested` of a config and its state: name -> tensor, or hf_io.Lazy (made and written
+    one at a time, never all in memory); names as the model's state_dict (lm_head.weight unless tied)."""
     extra = dict(extra or {})
     fractions = extra.pop("fractions", None) or {}
     training = extra.pop("training", None)
@@ -142,16 +164,9 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"is not JSON-serializable ({e})", field="extra") from None
     path = Path(path)
-    cfg = model.config
     budgets = check_budgets(cfg, dict(budgets))
     dtype = parse_dtype(dtype)
-    state = {}
-    for name, t in model.state_dict().items():  # lm_head.weight unless the model is tied
-        t = t.detach()
-        if t.device.type == "meta":
-            raise CheckpointError(f"tensor {name!r} has no data (meta device)", field="model",
-                                  fix="load or initialize the weights before saving")
-        state[name] = cast(name, t, dtype).contiguous().cpu()
+    state = {n: cast_lazy(n, e if isinstance(e, Lazy) else as_lazy(e), dtype) for n, e in state.items()}
     router_state = None
     if router is not None:
         router_state = router.state_dict() if hasattr(router, "state_dict") else dict(router)
@@ -162,13 +177,14 @@ def save_nested(path: str | Path, model, budgets: dict[str, Subnet], router=None
         if not tok_src.exists():
             raise ConfigError("tokenizer not found", path=tok_src, fix="give a tokenizer/ directory or tokenizer.json")
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_file(tmp / WEIGHTS, {n: (e.dtype, e.shape) for n, e in state.items()}, lambda n: state[n].make(),
+                   {"format": "pt"}, after)
         names = [WEIGHTS]
         if router_state is not None:
-            save_file(router_state, str(tmp / ROUTER), metadata={"format": "pt"})
+            save_tensors(tmp / ROUTER, router_state, {"format": "pt"})
             names.append(ROUTER)
         if importance is not None:
-            save_file(importance.to_tensors(), str(tmp / IMPORTANCE), metadata={"format": "pt"})
+            save_tensors(tmp / IMPORTANCE, importance.to_tensors(), {"format": "pt"})
             names.append(IMPORTANCE)
         if tokenizer is not None:
             if tok_src is None:
@@ -267,11 +283,9 @@ def verify_files(path: Path, manifest: dict, names=None) -> None:
 
 
 def _read(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(f, "pt") as sf:
-            return {k: sf.get_tensor(k) for k in sf.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"could not be read ({e})", path=f, fix="the file is truncated or corrupt") from None
+    """Every tensor of a small file (router, scores): views of a copy-on-write map."""
+    reader = CheckpointReader.of_file(f, writable=True)
+    return {k: reader.tensor(k) for k in reader.specs()}
 
 
 def read_importance(path: str | Path, cfg: ModelConfig | None = None, verify: bool = True):
@@ -287,38 +301,43 @@ def read_importance(path: str | Path, cfg: ModelConfig | None = None, verify: bo
     return Importance.from_tensors(_read(path / IMPORTANCE), (cfg or mcfg).num_hidden_layers)
 
 
-def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                verify: bool = True) -> NestedCheckpoint:
-    """Read a nested checkpoint: the sorted parent model, its budgets and the optional parts.
-
-    Every file's size and SHA-256 is checked against the manifest first (``verify=False`` skips the
-    hash, for trusted local copies of very large files).
-    """
-    from .importance import Importance
-    from .model import NemotronHForCausalLM
-
+def open_nested(path: str | Path, verify: bool = True, writable: bool = False) -> tuple:
+    """(manifest, parent config with tying resolved, budgets, hf_io.CheckpointReader of the weights):
+    files verified (``verify``), every tensor checked against the parent config from the header alone."""
     path = Path(path)
     manifest, cfg, budgets = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    dtype = parse_dtype(dtype)
-    tensors = _read(path / WEIGHTS)
-    cfg = resolve_tying(cfg, tensors)
-    with torch.device("meta"):
-        model = NemotronHForCausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for name, shape in expected.items():
-        if name not in tensors:
+    reader = CheckpointReader.of_file(path / WEIGHTS, writable)
+    specs = reader.specs()
+    cfg = resolve_tying(cfg, specs)
+    for name, shape in expected_shapes(cfg).items():
+        if name not in specs:
             raise CheckpointError(f"tensor {name!r} is missing", path=path / WEIGHTS,
                                   fix="the weights do not match the manifest's parent_config")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, the parent config "
+        if tuple(specs[name][1]) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(specs[name][1])}, the parent config "
                                   f"implies {tuple(shape)}", path=path / WEIGHTS)
-    state = {n: cast(n, t, dtype).to(device) for n, t in tensors.items() if n in expected}
-    model.load_state_dict(state, assign=True)
-    model.eval()
+    return manifest, cfg, budgets, reader
+
+
+def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+                verify: bool = True, writable: bool = True) -> NestedCheckpoint:
+    """Read a nested checkpoint: the sorted parent model, its budgets and the optional parts.
+
+    Every file's size and SHA-256 is checked against the manifest first (``verify=False`` skips the
+    hash, for trusted local copies of very large files). The weights are views of the memory-mapped
+    file where ``dtype`` and ``device`` leave them as stored (copy-on-write; ``writable=False``: read-only,
+    for callers that never write them, which may then :meth:`NestedCheckpoint.drop_pages`), else
+    copied one tensor at a time.
+    """
+    from .importance import Importance
+
+    path = Path(path)
+    manifest, cfg, budgets, reader = open_nested(path, verify, writable)
+    model = model_from(cfg, reader, dtype, device).eval()
     router = _read(path / ROUTER) if ROUTER in manifest["files"] else None
     importance = Importance.from_tensors(_read(path / IMPORTANCE), cfg.num_hidden_layers) \
         if IMPORTANCE in manifest["files"] else None
     return NestedCheckpoint(model=model, budgets=budgets, manifest=manifest, path=path, config=cfg, router=router,
-                            importance=importance)
+                            importance=importance, source=reader)

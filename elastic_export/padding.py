@@ -109,63 +109,68 @@ def norm_relative_error_bound(n: int, n_pad: int, eps: float, mean_square: float
 def pad_state(compact_cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The padded state dict of a compact slice (group-contiguous heads, HF key names): every layer at
     ``padded_config(compact_cfg)``'s widths, computing the same function (see the module docstring)."""
-    if compact_cfg.layer_widths is None:
-        return state
+    return {n: pad_tensor(compact_cfg, n, t).contiguous() for n, t in state.items()}
+
+
+@torch.no_grad()
+def pad_tensor(compact_cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Tensor ``name`` of a compact slice, padded (:func:`pad_state`, one tensor at a time)."""
+    if compact_cfg.layer_widths is None or not name.startswith("backbone.layers."):
+        return t
+    i, _, key = name[len("backbone.layers."):].partition(".")
+    if not key.startswith("mixer."):
+        return t  # the block's norm: width d, not padded
+    i, key = int(i), key[len("mixer."):]
     cfg = padded_config(compact_cfg)
     G, nkv, hd = cfg.n_groups, cfg.num_key_value_heads, cfg.head_dim
-    out = dict(state)
-    for i, t in enumerate(cfg.layers_block_type):
-        w = compact_cfg.layer_dims(i)
-        m = f"backbone.layers.{i}.mixer."
-        if t == "linear_attention":
-            h, p, H, P = w["mamba_num_heads"], w["mamba_head_dim"], cfg.mamba_num_heads, cfg.mamba_head_dim
-            hp, GN2 = h * p, 2 * cfg.n_groups * cfg.ssm_state_size
-            chan, chan_pad = (G, h // G, p), (G, H // G, P)  # group-contiguous heads, channels inside
-            head, head_pad = (G, h // G), (G, H // G)
-
-            def proj(x):  # in_proj rows (dim 0)  # [z (hp) | x (hp) | B | C (GN2) | dt (h)]
-                z, xs, bc, dt = x.split([hp, hp, GN2, h])
-                return torch.cat([_grow(z, 0, chan, chan_pad), _grow(xs, 0, chan, chan_pad), bc,
-                                  _grow(dt, 0, head, head_pad)])
-
-            def conv(x):  # conv channels (dim 0)  # [x (hp) | B | C]
-                xs, bc = x.split([hp, GN2])
-                return torch.cat([_grow(xs, 0, chan, chan_pad), bc])
-
-            out[m + "in_proj.weight"] = proj(state[m + "in_proj.weight"])
-            if m + "in_proj.bias" in state:
-                out[m + "in_proj.bias"] = proj(state[m + "in_proj.bias"])
-            out[m + "conv1d.weight"] = conv(state[m + "conv1d.weight"])
-            if m + "conv1d.bias" in state:
-                out[m + "conv1d.bias"] = conv(state[m + "conv1d.bias"])
-            for k in ("dt_bias", "A_log", "D"):
-                out[m + k] = _grow(state[m + k], 0, head, head_pad)
-            out[m + "norm.weight"] = _grow(state[m + "norm.weight"] * norm_scale(cfg, w), 0, chan, chan_pad)
-            out[m + "out_proj.weight"] = _grow(state[m + "out_proj.weight"], 1, chan, chan_pad)
-        elif t == "full_attention":
-            h, H = w["num_attention_heads"], cfg.num_attention_heads
-            q, q_pad = (nkv, h // nkv, hd), (nkv, H // nkv, hd)  # query heads inside their KV group
-            out[m + "q_proj.weight"] = _grow(state[m + "q_proj.weight"], 0, q, q_pad)
-            out[m + "o_proj.weight"] = _grow(state[m + "o_proj.weight"], 1, q, q_pad)
-        elif t == "moe":  # expert and shared neurons pad as MLP neurons do; expert counts cannot pad
-            if w["n_routed_experts"] != cfg.n_routed_experts:
-                raise BudgetError(f"layer {i} keeps {w['n_routed_experts']} routed experts and another MoE layer "
-                                  f"{cfg.n_routed_experts}: a plain nemotron_h config has one expert count, and a "
-                                  "zero expert would still be routed to", field="layout",
-                                  fix="slice with --layout compact, or keep one expert count in every MoE layer")
-            f, F = (w["moe_intermediate_size"],), (cfg.moe_intermediate_size,)
-            out[m + "experts.up_proj"] = _grow(state[m + "experts.up_proj"], 1, f, F)  # [E, F, din]
-            out[m + "experts.down_proj"] = _grow(state[m + "experts.down_proj"], 2, f, F)  # [E, din, F]
+    w = compact_cfg.layer_dims(i)
+    kind = cfg.layers_block_type[i]
+    if kind == "linear_attention":
+        h, p, H, P = w["mamba_num_heads"], w["mamba_head_dim"], cfg.mamba_num_heads, cfg.mamba_head_dim
+        hp, GN2 = h * p, 2 * cfg.n_groups * cfg.ssm_state_size
+        chan, chan_pad = (G, h // G, p), (G, H // G, P)  # group-contiguous heads, channels inside
+        head, head_pad = (G, h // G), (G, H // G)
+        if key in ("in_proj.weight", "in_proj.bias"):  # rows (dim 0)  # [z (hp) | x (hp) | B | C (GN2) | dt (h)]
+            z, xs, bc, dt = t.split([hp, hp, GN2, h])
+            return torch.cat([_grow(z, 0, chan, chan_pad), _grow(xs, 0, chan, chan_pad), bc,
+                              _grow(dt, 0, head, head_pad)])
+        if key in ("conv1d.weight", "conv1d.bias"):  # channels (dim 0)  # [x (hp) | B | C]
+            xs, bc = t.split([hp, GN2])
+            return torch.cat([_grow(xs, 0, chan, chan_pad), bc])
+        if key in ("dt_bias", "A_log", "D"):
+            return _grow(t, 0, head, head_pad)
+        if key == "norm.weight":
+            return _grow(t * norm_scale(cfg, w), 0, chan, chan_pad)
+        if key == "out_proj.weight":
+            return _grow(t, 1, chan, chan_pad)
+        return t  # out_proj.bias: width d
+    if kind == "full_attention":
+        h, H = w["num_attention_heads"], cfg.num_attention_heads
+        q, q_pad = (nkv, h // nkv, hd), (nkv, H // nkv, hd)  # query heads inside their KV group
+        return _grow(t, 0, q, q_pad) if key == "q_proj.weight" else _grow(t, 1, q, q_pad) \
+            if key == "o_proj.weight" else t
+    if kind == "moe":  # expert and shared neurons pad as MLP neurons do; expert counts cannot pad
+        if w["n_routed_experts"] != cfg.n_routed_experts:
+            raise BudgetError(f"layer {i} keeps {w['n_routed_experts']} routed experts and another MoE layer "
+                              f"{cfg.n_routed_experts}: a plain nemotron_h config has one expert count, and a "
+                              "zero expert would still be routed to", field="layout",
+                              fix="slice with --layout compact, or keep one expert count in every MoE layer")
+        f, F = (w["moe_intermediate_size"],), (cfg.moe_intermediate_size,)
+        if key == "experts.up_proj":
+            return _grow(t, 1, f, F)  # [E, F, din]
+        if key == "experts.down_proj":
+            return _grow(t, 2, f, F)  # [E, din, F]
+        if key.startswith("shared_experts."):
             s, S = (w["moe_shared_expert_intermediate_size"],), (cfg.moe_shared_expert_intermediate_size,)
-            _pad_mlp(out, state, m + "shared_experts.", s, S)
-        else:
-            _pad_mlp(out, state, m, (w["intermediate_size"],), (cfg.intermediate_size,))
-    return {k: v.contiguous() for k, v in out.items()}
+            return _pad_mlp(key[len("shared_experts."):], t, s, S)
+        return t
+    return _pad_mlp(key, t, (w["intermediate_size"],), (cfg.intermediate_size,))
 
 
-def _pad_mlp(out: dict, state: dict, m: str, f: tuple[int], F: tuple[int]) -> None:
+def _pad_mlp(key: str, t: torch.Tensor, f: tuple[int], F: tuple[int]) -> torch.Tensor:
     """An MLP's f neurons grown to F: zero up_proj rows (and bias), zero down_proj columns."""
-    out[m + "up_proj.weight"] = _grow(state[m + "up_proj.weight"], 0, f, F)
-    if m + "up_proj.bias" in state:
-        out[m + "up_proj.bias"] = _grow(state[m + "up_proj.bias"], 0, f, F)
-    out[m + "down_proj.weight"] = _grow(state[m + "down_proj.weight"], 1, f, F)
+    if key in ("up_proj.weight", "up_proj.bias"):
+        return _grow(t, 0, f, F)
+    if key == "down_proj.weight":
+        return _grow(t, 1, f, F)
+    return t

@@ -75,19 +75,18 @@ def _grid(heads: torch.Tensor, channels: torch.Tensor, P: int) -> torch.Tensor:
     return (heads[:, None] * P + channels[None, :]).reshape(-1)
 
 
-@torch.no_grad()
-def permute_state(cfg, state: dict[str, torch.Tensor], perms: Permutations) -> dict[str, torch.Tensor]:
-    """Apply the permutations to a state dict (names as in the HF checkpoint)."""
-    s = dict(state)
+def permutation_ops(cfg, perms: Permutations) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """What the permutations do to each tensor (names as in the HF checkpoint, experts stacked):
+    name -> [(dim, index), ...], applied in turn by :func:`permute_tensor`. A 1-D index reorders
+    ``dim``; a 2-D one [E, F] reorders ``dim`` of each stacked expert e by its own row (a gather)."""
+    ops: dict[str, list] = {}
     pi = perms.hidden
 
     def cols(name, idx):
-        if name in s:
-            s[name] = s[name][:, idx]
+        ops.setdefault(name, []).append((1, idx))
 
     def rows(name, idx):
-        if name in s and s[name] is not None:
-            s[name] = s[name][idx]
+        ops.setdefault(name, []).append((0, idx))
 
     cols("backbone.embeddings.weight", pi)
     cols("lm_head.weight", pi)
@@ -129,34 +128,60 @@ def permute_state(cfg, state: dict[str, torch.Tensor], perms: Permutations) -> d
                 rows(m + name, pe)
             cols(m + "gate.weight", pi)
             nf = p["expert_ffn"][pe]  # [E, F]: neuron order of each expert at its new position
-            up, down = s[m + "experts.up_proj"], s[m + "experts.down_proj"]  # [E, F, din], [E, din, F]
-            s[m + "experts.up_proj"] = up.gather(1, nf[:, :, None].expand(up.shape))
-            s[m + "experts.down_proj"] = down.gather(2, nf[:, None, :].expand(down.shape))
-            if m + "fc1_latent_proj.weight" in s:  # latent: D -> L -> D; the experts see L, not D
+            ops[m + "experts.up_proj"].append((1, nf))  # [E, F, din]
+            ops[m + "experts.down_proj"].append((2, nf))  # [E, din, F]
+            if cfg.moe_latent_size is not None:  # latent: D -> L -> D; the experts see L, not D
                 cols(m + "fc1_latent_proj.weight", pi)
                 rows(m + "fc2_latent_proj.weight", pi)
                 rows(m + "fc2_latent_proj.bias", pi)
             else:
-                s[m + "experts.up_proj"] = s[m + "experts.up_proj"][:, :, pi]
-                s[m + "experts.down_proj"] = s[m + "experts.down_proj"][:, pi]
-            _permute_mlp(s, m + "shared_experts.", p["shared_ffn"], pi)
+                ops[m + "experts.up_proj"].append((2, pi))
+                ops[m + "experts.down_proj"].append((1, pi))
+            _mlp_ops(ops, m + "shared_experts.", p["shared_ffn"], pi)
         else:
-            _permute_mlp(s, m, p["ffn"], pi)
-    return {k: v.contiguous() for k, v in s.items()}
+            _mlp_ops(ops, m, p["ffn"], pi)
+    return ops
 
 
-def _permute_mlp(s: dict, m: str, f: torch.Tensor, pi: torch.Tensor) -> None:
+def _mlp_ops(ops: dict, m: str, f: torch.Tensor, pi: torch.Tensor) -> None:
     """An MLP's neurons by ``f`` (up rows, down columns) and its embedding side by ``pi``."""
-    def take(name, idx, dim):
-        if name in s and s[name] is not None:
-            s[name] = s[name].index_select(dim, idx)
+    for name, dim, idx in ((m + "up_proj.weight", 0, f), (m + "up_proj.bias", 0, f), (m + "up_proj.weight", 1, pi),
+                           (m + "down_proj.weight", 1, f), (m + "down_proj.weight", 0, pi),
+                           (m + "down_proj.bias", 0, pi)):
+        ops.setdefault(name, []).append((dim, idx))
 
-    take(m + "up_proj.weight", f, 0)
-    take(m + "up_proj.bias", f, 0)
-    take(m + "up_proj.weight", pi, 1)
-    take(m + "down_proj.weight", f, 1)
-    take(m + "down_proj.weight", pi, 0)
-    take(m + "down_proj.bias", pi, 0)
+
+def permute_tensor(t: torch.Tensor, ops) -> torch.Tensor:
+    """``t`` with :func:`permutation_ops`' reorderings applied (a new contiguous tensor, or ``t``)."""
+    for dim, idx in ops:
+        if idx.dim() == 1:
+            t = t.index_select(dim, idx)
+        else:  # [E, F]: stacked expert e's axis ``dim`` in its own order
+            t = t.gather(dim, (idx[:, :, None] if dim == 1 else idx[:, None, :]).expand(*t.shape[:dim], -1,
+                                                                                       *t.shape[dim + 1:]))
+    return t.contiguous()
+
+
+@torch.no_grad()
+def permute_state(cfg, state: dict[str, torch.Tensor], perms: Permutations) -> dict[str, torch.Tensor]:
+    """Apply the permutations to a state dict (names as in the HF checkpoint)."""
+    ops = permutation_ops(cfg, perms)
+    return {k: permute_tensor(v, ops.get(k, ())) for k, v in state.items()}
+
+
+def sorted_entries(cfg, specs: dict, get, perms: Permutations) -> dict:
+    """The sorted weights as lazy entries (hf_io.Lazy), each made when it is written: ``get(name)``
+    (e.g. a memory-mapped reader's ``tensor``) reordered; ``specs``: name -> (dtype, shape), the
+    tensors to sort (a permutation keeps both)."""
+    from .hf_io import Lazy
+
+    ops = permutation_ops(cfg, perms)
+
+    def make(name):
+        with torch.no_grad():
+            return permute_tensor(get(name), ops.get(name, ()))
+
+    return {n: Lazy(dt, tuple(shape), lambda n=n: make(n)) for n, (dt, shape) in specs.items()}
 
 
 def permute_importance(cfg, imp: Importance, perms: Permutations) -> Importance:
