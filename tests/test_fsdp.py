@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,9 +66,19 @@ def runs(tmp_path_factory):
     ac = recipes["ac"]
     args = [f"{f}@{tmp / 'f2'}", f"{ac}@{tmp / 'k2'}:{STOP}", f"{ac}@{tmp / 'k2'}"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29623",
+    # --standalone: a free port (two suites at once must not meet); its own session, so that a timeout
+    # kills the workers too (a rank left waiting on gloo for its dead peer would outlive the test)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "fsdp_worker.py"), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the 2-process run did not finish in 300 s: {stderr[-4000:]}")
+    p = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert p.returncode == 0, p.stderr[-4000:]
     single = train(validate_recipe(fsdp_recipe(tmp, **{"train.parallel": "ddp"})), out=tmp / "single")
     return tmp, single, p.stdout
