@@ -22,6 +22,9 @@ Version 2 adds MoE layers: ``{"type": "moe", "kept": true, "experts": E, "expert
 the experts stacked (``mixer.experts.up_proj`` [E, F, din]) and the routers in float32. Dense models are still
 written (and read) as version 1.
 
+Version 3 is a quantized nested checkpoint (codes + scales, a ``quantization`` entry; see
+:mod:`elastic_export.qcheckpoint`); :func:`load_nested` refuses it (it holds no float weights).
+
 Budgets are listed largest first; "full" (the parent) is always present. There is deliberately no
 config.json: transformers would load the rank-major weights as group-contiguous and compute garbage.
 Slice a budget (:func:`elastic_export.slice_budget`) to get a checkpoint other tools can read.
@@ -48,7 +51,7 @@ from .errors import BudgetError, CheckpointError, ConfigError
 from .hf_io import atomic_dir, cast, dtype_name, parse_dtype, resolve_tying
 
 FORMAT = "elastic-export/nested"
-FORMAT_VERSION = 2  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 1 is read as well
+FORMAT_VERSION = 3  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 3: quantized weights (qcheckpoint)
 
 
 def format_version(cfg: ModelConfig) -> int:
@@ -299,6 +302,10 @@ def load_nested(path: str | Path, dtype: str | torch.dtype | None = None, device
 
     path = Path(path)
     manifest, cfg, budgets = read_manifest(path)
+    if "quantization" in manifest:  # codes + scales (qcheckpoint.py): never read them as float weights
+        raise CheckpointError(f"holds {manifest['quantization'].get('format')} quantized weights, not float ones",
+                              path=path / MANIFEST, field="quantization",
+                              fix="give the float checkpoint it was quantized from; load, slice and run read this one")
     if verify:
         verify_files(path, manifest)
     dtype = parse_dtype(dtype)
