@@ -612,7 +612,8 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
               "(comma-separated or repeated) [all].")
 @click.option("--context", "contexts", multiple=True, type=int, help="Context length(s) [8192].")
 @click.option("--batch", default=1, show_default=True)
-@click.option("--dtype", "dtypes", multiple=True, help="Weight dtype(s): bfloat16, float32, float16 [bfloat16].")
+@click.option("--dtype", "dtypes", multiple=True, help="Weight dtype(s): bfloat16, float32, float16, or quantized "
+              "int8, int4, fp8 (codes + scales; KV, state, activations at bfloat16) [bfloat16].")
 @click.option("--prefill-chunk", type=int, default=None, help="Plan activations for a chunked prefill of this size.")
 @click.option("--json", "json_out", default=None, help="Also write the plan as JSON.")
 @click.option("--plot", default=None, help="Also draw the plan as a PNG (family vs separate, totals vs devices).")
@@ -642,16 +643,23 @@ def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefi
                                                                              if n in PROFILES else n]
     for d in devs:
         device_profile(d)
+    from .accounting import QUANT_DTYPES
+
     dtypes = _csv(dtypes) or ["bfloat16"]
     for d in dtypes:
-        parse_dtype(d)
+        if d not in QUANT_DTYPES:
+            parse_dtype(d)
     contexts = list(contexts) or [8192]
     if any(c <= 0 for c in contexts) or batch <= 0:
         raise ConfigError("--context and --batch must be positive", field="--context/--batch")
     cfg, chosen = _plan_memory_budgets(source, preset, budgets)
-    out = {"comparison": deployment_comparison(cfg, chosen, dtypes[0]), "plans": []}
+    from .qcheckpoint import family_quant_plans
+
+    qplans = family_quant_plans(source, cfg, chosen, [d for d in dtypes if d in QUANT_DTYPES])
+    out = {"comparison": deployment_comparison(cfg, chosen, dtypes[0], quant_plan=qplans.get(dtypes[0])),
+           "plans": []}
     for ctx in contexts:
-        p = plan(cfg, chosen, devs, ctx, batch, tuple(dtypes), prefill_chunk)
+        p = plan(cfg, chosen, devs, ctx, batch, tuple(dtypes), prefill_chunk, qplans)
         out["plans"].append(p)
         click.echo(plan_text(p, out["comparison"] if ctx == contexts[0] else None))
         click.echo("")

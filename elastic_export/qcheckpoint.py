@@ -99,8 +99,10 @@ def quantize_nested(src, out, spec: quant.QuantSpec, calib_ids: torch.Tensor | N
             q, s = quant.quantize(t, spec, plan[name], None if importance is None else importance.get(name))
             tensors[name] = quant.pack_int4(q) if spec.format == "int4" else q
             tensors[name + SCALE] = s
-        else:
-            tensors[name] = t.detach().contiguous()
+        elif name in (quant.EMBEDDINGS, quant.LM_HEAD) or not t.is_floating_point():
+            tensors[name] = t.detach().contiguous()  # embeddings / lm_head left unquantized: as stored
+        else:  # norms, conv, A_log, D, dt_bias, biases, routers: float32 (the traps need the precision)
+            tensors[name] = t.detach().float().contiguous()
     entry = {**spec.to_dict(), "packing": PACKING if spec.format == "int4" else None,
              "plan": plan, "calibration": calib_info if calib_ids is not None else None}
     with atomic_dir(out) as tmp:
@@ -393,3 +395,21 @@ def slice_quantized_dir(src, budget: str, out, layout: str = "padded", uniform: 
             if not uniform and len(blocks) > 1:
                 echo(f"  note: {n} mixes block sizes {blocks} (one config group each); transformers' loader "
                      "applies one scheme to every dense layer: pass --uniform-groups for it")
+
+
+def family_quant_plans(source, cfg, budgets: dict, formats: list[str]) -> dict[str, dict[str, int]]:
+    """format -> the family's blocks for plan-memory: a quantized nested checkpoint's own plan for its
+    format, else quant.quant_plan over ``budgets`` at the format's default block."""
+    from .hf_io import expected_shapes
+
+    out = {}
+    own = None
+    if source is not None and is_quantized_nested(source):
+        own = json.loads((Path(source) / "elastic.json").read_text())["quantization"]
+    for fmt in formats:
+        if own is not None and own.get("format") == fmt:
+            out[fmt] = dict(own["plan"])
+        else:
+            out[fmt] = quant.quant_plan(cfg, {n: s for n, s in budgets.items() if n != "full"},
+                                        expected_shapes(cfg), quant.QuantSpec(fmt))
+    return out

@@ -212,3 +212,24 @@ def test_input_importance_is_the_mean_squared_input(tmp_path):
     plan = quant.quant_plan(model.config, {}, {k: tuple(v.shape) for k, v in sd.items()}, spec)
     qs = quant.quantize_state(sd, plan, spec, imp)  # every shape of importance fits its tensor
     assert set(qs) == set(sd)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+def test_plan_memory_counts_the_bytes_quantize_writes(tmp_path, fmt):
+    from safetensors import safe_open
+
+    from elastic_export.accounting import memory, quantized_weight_bytes
+
+    for seed, moe in ((2, False), (3, True)):
+        model, src = _nested(tmp_path / str(seed), _tiny(seed, moe), seed)
+        entry = qc.quantize_nested(src, tmp_path / f"q{seed}", quant.QuantSpec(fmt, block=8, min_block=2))
+        with safe_open(tmp_path / f"q{seed}" / "model.safetensors", "pt") as f:
+            on_disk = sum(f.get_tensor(k).nbytes for k in f.keys())
+        cfg = model.config
+        assert quantized_weight_bytes(cfg, None, fmt, entry["plan"]) == on_disk
+        assert memory(cfg, None, fmt, quant_plan=entry["plan"]).weights == on_disk
+        qm = ee.load(tmp_path / f"q{seed}")
+        for name, sub in qm.budgets.items():  # a slice holds the budget's codes + scales + float tensors
+            sm = qc.slice_model(qm, sub)
+            held = sm.quantized_bytes() + sum(t.nbytes for n, t in sm.state_dict().items() if n not in sm.qweights)
+            assert quantized_weight_bytes(cfg, sub, fmt, entry["plan"]) == held, name
