@@ -58,17 +58,25 @@ def _region(t: torch.Tensor, view: torch.Tensor, unit: int) -> torch.Tensor:
                         t.storage_offset() + off // unit)
 
 
+def _unpack_float(p: torch.Tensor) -> torch.Tensor:
+    """Packed int4 bytes [..., c/2] -> float32 codes [..., c] (quant.unpack_int4), one float buffer."""
+    q = torch.empty(*p.shape[:-1], 2 * p.shape[-1])
+    q[..., 0::2] = p & 0x0F
+    q[..., 1::2] = p >> 4
+    return q.sub_(8)
+
+
 def _codes_float(qw: QWeight, view: torch.Tensor) -> torch.Tensor:
     if not qw.packed:
         return _region(qw.codes, view, 1).float()
-    p = _region(qw.codes, view, 2)
-    return torch.stack([(p & 0x0F).float() - 8, (p >> 4).float() - 8], -1).flatten(-2)  # quant.unpack_int4
+    return _unpack_float(_region(qw.codes, view, 2))
 
 
 def _dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float codes [..., c] and scales [..., c/b] -> weights [..., c] (quant.dequantize's arithmetic)."""
-    w = (q.unflatten(-1, (s.shape[-1], -1)) * s.float().unsqueeze(-1)).flatten(-2)
-    return w if dtype == torch.float32 else w.to(dtype)
+    """float codes [..., c] (overwritten) and scales [..., c/b] -> weights [..., c], in place
+    (quant.dequantize's arithmetic: one float32 buffer per tensor, no temporaries)."""
+    q.unflatten(-1, (s.shape[-1], -1)).mul_(s.float().unsqueeze(-1))
+    return q if dtype == torch.float32 else q.to(dtype)
 
 
 def dequantize_view(qw: QWeight, view: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -79,8 +87,7 @@ def dequantize_view(qw: QWeight, view: torch.Tensor, dtype: torch.dtype = torch.
 def dequantize_rows(qw: QWeight, view: torch.Tensor, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """``dequantize_view(qw, view)[ids]`` without dequantizing the other rows (embedding lookups)."""
     if qw.packed:
-        p = _region(qw.codes, view, 2)[ids]
-        q = torch.stack([(p & 0x0F).float() - 8, (p >> 4).float() - 8], -1).flatten(-2)
+        q = _unpack_float(_region(qw.codes, view, 2)[ids])
     else:
         q = _region(qw.codes, view, 1)[ids].float()
     return _dequant(q, _region(qw.scales, view, qw.block)[ids], dtype)
