@@ -366,7 +366,13 @@ def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwr
     import time
 
     from .build import build as onnx_build, read_build
+    from .qcheckpoint import is_quantized_hf, is_quantized_nested
 
+    if source is not None and (is_quantized_nested(source) or is_quantized_hf(source)):
+        from .errors import ConfigError
+
+        raise ConfigError("holds quantized weights (codes + scales); build reads float checkpoints", path=source,
+                          fix="build the float checkpoint it was quantized from; run and load read this one")
     run_build = onnx_build
     if target == "gguf":
         from .gguf_export import build_gguf
