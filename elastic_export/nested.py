@@ -56,7 +56,7 @@ FORMAT_VERSION = 3  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 
 
 def format_version(cfg: ModelConfig) -> int:
     """The oldest version that holds this model: 1 for dense ones (older readers keep reading them), 2 with MoE."""
-    return FORMAT_VERSION if cfg.has_moe else 1
+    return 2 if cfg.has_moe else 1  # 3 is written by qcheckpoint.quantize_nested only
 MANIFEST = "elastic.json"
 WEIGHTS = "model.safetensors"
 ROUTER = "router.safetensors"
