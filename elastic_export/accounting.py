@@ -38,6 +38,37 @@ from .config import ModelConfig
 from .elastic import LayerWidths, Subnet, full_subnet, moe_top_k
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
+QUANT_DTYPES = ("int8", "int4", "fp8")  # quantized weights (elastic_export.quant); compute at bfloat16
+QUANT_COMPUTE_BYTES = 2  # KV cache, conv state and activations of a quantized model: bfloat16
+
+
+def quantized_weight_bytes(cfg: ModelConfig, subnet: Subnet | None = None, fmt: str = "int4",
+                           plan: dict[str, int] | None = None, block: int | None = None) -> int:
+    """Exact weight bytes of a budget quantized to ``fmt`` as ``quantize`` / ``slice`` hold them:
+    per quantized tensor N*K*bits/8 of codes plus N*K/b float32 scales, every other tensor (norms,
+    conv, A_log, D, dt_bias, biases, MoE routers) float32. ``plan``: the family's blocks
+    (quant.quant_plan over every budget, or a quantized checkpoint's manifest); None plans this budget
+    alone at ``block`` (the format's default)."""
+    from .hf_io import expected_shapes
+    from .quant import FORMATS, QuantSpec, budget_plan, quant_plan, quantizable
+    from .slicing import sliced_config
+
+    subnet = subnet or full_subnet(cfg)
+    spec = QuantSpec(fmt, block)
+    if plan is None:
+        plan = quant_plan(cfg, {"budget": subnet}, expected_shapes(cfg), spec)
+    blocks = budget_plan(cfg, subnet, plan)
+    bits = FORMATS[fmt].bits
+    total = 0
+    for name, shape in expected_shapes(sliced_config(cfg, subnet)).items():
+        n = 1
+        for x in shape:
+            n *= x
+        if name in blocks and quantizable(name, spec):
+            total += n * bits // 8 + n // blocks[name] * 4
+        else:
+            total += n * 4
+    return total
 
 
 def dtype_bytes(dtype: str | torch.dtype) -> int:
@@ -151,10 +182,13 @@ class Memory:
 
 
 def memory(cfg: ModelConfig, subnet: Subnet | None = None, dtype: str | torch.dtype = "bfloat16",
-           context: int = 8192, batch: int = 1) -> Memory:
-    """Weights, caches and an activation estimate of a budget (see the module docstring)."""
+           context: int = 8192, batch: int = 1, quant_plan: dict[str, int] | None = None) -> Memory:
+    """Weights, caches and an activation estimate of a budget (see the module docstring). ``dtype``
+    int8 / int4 / fp8: quantized weights (:func:`quantized_weight_bytes`, with the family's
+    ``quant_plan`` when given), everything else at bfloat16."""
     subnet = subnet or full_subnet(cfg)
-    nb = dtype_bytes(dtype)
+    quantized = isinstance(dtype, str) and dtype in QUANT_DTYPES
+    nb = QUANT_COMPUTE_BYTES if quantized else dtype_bytes(dtype)
     d = subnet.hidden
     params = count_params(cfg, subnet)
     GN, K = cfg.n_groups * cfg.ssm_state_size, cfg.conv_kernel
@@ -179,6 +213,8 @@ def memory(cfg: ModelConfig, subnet: Subnet | None = None, dtype: str | torch.dt
     act = batch * context * (2 * d + widest) * nb + batch * cfg.vocab_size * 4
     router, score_bias = router_sizes(cfg, subnet)
     weights = (params - router) * nb + (router + score_bias) * 4
+    if quantized:
+        weights = quantized_weight_bytes(cfg, subnet, dtype, quant_plan)
     return Memory(params=params, weights=weights, kv_cache=kv, ssm_state=ssm, conv_state=conv,
                   activations=act, active_params=count_active_params(cfg, subnet))
 

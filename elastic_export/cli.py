@@ -242,9 +242,12 @@ def nest(parent_sorted, budgets, mode, divisor, depth, out, dtype):
 @click.option("--layout", type=click.Choice(["padded", "compact"]), default="padded", show_default=True,
               help="Heterogeneous budgets: padded = a plain nemotron_h checkpoint every reader loads (narrower "
                    "layers zero-padded); compact = per-layer widths, smallest, elastic_export.load only.")
+@click.option("--uniform-groups", is_flag=True, help="Quantized checkpoints: write every tensor at the smallest "
+              "block (one compressed-tensors config group; transformers' loader needs it when blocks differ).")
 @user_errors
-def slice_cmd(nested, budget, out, dtype, layout):
-    """Standalone checkpoints of nested budgets (plain HF nemotron_h unless --layout compact)."""
+def slice_cmd(nested, budget, out, dtype, layout, uniform_groups):
+    """Standalone checkpoints of nested budgets (plain HF nemotron_h unless --layout compact); of a
+    quantized nested checkpoint, quantized ones in the compressed-tensors layout."""
     import shutil
 
     from .accounting import count_params
@@ -252,9 +255,12 @@ def slice_cmd(nested, budget, out, dtype, layout):
     from .model import build_model
     from .nested import load_nested
     from .padding import eps_factors, layout_of
+    from .qcheckpoint import is_quantized_nested, slice_quantized_dir
     from .slicing import save_slice
 
     dt = parse_dtype(dtype)
+    if is_quantized_nested(_default(nested)):
+        return slice_quantized_dir(_default(nested), budget, out, layout, uniform_groups, dt, click.echo)
     ck = load_nested(_default(nested), writable=False)  # read-only map: its pages are dropped behind each tensor
     names = list(ck.budgets) if budget == "all" else [budget]
     subnets = {n: ck.subnet(n) for n in names}  # unknown names fail here, before any write
@@ -274,6 +280,61 @@ def slice_cmd(nested, budget, out, dtype, layout):
                            "their gated-norm epsilon multiplied as shown (see elastic_export/padding.py); "
                            "--layout compact is exact", err=True)
 
+
+
+@main.command()
+@click.argument("nested", required=False)
+@click.option("--quant", "fmt", type=click.Choice(["int8", "int4", "fp8"]), required=True, help="Weight format.")
+@click.option("--block", type=int, default=None, help="Input columns per scale [int4 32, int8 and fp8 128]; a "
+              "tensor gets the largest power of two <= this that every budget keeps whole.")
+@click.option("--method", type=click.Choice(["rtn", "mse"]), default=None,
+              help="Scales: rtn = absmax (round to nearest); mse = the clip minimizing squared error, weighted by "
+                   "input activations with --calib [mse with --calib, else rtn].")
+@click.option("--calib", multiple=True, help="Calibration token or text files (as for rank): activation-aware scales.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--samples", default=64, show_default=True, help="Calibration windows at most.")
+@click.option("--tokenizer", default=None, help="Tokenizer for text files [the checkpoint's, else byte-level].")
+@click.option("--min-block", default=8, show_default=True, help="Refuse a tensor whose block would fall below this.")
+@click.option("--quant-embeddings/--no-quant-embeddings", default=True, show_default=True)
+@click.option("--quant-lm-head/--no-quant-lm-head", default=True, show_default=True)
+@click.option("--out", "-o", required=True, help="Output: a quantized nested checkpoint.")
+@user_errors
+def quantize(nested, fmt, block, method, calib, seq_len, samples, tokenizer, min_block, quant_embeddings,
+             quant_lm_head, out):
+    """A quantized nested checkpoint: one copy of codes + scales that every budget slices (int8 / int4 /
+    fp8 weights; norms, conv, SSM parameters and MoE routers stay float). Load, slice and run read it."""
+    from .errors import ConfigError
+    from .qcheckpoint import quantize_nested
+    from .quant import QuantSpec
+
+    src = _default(nested)
+    if method == "rtn" and calib:
+        raise ConfigError("--calib weights the scale search of --method mse", field="--method",
+                          fix="drop --method rtn (mse is the default with --calib) or drop --calib")
+    spec = QuantSpec(fmt, block, method or ("mse" if calib else "rtn"), quant_embeddings, quant_lm_head, min_block)
+    ids = info = None
+    if calib:
+        from .importance import load_calibration
+        from .nested import read_manifest
+        from .tokenizer import load_tokenizer
+        from pathlib import Path
+
+        _, cfg, _ = read_manifest(src)
+        tok_dir = Path(src) / "tokenizer"
+        ids = load_calibration(calib, cfg.vocab_size, seq_len, samples,
+                               load_tokenizer(tokenizer or (tok_dir if tok_dir.is_dir() else None)))
+        info = {"files": [Path(c).name for c in calib], "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
+    entry = quantize_nested(src, out, spec, ids, info, progress=lambda m: click.echo(m, err=True))
+    blocks: dict[int, int] = {}
+    for b in entry["plan"].values():
+        blocks[b] = blocks.get(b, 0) + 1
+    click.echo(f"quantized {len(entry['plan'])} tensors to {fmt} ({spec.method}"
+               f"{', activation-aware' if calib else ''}); blocks: "
+               + ", ".join(f"{n} x {b}" for b, n in sorted(blocks.items(), reverse=True)))
+    if min(blocks, default=spec.block_size) < spec.block_size:
+        click.echo(f"  note: blocks below {spec.block_size} are where a budget's widths (or head widths) are not "
+                   f"multiples of {spec.block_size}", err=True)
+    click.echo(f"wrote {out}")
 
 
 # ---- training: train ---------------------------------------------------------------------------
@@ -331,7 +392,13 @@ def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwr
     import time
 
     from .build import build as onnx_build, read_build
+    from .qcheckpoint import is_quantized_hf, is_quantized_nested
 
+    if source is not None and (is_quantized_nested(source) or is_quantized_hf(source)):
+        from .errors import ConfigError
+
+        raise ConfigError("holds quantized weights (codes + scales); build reads float checkpoints", path=source,
+                          fix="build the float checkpoint it was quantized from; run and load read this one")
     run_build = onnx_build
     if target == "gguf":
         from .gguf_export import build_gguf
@@ -577,7 +644,8 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
               "(comma-separated or repeated) [all].")
 @click.option("--context", "contexts", multiple=True, type=int, help="Context length(s) [8192].")
 @click.option("--batch", default=1, show_default=True)
-@click.option("--dtype", "dtypes", multiple=True, help="Weight dtype(s): bfloat16, float32, float16 [bfloat16].")
+@click.option("--dtype", "dtypes", multiple=True, help="Weight dtype(s): bfloat16, float32, float16, or quantized "
+              "int8, int4, fp8 (codes + scales; KV, state, activations at bfloat16) [bfloat16].")
 @click.option("--prefill-chunk", type=int, default=None, help="Plan activations for a chunked prefill of this size.")
 @click.option("--json", "json_out", default=None, help="Also write the plan as JSON.")
 @click.option("--plot", default=None, help="Also draw the plan as a PNG (family vs separate, totals vs devices).")
@@ -607,16 +675,23 @@ def plan_memory(source, preset, budgets, devices, contexts, batch, dtypes, prefi
                                                                              if n in PROFILES else n]
     for d in devs:
         device_profile(d)
+    from .accounting import QUANT_DTYPES
+
     dtypes = _csv(dtypes) or ["bfloat16"]
     for d in dtypes:
-        parse_dtype(d)
+        if d not in QUANT_DTYPES:
+            parse_dtype(d)
     contexts = list(contexts) or [8192]
     if any(c <= 0 for c in contexts) or batch <= 0:
         raise ConfigError("--context and --batch must be positive", field="--context/--batch")
     cfg, chosen = _plan_memory_budgets(source, preset, budgets)
-    out = {"comparison": deployment_comparison(cfg, chosen, dtypes[0]), "plans": []}
+    from .qcheckpoint import family_quant_plans
+
+    qplans = family_quant_plans(source, cfg, chosen, [d for d in dtypes if d in QUANT_DTYPES])
+    out = {"comparison": deployment_comparison(cfg, chosen, dtypes[0], quant_plan=qplans.get(dtypes[0])),
+           "plans": []}
     for ctx in contexts:
-        p = plan(cfg, chosen, devs, ctx, batch, tuple(dtypes), prefill_chunk)
+        p = plan(cfg, chosen, devs, ctx, batch, tuple(dtypes), prefill_chunk, qplans)
         out["plans"].append(p)
         click.echo(plan_text(p, out["comparison"] if ctx == contexts[0] else None))
         click.echo("")

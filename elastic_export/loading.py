@@ -45,6 +45,11 @@ def load_family(path: str | Path, dtype=None, device="cpu") -> tuple:
     ``{"full": the model itself}``. The one place ``build``, ``run`` and ``load`` open a family."""
     path = Path(path)
     k = kind(path)
+    from .qcheckpoint import is_quantized_hf, is_quantized_nested, load_quantized
+
+    if is_quantized_nested(path) or is_quantized_hf(path):
+        model = load_quantized(path)
+        return (model if dtype is None else model.to(dtype)), dict(model.budgets), Path(model.source)
     if k == "build":
         raise CheckpointError("is a build directory, not a checkpoint", path=path,
                               fix="give the checkpoint it was built from (build.json: source), or `run` it")
@@ -78,6 +83,11 @@ def load(path: str | Path, budget: str | None = None, dtype=None, device="cpu"):
         small = elastic_export.load("nested/", budget="50pct")   # one budget, standalone
         hf = elastic_export.load("slices/50pct")                 # an HF checkpoint or a slice
     """
+    from .qcheckpoint import is_quantized_hf, is_quantized_nested, load_quantized
+
+    if is_quantized_nested(path) or is_quantized_hf(path):  # codes + scales: dequantized a layer at a time
+        model = load_quantized(path, budget)
+        return (model if dtype is None else model.to(dtype)).eval()
     model, budgets, _ = load_family(path, dtype=dtype, device=device)
     if budget is not None and budget != FULL:
         if budget not in budgets:

@@ -453,6 +453,18 @@ class NemotronHForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # ---- what a layer computes with: the views themselves here; a quantized model
+    # (elastic_export.qmodel) dequantizes them here, one layer at a time ---------------------------
+    def layer_weights(self, blk, v, c=None):
+        """(views, Mamba step constants) layer ``blk`` computes with, from its views ``v`` and ``c``."""
+        return v, c
+
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, weight)  # weight: the embedding view [V, d]
+
+    def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight)  # weight: the lm_head view [V, d]
+
     # ---- forward -------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, subnet: Subnet | None = None,
                       cache: InferenceCache | None = None, attention_mask: torch.Tensor | None = None,
@@ -477,7 +489,7 @@ class NemotronHForCausalLM(nn.Module):
         new_mask = None if key_mask is None else key_mask[:, -l:]
         if new_mask is not None and bool(new_mask.all()):
             new_mask = None
-        h = F.embedding(input_ids, elastic.embedding_view(self.backbone.embeddings.weight, d))
+        h = self.embed(input_ids, elastic.embedding_view(self.backbone.embeddings.weight, d))
         embedding_gate, layer_gates = gates if gates is not None else (None, None)
         if embedding_gate is not None:
             h = h * embedding_gate.to(h.dtype)
@@ -502,7 +514,9 @@ class NemotronHForCausalLM(nn.Module):
                     new_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                     gate: torch.Tensor | None = None) -> torch.Tensor:
         """Residual stream [B, L, d] after layer ``i`` (its views ``v``): h + gate * mixer(rmsnorm(h))."""
-        return self.backbone.layers[i].residual(h, v, cache, new_mask, key_mask, gate)
+        blk = self.backbone.layers[i]
+        v, _ = self.layer_weights(blk, v)  # a quantized model dequantizes the layer's views here
+        return blk.residual(h, v, cache, new_mask, key_mask, gate)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """norm_f of the residual stream [B, L, d]."""
@@ -510,7 +524,7 @@ class NemotronHForCausalLM(nn.Module):
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits [B, L, V] of final normed hidden states [B, L, d]."""
-        return F.linear(h, elastic.embedding_view(self.lm_head_weight, h.shape[-1])).float()
+        return self.project(h, elastic.embedding_view(self.lm_head_weight, h.shape[-1])).float()
 
     def forward(self, input_ids: torch.Tensor, subnet: Subnet | None = None, cache: InferenceCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
@@ -552,11 +566,12 @@ class NemotronHForCausalLM(nn.Module):
             key_mask = (torch.arange(T, device=tokens.device) <= state.pos) & state.key_valid  # [b, T]
         else:
             key_mask = None if state.key_valid is None else state.key_valid[:, :length + 1]
-        h = F.embedding(tokens, plan.emb)  # [b, d]
+        h = self.embed(tokens, plan.emb)  # [b, d]
         for i, layer in enumerate(plan.layers):
             if layer is None:
                 continue  # a skipped layer is the identity
             blk, norm, v, c = layer
+            v, c = self.layer_weights(blk, v, c)
             # rms_norm as one fused op (float32 inside, the same values; rms_norm spells it out for ONNX)
             x = F.rms_norm(h, norm.shape, norm, eps)
             if blk.block_type == "linear_attention":
@@ -570,7 +585,7 @@ class NemotronHForCausalLM(nn.Module):
                 x = blk.mixer(x, v)
             h = h + x
         state.pos.add_(1)
-        return F.linear(F.rms_norm(h, plan.norm_f.shape, plan.norm_f, eps), plan.head).float()
+        return self.project(F.rms_norm(h, plan.norm_f.shape, plan.norm_f, eps), plan.head).float()
 
     # ---- conveniences --------------------------------------------------------------------------
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:

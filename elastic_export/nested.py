@@ -22,6 +22,9 @@ Version 2 adds MoE layers: ``{"type": "moe", "kept": true, "experts": E, "expert
 the experts stacked (``mixer.experts.up_proj`` [E, F, din]) and the routers in float32. Dense models are still
 written (and read) as version 1.
 
+Version 3 is a quantized nested checkpoint (codes + scales, a ``quantization`` entry; see
+:mod:`elastic_export.qcheckpoint`); :func:`load_nested` refuses it (it holds no float weights).
+
 Budgets are listed largest first; "full" (the parent) is always present. There is deliberately no
 config.json: transformers would load the rank-major weights as group-contiguous and compute garbage.
 Slice a budget (:func:`elastic_export.slice_budget`) to get a checkpoint other tools can read.
@@ -49,12 +52,12 @@ from .hf_io import (CheckpointReader, Lazy, as_lazy, atomic_dir, cast_lazy, dtyp
 from .safetensors_io import save_tensors, write_file
 
 FORMAT = "elastic-export/nested"
-FORMAT_VERSION = 2  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 1 is read as well
+FORMAT_VERSION = 3  # 2: MoE layers (experts / expert_ffn / shared_ffn widths); 3: quantized weights (qcheckpoint)
 
 
 def format_version(cfg: ModelConfig) -> int:
     """The oldest version that holds this model: 1 for dense ones (older readers keep reading them), 2 with MoE."""
-    return FORMAT_VERSION if cfg.has_moe else 1
+    return 2 if cfg.has_moe else 1  # 3 is written by qcheckpoint.quantize_nested only
 MANIFEST = "elastic.json"
 WEIGHTS = "model.safetensors"
 ROUTER = "router.safetensors"
@@ -306,6 +309,10 @@ def open_nested(path: str | Path, verify: bool = True, writable: bool = False) -
     files verified (``verify``), every tensor checked against the parent config from the header alone."""
     path = Path(path)
     manifest, cfg, budgets = read_manifest(path)
+    if "quantization" in manifest:  # codes + scales (qcheckpoint.py): never read them as float weights
+        raise CheckpointError(f"holds {manifest['quantization'].get('format')} quantized weights, not float ones",
+                              path=path / MANIFEST, field="quantization",
+                              fix="give the float checkpoint it was quantized from; load, slice and run read this one")
     if verify:
         verify_files(path, manifest)
     reader = CheckpointReader.of_file(path / WEIGHTS, writable)

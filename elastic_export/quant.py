@@ -132,8 +132,12 @@ def block_scales(wb: torch.Tensor, fmt: Format, method: str = "rtn",
     if method == "rtn":
         return base
     w64 = wb.double()
-    imp = torch.ones(wb.shape[-2:], dtype=torch.float64) if importance is None else \
-        importance.double().reshape(wb.shape[-2:])  # [K/b, b]
+    if importance is None:
+        imp = torch.ones(wb.shape[-2:], dtype=torch.float64)  # [K/b, b]
+    else:  # [K] (one per input column) or [E, K] (stacked experts: one per expert and column)
+        imp = importance.double().unflatten(-1, wb.shape[-2:])
+        if imp.dim() > 2:
+            imp = imp.unsqueeze(-3)  # [E, 1, K/b, b]: the same weights for every row of an expert
     best, best_err = base, None
     for r in MSE_GRID:
         s = base * r

@@ -90,14 +90,15 @@ def device_profile(spec: str) -> DeviceProfile:
 
 # ---- the plan ------------------------------------------------------------------------------------
 
-def budget_memory(cfg, subnet, dtype: str, context: int, batch: int, prefill_chunk: int | None = None) -> dict:
+def budget_memory(cfg, subnet, dtype: str, context: int, batch: int, prefill_chunk: int | None = None,
+                  quant_plan: dict | None = None) -> dict:
     """Bytes of one budget (accounting.memory), activations for ``prefill_chunk`` tokens if given."""
     from elastic_export.accounting import memory
 
-    m = memory(cfg, subnet, dtype, context, batch)
+    m = memory(cfg, subnet, dtype, context, batch, quant_plan)
     act = m.activations
     if prefill_chunk is not None and prefill_chunk < context:
-        act = memory(cfg, subnet, dtype, prefill_chunk, batch).activations
+        act = memory(cfg, subnet, dtype, prefill_chunk, batch, quant_plan).activations
     total = m.weights + m.kv_cache + m.ssm_state + m.conv_state + act
     return {"params": m.params, "active_params": m.active_params, "weights": m.weights, "kv_cache": m.kv_cache,
             "ssm_state": m.ssm_state,
@@ -105,7 +106,8 @@ def budget_memory(cfg, subnet, dtype: str, context: int, batch: int, prefill_chu
 
 
 def plan(cfg, budgets: dict, devices: list[str], context: int, batch: int = 1,
-         dtypes: tuple[str, ...] = ("bfloat16", "float32"), prefill_chunk: int | None = None) -> dict:
+         dtypes: tuple[str, ...] = ("bfloat16", "float32"), prefill_chunk: int | None = None,
+         quant_plans: dict | None = None) -> dict:
     """For each device, dtype and budget: the bytes needed and whether it fits; plus the family.
 
     ``budgets``: {name: Subnet}, largest first or not. Returns a JSON-able dict.
@@ -122,10 +124,11 @@ def plan(cfg, budgets: dict, devices: list[str], context: int, batch: int = 1,
     for prof in profiles:
         dev = {"profile": prof.to_dict(), "dtypes": {}}
         for dt in dtypes:
-            rows = {n: budget_memory(cfg, budgets[n], dt, context, batch, prefill_chunk) for n in order}
+            qp = (quant_plans or {}).get(dt)  # int8 / int4 / fp8: the family's quantization blocks
+            rows = {n: budget_memory(cfg, budgets[n], dt, context, batch, prefill_chunk, qp) for n in order}
             for r in rows.values():
                 r["fits"] = r["total"] <= prof.usable_bytes
-            family_weights = memory(cfg, None, dt).weights  # the parent's: one copy serves every budget
+            family_weights = memory(cfg, None, dt, quant_plan=qp).weights  # the parent's: one copy serves every budget
             family_total = family_weights + max(r["total"] - r["weights"] for r in rows.values())
             dev["dtypes"][dt] = {
                 "budgets": rows,
@@ -137,20 +140,26 @@ def plan(cfg, budgets: dict, devices: list[str], context: int, batch: int = 1,
     return out
 
 
-def deployment_comparison(cfg, budgets: dict, dtype: str = "bfloat16", pair: tuple[str, ...] | None = None) -> dict:
+def deployment_comparison(cfg, budgets: dict, dtype: str = "bfloat16", pair: tuple[str, ...] | None = None,
+                          quant_plan: dict | None = None) -> dict:
     """Weight bytes of the nested family (one copy of the parent) against separate models.
 
     ``separate_all``: one model per budget; ``separate_pair``: the budgets in ``pair`` only (the
     paper compares the nested 6B + 9B + 12B family with separate 9B + 12B models, the sizes NVIDIA
     released separately). ``pair`` defaults to the two largest budgets.
     """
-    from elastic_export.accounting import count_params, dtype_bytes
+    from elastic_export.accounting import QUANT_DTYPES, count_params, dtype_bytes, quantized_weight_bytes
 
-    nb = dtype_bytes(dtype)
     order = sorted(budgets, key=lambda n: -count_params(cfg, budgets[n]))
     pair = tuple(pair or order[:2])
-    per = {n: count_params(cfg, budgets[n]) * nb for n in order}
-    return {"dtype": dtype, "nested": count_params(cfg) * nb, "per_budget": per,
+    if dtype in QUANT_DTYPES:  # separate models: each quantized on its own (its own blocks)
+        per = {n: quantized_weight_bytes(cfg, budgets[n], dtype) for n in order}
+        nested = quantized_weight_bytes(cfg, None, dtype, quant_plan)
+    else:
+        nb = dtype_bytes(dtype)
+        per = {n: count_params(cfg, budgets[n]) * nb for n in order}
+        nested = count_params(cfg) * nb
+    return {"dtype": dtype, "nested": nested, "per_budget": per,
             "separate_all": sum(per.values()), "pair": list(pair), "separate_pair": sum(per[n] for n in pair)}
 
 
