@@ -32,7 +32,16 @@ from elastic_export.errors import BudgetError, CheckpointError
 
 from .generation import generate
 
-NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.UINT8: np.uint8,
+         TensorProto.INT8: np.int8}  # (+ float8e4m3fn, from ml_dtypes, in _np_of)
+
+
+def _np_of(dt: int):
+    if dt == TensorProto.FLOAT8E4M3FN:
+        import ml_dtypes
+
+        return ml_dtypes.float8_e4m3fn
+    return NP_OF[dt]
 _ENV_ALLOCATOR = []
 
 
@@ -77,6 +86,9 @@ class OrtEngine:
         # bf16 builds: ORT on CPU upcasts every weight at load (Cast, constant-folded), so there is no
         # stored buffer to share; each session holds its float32 copy.
         self.share = share_weights and self.manifest["dtype"] == "float32"
+        # quantized builds (elastic_export.onnx_quant): MatMulNBits is fast only on the weights it prepacks
+        # at session creation, a private copy per session; every other weight is still shared
+        self.quant = self.manifest.get("quant")
         self.threads = threads
         self.buffer = np.fromfile(self.dir / self.manifest["weights"]["file"], dtype=np.uint8) if self.share \
             else None
@@ -98,7 +110,8 @@ class OrtEngine:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
         if self.share:
-            so.add_session_config_entry("session.disable_prepacking", "1")
+            if not self.quant:
+                so.add_session_config_entry("session.disable_prepacking", "1")
             _shared_allocator(self.ort)
             so.add_session_config_entry("session.use_env_allocators", "1")
         return so
@@ -112,7 +125,7 @@ class OrtEngine:
             if self.share:
                 for init, off, length, dims, dt in external_initializers(self.dir / fname):
                     if init not in self._values:
-                        arr = self.buffer[off:off + length].view(NP_OF[dt]).reshape(dims)
+                        arr = self.buffer[off:off + length].view(_np_of(dt)).reshape(dims)
                         self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr)
                     so.add_initializer(init, self._values[init])
             sess[kind] = self.ort.InferenceSession(str(self.dir / fname), so, providers=["CPUExecutionProvider"])
