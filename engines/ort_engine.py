@@ -53,12 +53,16 @@ def _shared_allocator(ort) -> None:
         _ENV_ALLOCATOR.append(mi)
 
 
-def external_initializers(path: Path):
-    """(name, offset, length, dims, onnx dtype) of each initializer stored in the weight file."""
+def external_initializers(path: Path, skip_prepacked: bool = False):
+    """(name, offset, length, dims, onnx dtype) of each initializer stored in the weight file; with
+    ``skip_prepacked``, not those MatMulNBits prepacks (its B and scales), which the session then reads
+    from the file itself and frees once packed."""
     proto = onnx.load(str(path), load_external_data=False)
+    packed = {x for n in proto.graph.node if n.op_type == "MatMulNBits" for x in n.input[1:3]} \
+        if skip_prepacked else set()
     out = []
     for t in proto.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
+        if t.data_location == TensorProto.EXTERNAL and t.name not in packed:
             kv = {e.key: e.value for e in t.external_data}
             out.append((t.name, int(kv.get("offset", 0)), int(kv["length"]), tuple(t.dims), t.data_type))
     return out
@@ -90,8 +94,11 @@ class OrtEngine:
         # at session creation, a private copy per session; every other weight is still shared
         self.quant = self.manifest.get("quant")
         self.threads = threads
-        self.buffer = np.fromfile(self.dir / self.manifest["weights"]["file"], dtype=np.uint8) if self.share \
-            else None
+        wpath = self.dir / self.manifest["weights"]["file"]
+        # a quantized build's MatMulNBits weights live in the sessions' prepacked copies: map the file so
+        # that only the pages the shared initializers use become resident
+        self.buffer = None if not self.share else np.memmap(wpath, dtype=np.uint8, mode="c") if self.quant \
+            else np.fromfile(wpath, dtype=np.uint8)
         self._values = {}  # initializer name -> OrtValue view of the buffer (one per name for all sessions)
         self.sessions: dict[str, dict] = {}
         if preload:
@@ -123,7 +130,7 @@ class OrtEngine:
         for kind, fname in self.manifest["budgets"][name]["graphs"].items():
             so = self._options()
             if self.share:
-                for init, off, length, dims, dt in external_initializers(self.dir / fname):
+                for init, off, length, dims, dt in external_initializers(self.dir / fname, bool(self.quant)):
                     if init not in self._values:
                         arr = self.buffer[off:off + length].view(_np_of(dt)).reshape(dims)
                         self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr)
