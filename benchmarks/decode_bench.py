@@ -267,7 +267,7 @@ def main():
     qe = {label: OrtEngine(d, threads=args.threads) for label, d in qbuilds.items()}
     rows = []
     print(f"{model.num_parameters() / 1e6:.2f}M parameters, {args.threads} threads, prompt {args.prompt_len}, "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s, best of {args.reps} interleaved runs")
+          f"copy bandwidth {bw / 1e9:.1f} GB/s, {args.stat} of {args.reps} interleaved runs")
     fns = {}
     for name in fam:
         fns[(name, "torch")] = lambda name=name: time_engine(te, name, ids, args.steps)
@@ -304,9 +304,11 @@ def main():
         top = max(floats, key=lambda e: best[(name, e)][1])
         for label in qe:
             pre, tps, cpu = best[(name, label)]
+            fastest = min(floats, key=lambda e: best[(name, e)][0])
             line = (f"{name:<8} {label}: decode {tps / best[(name, top)][1]:.2f}x the best fp32 engine ({top}), "
-                    f"{cpu / max(best[(name, e)][2] for e in floats):.2f}x per CPU-s; prefill "
-                    f"{best[(name, 'ort-standard')][0] / pre:.2f}x fp32 ORT's speed")
+                    f"{cpu / max(best[(name, e)][2] for e in floats):.2f}x per CPU-s; prefill speed "
+                    f"{best[(name, 'ort-standard')][0] / pre:.2f}x fp32 ORT's, "
+                    f"{best[(name, fastest)][0] / pre:.2f}x the fastest fp32 engine's ({fastest})")
             if (name, "transformers") in best:
                 line += f"; decode {tps / best[(name, 'transformers')][1]:.1f}x transformers"
             print(line)

@@ -142,22 +142,29 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
         raise ConfigError(f"unsupported build dtype {dtype!r}", field="dtype", fix="use fp32 or bf16")
     compute = parse_dtype(compute_dtype) or torch.float32
     ssm_op = ssm_op or "standard"
-    spec = None
-    if quant is not None:
-        from . import onnx_quant
-        from .quant import QuantSpec
+    from . import onnx_quant
+    from .quant import QuantSpec
 
-        if engines is not None:
-            raise ConfigError("quantized builds are ONNX graphs for ONNX Runtime (and TensorRT's Q/DQ parser)",
-                              field="quant", fix="build with --target onnx --quant ...")
-        spec = QuantSpec(quant, block=quant_block)
-        onnx_quant.check_accuracy(quant_accuracy)
-        torch_dtype = torch.float32
-        opset = onnx_quant.check_opset(max(21, check_opset(ssm_op, None)) if opset is None else opset, quant)
-    opset = check_opset(ssm_op, opset)  # validate every option before touching the disk
+    spec = None if quant is None else QuantSpec(quant, block=quant_block)
+    onnx_quant.check_accuracy(quant_accuracy)
+    check_opset(ssm_op, opset)  # validate every option before touching the disk
     if out.exists() and not overwrite:
         raise CheckpointError("already exists", path=out, fix="choose another --out or pass --overwrite")
     model, family, src = load_family(source)
+    from_source = onnx_quant.source_quant(model)  # a quantized nested checkpoint: its codes as they are
+    if from_source is not None:
+        if spec is not None and (spec.format, spec.block_size) != (from_source[0].format, from_source[0].block_size):
+            raise ConfigError(f"the checkpoint is quantized to {from_source[0].format} (block "
+                              f"{from_source[0].block_size}), not {spec.format} (block {spec.block_size})",
+                              path=src, field="quant", fix="drop --quant / --quant-block to build it as it is")
+        spec = from_source[0]
+    if spec is not None:
+        if engines is not None:
+            raise ConfigError("quantized builds are ONNX graphs for ONNX Runtime (and TensorRT's Q/DQ parser)",
+                              field="quant", fix="build with --target onnx --quant ...")
+        torch_dtype = torch.float32
+        opset = onnx_quant.check_opset(max(21, check_opset(ssm_op, None)) if opset is None else opset, spec.format)
+    opset = check_opset(ssm_op, opset)
     chosen = select_budgets(family, list(budgets))
     source_rec = source_record(src)
     with atomic_dir(out) as tmp:
@@ -167,9 +174,12 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
             progress(f"exporting {len(chosen)} budget(s) to ONNX ({ssm_op}, opset {opset}, {dtype_name(torch_dtype)})")
         weights = None
         if spec is not None:  # the plan of the whole family, so that every build of it has the same codes
-            weights = onnx_quant.quant_weights(model, family, spec, quant_accuracy)
+            qstate, plan = from_source[1:] if from_source is not None else (None, None)
+            weights = onnx_quant.quant_weights(model, family, spec, quant_accuracy, qstate=qstate, plan=plan)
             if progress:
-                progress(f"quantized {len(weights.lowering)} tensors to {quant} ({', '.join(sorted(set(weights.lowering.values())))})")
+                how = "read" if from_source is not None else "quantized"
+                progress(f"{how} {len(weights.lowering)} tensors, {spec.format} "
+                         f"({', '.join(sorted(set(weights.lowering.values())))})")
         info = export_family(model, chosen, tmp, ssm_op=ssm_op, dtype=torch_dtype, opset=opset,
                              compute_dtype=compute, weights=weights)
         tok = src / "tokenizer"

@@ -162,6 +162,21 @@ def quant_weights(model, budgets: dict, spec: quant.QuantSpec, accuracy_level: i
     return QuantWeightFile(model, qstate, plan, spec, accuracy_level)
 
 
+def source_quant(model) -> tuple[quant.QuantSpec, dict, dict] | None:
+    """(spec, codes and scales, plan) of a model opened from a quantized nested checkpoint (``quantize``:
+    ``qweights`` name -> (codes, int4 packed or not; scales; block), ``quantization`` its manifest entry),
+    to build from as they are; None for a float model."""
+    qw = getattr(model, "qweights", None)
+    if not qw:
+        return None
+    entry = model.quantization
+    spec = quant.QuantSpec(**{k: entry[k] for k in ("format", "block", "method", "embeddings", "lm_head",
+                                                     "min_block") if k in entry})
+    qstate = {n: (quant.unpack_int4(w.codes) if getattr(w, "packed", False) else w.codes, w.scales)
+              for n, w in qw.items()}
+    return spec, qstate, {n: w.block for n, w in qw.items()}
+
+
 # ---- graph nodes -------------------------------------------------------------------------------
 
 def quantized(g: GraphBuilder, name: str) -> bool:

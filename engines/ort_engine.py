@@ -33,15 +33,7 @@ from elastic_export.errors import BudgetError, CheckpointError
 from .generation import generate
 
 NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.UINT8: np.uint8,
-         TensorProto.INT8: np.int8}  # (+ float8e4m3fn, from ml_dtypes, in _np_of)
-
-
-def _np_of(dt: int):
-    if dt == TensorProto.FLOAT8E4M3FN:
-        import ml_dtypes
-
-        return ml_dtypes.float8_e4m3fn
-    return NP_OF[dt]
+         TensorProto.INT8: np.int8}
 _ENV_ALLOCATOR = []
 
 
@@ -131,8 +123,10 @@ class OrtEngine:
             so = self._options()
             if self.share:
                 for init, off, length, dims, dt in external_initializers(self.dir / fname, bool(self.quant)):
+                    if dt == TensorProto.FLOAT8E4M3FN:  # no OrtValue from a float8 numpy array: the session reads it
+                        continue
                     if init not in self._values:
-                        arr = self.buffer[off:off + length].view(_np_of(dt)).reshape(dims)
+                        arr = self.buffer[off:off + length].view(NP_OF[dt]).reshape(dims)
                         self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr)
                     so.add_initializer(init, self._values[init])
             sess[kind] = self.ort.InferenceSession(str(self.dir / fname), so, providers=["CPUExecutionProvider"])

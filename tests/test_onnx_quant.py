@@ -177,7 +177,7 @@ def test_cli_build_quant_and_run(tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--quant", "int4", "--quant-block", "48"], ["power of two"]),
     (["--quant", "int4", "--target", "gguf"], ["--quant", "gguf"]),
-    (["--quant", "fp8", "--opset", "20"], ["opset 20", "21"]),
+    (["--quant", "fp8", "--ssm-op", "decomposed", "--opset", "20"], ["opset 20", "--opset 21"]),
 ])
 def test_cli_refuses_bad_quant_options(tmp_path, args, words):
     r = CliRunner().invoke(main, ["build", *args, "--out", str(tmp_path / "x")])
@@ -217,3 +217,40 @@ def test_fp8_graphs_are_in_tensorrts_parser_matrix(tmp_path, mode):
         assert any("opset 21" in line for line in unsupported(path, "10.1"))
         ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
         assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
+
+
+def test_a_quantized_checkpoints_codes_are_built_as_they_are(tmp_path):
+    """A model opened from a quantized nested checkpoint (``quantize``: ``qweights`` with int4 packed two a
+    byte, and the ``quantization`` entry) builds the same weights.bin as quantizing its float source here."""
+    from collections import namedtuple
+
+    model = random_model(1, head_order="rank_major", hidden_size=64, mamba_head_dim=16, head_dim=16,
+                         intermediate_size=96).eval()
+    budgets = aligned_family(model.config, 8)
+    spec = quant.QuantSpec("int4", block=16)
+    here = onnx_quant.quant_weights(model, budgets, spec)
+    QW = namedtuple("QW", "codes scales block packed")
+    sd = model.state_dict()
+    model.qweights = {n: QW(quant.pack_int4(q), s, b, True) for n, b in here.plan.items()
+                      for q, s in [quant.quantize(sd[n], spec, b)]}
+    model.quantization = {**spec.to_dict(), "plan": here.plan}
+    got = onnx_quant.source_quant(model)
+    assert got[0] == spec
+    read = onnx_quant.quant_weights(model, budgets, got[0], qstate=got[1], plan=got[2])
+    here.write(tmp_path / "a.bin")
+    read.write(tmp_path / "b.bin")
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+
+
+def test_validate_judges_a_quantized_build_by_its_format(tmp_path):
+    from validation.report import write_report
+    from validation.validate import load_family as val_family, validate
+
+    b = build(None, tmp_path / "q4", quant="int4", budgets=["50pct"])
+    rep = validate(val_family(b), None, backends=["ort-standard-int4"], measure_memory=False, progress=False,
+                   eval_kwargs=dict(n_tasks=2, seq_len=32, n_rows=2, n_prompts=1, greedy_tokens=4, decode_steps=2))
+    (row,) = rep["parity"]
+    assert row["precision"] == "int4" and row["budget"] == "50pct"
+    assert 0 < row["metrics"]["ppl_rel_delta"] < 0.05 and row["passed"]
+    write_report(rep, tmp_path / "report")
+    assert "Quantized vs float32" in (tmp_path / "report" / "report.md").read_text()
