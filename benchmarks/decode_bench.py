@@ -4,6 +4,9 @@ ratio of each to the memory-bandwidth limit; resident memory of serving all budg
 
     python benchmarks/decode_bench.py --threads 2            # hybrid-5m, a 3-budget family
     python benchmarks/decode_bench.py --nested PATH          # a real nested checkpoint
+    python benchmarks/decode_bench.py --size 100M --quant int8 int4 --accuracy 4 0 --stat median
+        # a random ~100M family (benchmarks/scale_bench.py's shape), quantized ONNX Runtime builds beside
+        # the float engines: decode and prefill ratios to the best float32 engine, resident memory, bytes
 
 Bandwidth limit = (bytes of the weights one decode step reads) / (measured copy bandwidth): the
 fastest a bandwidth-bound decode can go. Each figure is the best of --reps interleaved runs, since the
@@ -112,15 +115,18 @@ class Transformers:
         return prefill, steps / max(total - prefill, 1e-9), steps / max(total_cpu - prefill_cpu, 1e-9)
 
 
-def best_of(reps, fns):
-    """Run every measurement ``reps`` times, interleaved (the machine is shared); keep the best of each."""
-    best = {}
+def best_of(reps, fns, stat: str = "best"):
+    """Run every measurement ``reps`` times, interleaved (the machine is shared); keep the best of each
+    (``stat`` median: the median of each figure)."""
+    runs: dict = {}
     for _ in range(reps):
         for key, fn in fns.items():
-            pre, tps, cpu_tps = fn()
-            old = best.get(key, (float("inf"), 0.0, 0.0))
-            best[key] = (min(old[0], pre), max(old[1], tps), max(old[2], cpu_tps))
-    return best
+            runs.setdefault(key, []).append(fn())
+    if stat == "median":
+        import statistics
+
+        return {k: tuple(statistics.median(r[j] for r in v) for j in range(3)) for k, v in runs.items()}
+    return {k: (min(r[0] for r in v), max(r[1] for r in v), max(r[2] for r in v)) for k, v in runs.items()}
 
 
 MEM_WORKER = r"""
@@ -171,17 +177,39 @@ WIDE = dict(hidden_size=768, vocab_size=16384, mamba_num_heads=24, mamba_head_di
             head_dim=64, intermediate_size=2304)
 
 
-def memory(nested, build_dir, fam, threads) -> dict:
+def memory(nested, build_dir, fam, threads, quant_builds: dict | None = None, unshared: bool = True) -> dict:
+    """Resident memory of the largest budget alone and of every budget: torch, ONNX Runtime (shared,
+    unshared) and each quantized build (label -> build directory)."""
     names = list(fam)
     out = {}
-    for eng, share in (("torch", True), ("ort", True), ("ort", False)):
-        one = resident(eng, names[:1], build_dir, nested, threads, share)
-        every = resident(eng, names, build_dir, nested, threads, share)
-        label = eng if share else "ort, unshared"
+    runs = [("torch", True, None, "torch"), ("ort", True, build_dir, "ort")]
+    if unshared:
+        runs.append(("ort", False, build_dir, "ort, unshared"))
+    runs += [("ort", True, d, label) for label, d in (quant_builds or {}).items()]
+    for eng, share, bdir, label in runs:
+        one = resident(eng, names[:1], bdir or build_dir, nested, threads, share)
+        every = resident(eng, names, bdir or build_dir, nested, threads, share)
         out[label] = {"largest_alone": one, "all": every, "ratio": every / one}
         print(f"resident {label:<13}: largest budget alone {one / 2 ** 20:6.1f} MiB, all {len(names)} budgets "
               f"{every / 2 ** 20:6.1f} MiB ({every / one:.2f}x)")
+    if quant_builds:
+        base = out["ort"]["all"]
+        for label in quant_builds:
+            print(f"resident, all budgets, {label} / fp32 ort: {out[label]['all'] / base:.2f}x "
+                  f"(largest alone {out[label]['largest_alone'] / out['ort']['largest_alone']:.2f}x)")
     return out
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def size_config(size: str):
+    """A random ~``size`` hybrid of benchmarks/scale_bench.py's shape (widths multiples of 128)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from scale_bench import config_for, parse_size
+
+    return config_for(parse_size(size)).replace(head_order="rank_major")
 
 
 def main():
@@ -193,6 +221,13 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--size", help="a random family of about this many parameters (e.g. 100M) instead of hybrid-5m")
+    ap.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4"],
+                    help="quantized ONNX Runtime builds to time beside the float engines")
+    ap.add_argument("--accuracy", nargs="*", type=int, default=[4], help="MatMulNBits accuracy levels (4, 0)")
+    ap.add_argument("--stat", choices=["best", "median"], default="best")
+    ap.add_argument("--no-static", action="store_true", help="skip the compiled torch decode (compiles seconds)")
+    ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -206,35 +241,51 @@ def main():
     if args.nested:
         nested = Path(args.nested)
     else:
-        cfg = preset("hybrid-5m", head_order="rank_major")
+        cfg = size_config(args.size) if args.size else preset("hybrid-5m", head_order="rank_major")
         model = build_model(cfg, seed=0)
         nested = save_nested(work / "nested", model, bench_family(cfg))
     model, fam, _ = load_family(nested)
     build(nested, work / "build", target="onnx")
     build(nested, work / "build_decomposed", target="onnx", ssm_op="decomposed")
+    qbuilds = {}
+    for fmt in args.quant:
+        for acc in args.accuracy:
+            if fmt == "int8" and acc == 0 and 4 in args.accuracy and args.size:
+                print("(int8 at accuracy 0 has no fast CPU kernel in ONNX Runtime 1.32: timed anyway)")
+            qbuilds[f"ort-{fmt}-acc{acc}"] = build(nested, work / f"build_{fmt}_{acc}", target="onnx", quant=fmt,
+                                                    quant_accuracy=acc)
     hf = work / "hf_full"
     model.save_pretrained(hf)  # the full budget as a standalone HF checkpoint (same weights)
 
     bw = copy_bandwidth()
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     te = TorchEngine(model, fam, threads=args.threads)
-    ts = TorchEngine(model, fam, threads=args.threads, static=True, max_len=args.prompt_len + args.steps + 8)
+    ts = None if args.no_static else TorchEngine(model, fam, threads=args.threads, static=True,
+                                                 max_len=args.prompt_len + args.steps + 8)
     oe = OrtEngine(work / "build", threads=args.threads)
     od = OrtEngine(work / "build_decomposed", threads=args.threads)
+    qe = {label: OrtEngine(d, threads=args.threads) for label, d in qbuilds.items()}
     rows = []
     print(f"{model.num_parameters() / 1e6:.2f}M parameters, {args.threads} threads, prompt {args.prompt_len}, "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s, best of {args.reps} interleaved runs")
+          f"copy bandwidth {bw / 1e9:.1f} GB/s, {args.stat} of {args.reps} interleaved runs")
     fns = {}
     for name in fam:
         fns[(name, "torch")] = lambda name=name: time_engine(te, name, ids, args.steps)
-        fns[(name, "torch-static")] = lambda name=name: time_engine(ts, name, ids, args.steps)
+        if not args.no_static:
+            fns[(name, "torch-static")] = lambda name=name: time_engine(ts, name, ids, args.steps)
         fns[(name, "ort-standard")] = lambda name=name: time_engine(oe, name, ids, args.steps)
         fns[(name, "ort-decomposed")] = lambda name=name: time_engine(od, name, ids, args.steps)
+        for label, e in qe.items():
+            fns[(name, label)] = lambda name=name, e=e: time_engine(e, name, ids, args.steps)
     first = next(iter(fam))
     if not args.no_transformers:
         tf = Transformers(hf)
         fns[(first, "transformers")] = lambda: tf.time(ids, args.steps)
-    best = best_of(args.reps, fns)
+    import os
+
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    best = best_of(args.reps, fns, args.stat)
+    print(f"load average after: {os.getloadavg()[0]:.2f}; figures: {args.stat} of {args.reps} interleaved runs")
     print(f"{'budget':<8} {'engine':<15} {'prefill ms':>10} {'decode tok/s':>12} {'tok/CPU-s':>9} "
           f"{'limit tok/s':>11} {'% limit':>7}")
     for (name, eng), (pre, tps, cpu_tps) in best.items():
@@ -243,14 +294,38 @@ def main():
                      "decode_tok_per_cpu_s": cpu_tps, "limit_tok_s": limit, "frac_limit": tps / limit})
         print(f"{name:<8} {eng:<15} {pre * 1e3:>10.1f} {tps:>12.0f} {cpu_tps:>9.0f} {limit:>11.0f} "
               f"{100 * tps / limit:>6.0f}%")
+    floats = [e for e in ("torch", "torch-static", "ort-standard", "ort-decomposed") if (first, e) in best]
     if (first, "transformers") in best:
         tf = best[(first, "transformers")]
         for col, label in ((1, "wall clock"), (2, "CPU time")):
-            top = max(best[(first, e)][col] for e in ("torch", "torch-static", "ort-standard", "ort-decomposed"))
+            top = max(best[(first, e)][col] for e in floats)
             print(f"full budget, {label}: best engine / transformers = {top / tf[col]:.1f}x")
+    for name in fam:  # quantized builds against the best float32 engine of the same budget, side by side
+        top = max(floats, key=lambda e: best[(name, e)][1])
+        for label in qe:
+            pre, tps, cpu = best[(name, label)]
+            fastest = min(floats, key=lambda e: best[(name, e)][0])
+            line = (f"{name:<8} {label}: decode {tps / best[(name, top)][1]:.2f}x the best fp32 engine ({top}), "
+                    f"{cpu / max(best[(name, e)][2] for e in floats):.2f}x per CPU-s; prefill speed "
+                    f"{best[(name, 'ort-standard')][0] / pre:.2f}x fp32 ORT's, "
+                    f"{best[(name, fastest)][0] / pre:.2f}x the fastest fp32 engine's ({fastest})")
+            if (name, "transformers") in best:
+                line += f"; decode {tps / best[(name, 'transformers')][1]:.1f}x transformers"
+            print(line)
+    if qbuilds:
+        fp = dir_bytes(work / "build")
+        for label, d in qbuilds.items():
+            print(f"build directory {label}: {dir_bytes(d) / 1e6:.1f} MB, {dir_bytes(d) / fp:.2f}x fp32's "
+                  f"{fp / 1e6:.1f} MB")
+    if args.no_memory:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bw}, indent=2))
+        return
+    del te, ts, oe, od, qe
 
-    mem = {"hybrid-5m" if not args.nested else "nested": memory(nested, work / "build", fam, args.threads)}
-    if not args.nested:  # the per-session cost of ONNX Runtime is fixed: show it against bigger weights too
+    label = "nested" if args.nested else args.size or "hybrid-5m"
+    mem = {label: memory(nested, work / "build", fam, args.threads, qbuilds, unshared=not args.size)}
+    if not args.nested and not args.size:  # the per-session cost of ONNX Runtime is fixed: show it against bigger weights too
         wide = preset("hybrid-5m", head_order="rank_major", **WIDE)
         wm = build_model(wide, seed=0)
         print(f"wider family: {wm.num_parameters() / 1e6:.1f}M parameters")

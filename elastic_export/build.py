@@ -117,14 +117,19 @@ def build_source(path: str | Path, manifest: dict | None = None) -> Path:
 def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: str | None = None,
           dtype: str = "fp32", opset: int | None = None, overwrite: bool = False, progress=None,
           target: str = "onnx", compute_dtype: str | torch.dtype | None = None, note: str | None = None,
-          engines=None) -> Path:
+          engines=None, quant: str | None = None, quant_block: int | None = None, quant_accuracy: int = 4) -> Path:
     """Build ``out`` from a nested or an HF checkpoint (None: the shipped default model). Returns ``out``.
 
     The ONNX graphs compute in float32 (ONNX Runtime on a CPU) unless ``compute_dtype`` says
     otherwise. ``engines(tmp, info, chosen, progress) -> dict``, when given (a runtime's builder,
     e.g. engines.trt.target), runs inside the temporary directory after the export; its dict's
     ``files`` join the manifest's checksums and every other key joins the manifest, ``target``
-    included. ``note`` (why an SSM mode was chosen) is printed and recorded."""
+    included. ``note`` (why an SSM mode was chosen) is printed and recorded.
+
+    ``quant`` (int8 | int4 | fp8): weight-only quantized graphs (elastic_export.onnx_quant), column
+    blocks of ``quant_block`` (default: the format's) where every budget keeps them whole; the tensors
+    that stay in float are stored at float32 whatever ``dtype`` says. ``quant_accuracy``: MatMulNBits'
+    accuracy_level (4: int8 activations, ONNX Runtime's fast path; 0: float32 arithmetic)."""
     from .onnx_export import check_opset, export_family
 
     out = Path(out)
@@ -137,10 +142,29 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
         raise ConfigError(f"unsupported build dtype {dtype!r}", field="dtype", fix="use fp32 or bf16")
     compute = parse_dtype(compute_dtype) or torch.float32
     ssm_op = ssm_op or "standard"
-    opset = check_opset(ssm_op, opset)  # validate every option before touching the disk
+    from . import onnx_quant
+    from .quant import QuantSpec
+
+    spec = None if quant is None else QuantSpec(quant, block=quant_block)
+    onnx_quant.check_accuracy(quant_accuracy)
+    check_opset(ssm_op, opset)  # validate every option before touching the disk
     if out.exists() and not overwrite:
         raise CheckpointError("already exists", path=out, fix="choose another --out or pass --overwrite")
     model, family, src = load_family(source)
+    from_source = onnx_quant.source_quant(model)  # a quantized nested checkpoint: its codes as they are
+    if from_source is not None:
+        if spec is not None and (spec.format, spec.block_size) != (from_source[0].format, from_source[0].block_size):
+            raise ConfigError(f"the checkpoint is quantized to {from_source[0].format} (block "
+                              f"{from_source[0].block_size}), not {spec.format} (block {spec.block_size})",
+                              path=src, field="quant", fix="drop --quant / --quant-block to build it as it is")
+        spec = from_source[0]
+    if spec is not None:
+        if engines is not None:
+            raise ConfigError("quantized builds are ONNX graphs for ONNX Runtime (and TensorRT's Q/DQ parser)",
+                              field="quant", fix="build with --target onnx --quant ...")
+        torch_dtype = torch.float32
+        opset = onnx_quant.check_opset(max(21, check_opset(ssm_op, None)) if opset is None else opset, spec.format)
+    opset = check_opset(ssm_op, opset)
     chosen = select_budgets(family, list(budgets))
     source_rec = source_record(src)
     with atomic_dir(out) as tmp:
@@ -148,8 +172,16 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
             if note:
                 progress(note)
             progress(f"exporting {len(chosen)} budget(s) to ONNX ({ssm_op}, opset {opset}, {dtype_name(torch_dtype)})")
+        weights = None
+        if spec is not None:  # the plan of the whole family, so that every build of it has the same codes
+            qstate, plan = from_source[1:] if from_source is not None else (None, None)
+            weights = onnx_quant.quant_weights(model, family, spec, quant_accuracy, qstate=qstate, plan=plan)
+            if progress:
+                how = "read" if from_source is not None else "quantized"
+                progress(f"{how} {len(weights.lowering)} tensors, {spec.format} "
+                         f"({', '.join(sorted(set(weights.lowering.values())))})")
         info = export_family(model, chosen, tmp, ssm_op=ssm_op, dtype=torch_dtype, opset=opset,
-                             compute_dtype=compute)
+                             compute_dtype=compute, weights=weights)
         tok = src / "tokenizer"
         if tok.is_dir():
             shutil.copytree(tok, tmp / "tokenizer")
@@ -164,6 +196,8 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
             "files": info["files"],
             "tokenizer": "tokenizer" if tok.is_dir() else None,
         }
+        if weights is not None:
+            manifest["quant"] = weights.record()
         if note:
             manifest["ssm_op_note"] = note
         if engines is not None:

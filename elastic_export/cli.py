@@ -383,23 +383,29 @@ def train(recipe, out, fresh, no_progress, parallel):
               type=click.Choice(["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]),
               help="--target gguf: the matrices' type (repeat for several files per budget); norms and SSM "
                    "parameters stay f32.")
+@click.option("--quant", type=click.Choice(["int8", "int4", "fp8"]), default=None,
+              help="Weight-only quantized ONNX graphs (MatMulNBits / DequantizeLinear), one quantized copy for "
+                   "every budget; see docs/quantization.md.")
+@click.option("--quant-block", type=int, default=None, help="--quant: column block (default: 128 int8/fp8, 32 int4).")
+@click.option("--quant-accuracy", type=click.Choice(["0", "4"]), default="4", show_default=True,
+              help="--quant: MatMulNBits accuracy_level; 4 quantizes activations to int8 (fast), 0 computes in float32.")
 @click.option("--out", required=True, type=click.Path(), help="Build directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @user_errors
-def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwrite):
+def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, quant, quant_block, quant_accuracy, out,
+          overwrite):
     """Build ONNX graphs (or TensorRT engines) for budgets of a checkpoint: a nested one, a plain HF
     nemotron_h one or one of our slices (one budget, full) [default: the shipped model]."""
     import time
 
     from .build import build as onnx_build, read_build
-    from .qcheckpoint import is_quantized_hf, is_quantized_nested
-
-    if source is not None and (is_quantized_nested(source) or is_quantized_hf(source)):
+    run_build = onnx_build
+    if quant is not None and target in ("gguf", "trt"):
         from .errors import ConfigError
 
-        raise ConfigError("holds quantized weights (codes + scales); build reads float checkpoints", path=source,
-                          fix="build the float checkpoint it was quantized from; run and load read this one")
-    run_build = onnx_build
+        raise ConfigError(f"--quant is not built for --target {target}", field="--quant",
+                          fix="gguf: use --gguf-type q8_0 / q4_0; trt: build --target onnx --quant fp8|int8 gives "
+                              "the Q/DQ graphs TensorRT parses (docs/quantization.md)")
     if target == "gguf":
         from .gguf_export import build_gguf
 
@@ -412,6 +418,9 @@ def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwr
                    f"{time.perf_counter() - t0:.1f} s; run a file with llama.cpp, e.g. llama-cli -m {path}/"
                    f"{next(iter(m['budgets']))}.{m['gguf_types'][0]}.gguf")
         return
+    qopts = {} if quant is None else {"quant": quant, "quant_block": quant_block, "quant_accuracy": int(quant_accuracy)}
+    if quant is not None and target == "auto":
+        target = "onnx"  # quantized builds are ONNX graphs (TensorRT parses their Q/DQ form)
     if target != "onnx":  # TensorRT lives in engines/, imported only when asked for
         from engines.trt.target import build_trt, resolve_target
 
@@ -419,10 +428,11 @@ def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwr
             run_build = build_trt
     t0 = time.perf_counter()
     path = run_build(source, out, budgets=budgets, ssm_op=ssm_op, dtype=dtype, opset=opset,
-                     overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True))
+                     overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True), **qopts)
     m = read_build(path)
     size = sum(f["bytes"] for f in m.get("files", {}).values())
-    click.echo(f"built {', '.join(m['budgets'])} ({m['target']}, {m.get('ssm_op')}, {m.get('dtype')}) into {path}: "
+    kind = m.get("dtype") if "quant" not in m else f"{m['quant']['format']} weights"
+    click.echo(f"built {', '.join(m['budgets'])} ({m['target']}, {m.get('ssm_op')}, {kind}) into {path}: "
                f"{size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
 
 

@@ -31,7 +31,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from . import activations, elastic, onnx_moe, onnx_ssm
+from . import activations, elastic, onnx_moe, onnx_quant, onnx_ssm
 from .elastic import Subnet, validate_subnet
 from .errors import BudgetError, ConfigError
 from .onnx_graph import ONNX_DTYPES, WEIGHTS_FILE, GraphBuilder, WeightFile
@@ -118,7 +118,8 @@ class Projections:
                 merged.append([r0, r1, [r1 - r0]])
         outs = []
         for r0, r1, sizes in merged:
-            y = g.op("Gemm", x2, g.rows(name, r0, r1), transB=1)
+            y = onnx_quant.matmul(g, x2, name, r0, r1) if onnx_quant.quantized(g, name) else \
+                g.op("Gemm", x2, g.rows(name, r0, r1), transB=1)
             outs += [y] if len(sizes) == 1 else g.op("Split", y, g.const(sizes), axis=1, n_out=len(sizes))
         return outs
 
@@ -136,6 +137,8 @@ class Projections:
 
     def matmul_rows(self, y2: str, name: str, r0: int, r1: int) -> str:
         """y2 [M, r1-r0] times rows [r0, r1) of a stored [in, D] (transposed) weight -> [M, d]."""
+        if onnx_quant.quantized(self.g, name):  # stored [D, in], not transposed
+            return onnx_quant.matmul_in(self.g, y2, name, r0, r1, self.d)
         return self.narrow(self.g.op("MatMul", y2, self.g.rows(name, r0, r1)))
 
     def bias(self, y: str, b: torch.Tensor | None, hint: str) -> str:
@@ -204,7 +207,9 @@ class _Budget(Projections):
             self.newmask2 = g.op("Reshape", newmask, g.const([-1, 1]))  # [b*l, 1]
             self.newmask3 = g.op("Unsqueeze", newmask, g.const([2]))  # [b, l, 1]
 
-        emb = g.op("Gather", g.rows("backbone.embeddings.weight", 0, V), ids, axis=0)  # [b, l, D]
+        emb_name = "backbone.embeddings.weight"
+        emb = onnx_quant.gather(g, emb_name, ids) if onnx_quant.quantized(g, emb_name) else \
+            g.op("Gather", g.rows(emb_name, 0, V), ids, axis=0)  # [b, l, D]
         h = self.narrow(g.op("Reshape", emb, g.const([-1, self.D])))  # [b*l, d]
         self.presents: dict[str, str] = {}
         self.keymask = None
@@ -218,7 +223,7 @@ class _Budget(Projections):
             h = g.op("Add", h, fn(i, blk.mixer, w, v, x))
         h = self.rms_norm(h, "backbone.norm_f.weight")
         head = "backbone.embeddings.weight" if self.m.lm_head is None else "lm_head.weight"  # as model.forward
-        logits = g.op("Gemm", self.widen(h), g.rows(head, 0, V), transB=1)  # [b*l, V]
+        logits = self.gemm_rows(self.widen(h), head, [(0, V)])[0]  # [b*l, V]
         logits = self.to3(g.to_f32(logits), V)  # float32 logits at every compute dtype
         g.output(logits, "logits", FLOAT, ["batch", 1 if self.decode else "seq", V])
         for sp in state_specs(cfg, self.s, self.compute_dtype):
@@ -454,7 +459,7 @@ def budget_graph(model, subnet: Subnet, wf: WeightFile, kind: str, ssm_op: str =
 
 def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op: str = "standard",
                   dtype: torch.dtype = torch.float32, opset: int | None = None,
-                  compute_dtype: torch.dtype = torch.float32, moe_form: str = "auto") -> dict:
+                  compute_dtype: torch.dtype = torch.float32, moe_form: str = "auto", weights=None) -> dict:
     """Write ``weights.bin`` and ``{budget}.prefill.onnx`` / ``{budget}.decode.onnx`` for every budget
     into ``out_dir`` (which must exist). Returns the per-file part of the build manifest.
 
@@ -465,7 +470,8 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
     where model.py computes in float32: RMSNorm statistics, softmax, dt, the SSD scan and its state,
     the D skip and the gated norm, the conv arithmetic, and the logits (output float32). MoE layers
     route in float32 at every compute dtype (their router is stored float32) and compute their experts
-    in the form ``moe_form`` (see budget_graph)."""
+    in the form ``moe_form`` (see budget_graph). ``weights``: the weight file to write and read instead of
+    the float one (onnx_quant.QuantWeightFile for a quantized build)."""
     out_dir = Path(out_dir)
     opset = check_opset(ssm_op, opset)
     check_compute_dtype(compute_dtype)
@@ -475,7 +481,7 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
         validate_subnet(model.config, s, where=f"budget {name}")
     check_moe_form(model, budgets, moe_form, compute_dtype)
     model.eval()
-    wf = WeightFile(model, dtype)
+    wf = weights if weights is not None else WeightFile(model, dtype)
     files = {WEIGHTS_FILE: {"sha256": wf.write(out_dir / WEIGHTS_FILE), "bytes": wf.nbytes}}
     graphs = {}
     for name, s in budgets.items():

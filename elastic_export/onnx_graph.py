@@ -31,7 +31,9 @@ TRANSPOSED = ("mixer.out_proj.weight", "mixer.o_proj.weight", "mixer.down_proj.w
 FLOAT32_KEPT = ("gate.weight", "gate.e_score_correction_bias")  # MoE routers: float32 at every dtype
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
-               torch.bfloat16: TensorProto.BFLOAT16}
+               torch.bfloat16: TensorProto.BFLOAT16,
+               torch.uint8: TensorProto.UINT8, torch.int8: TensorProto.INT8,  # quantized codes (onnx_quant)
+               torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
 
 
 def np_dtype(dtype: torch.dtype):

@@ -32,7 +32,8 @@ from elastic_export.errors import BudgetError, CheckpointError
 
 from .generation import generate
 
-NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+NP_OF = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.UINT8: np.uint8,
+         TensorProto.INT8: np.int8}
 _ENV_ALLOCATOR = []
 
 
@@ -44,12 +45,16 @@ def _shared_allocator(ort) -> None:
         _ENV_ALLOCATOR.append(mi)
 
 
-def external_initializers(path: Path):
-    """(name, offset, length, dims, onnx dtype) of each initializer stored in the weight file."""
+def external_initializers(path: Path, skip_prepacked: bool = False):
+    """(name, offset, length, dims, onnx dtype) of each initializer stored in the weight file; with
+    ``skip_prepacked``, not those MatMulNBits prepacks (its B and scales), which the session then reads
+    from the file itself and frees once packed."""
     proto = onnx.load(str(path), load_external_data=False)
+    packed = {x for n in proto.graph.node if n.op_type == "MatMulNBits" for x in n.input[1:3]} \
+        if skip_prepacked else set()
     out = []
     for t in proto.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
+        if t.data_location == TensorProto.EXTERNAL and t.name not in packed:
             kv = {e.key: e.value for e in t.external_data}
             out.append((t.name, int(kv.get("offset", 0)), int(kv["length"]), tuple(t.dims), t.data_type))
     return out
@@ -77,9 +82,15 @@ class OrtEngine:
         # bf16 builds: ORT on CPU upcasts every weight at load (Cast, constant-folded), so there is no
         # stored buffer to share; each session holds its float32 copy.
         self.share = share_weights and self.manifest["dtype"] == "float32"
+        # quantized builds (elastic_export.onnx_quant): MatMulNBits is fast only on the weights it prepacks
+        # at session creation, a private copy per session; every other weight is still shared
+        self.quant = self.manifest.get("quant")
         self.threads = threads
-        self.buffer = np.fromfile(self.dir / self.manifest["weights"]["file"], dtype=np.uint8) if self.share \
-            else None
+        wpath = self.dir / self.manifest["weights"]["file"]
+        # a quantized build's MatMulNBits weights live in the sessions' prepacked copies: map the file so
+        # that only the pages the shared initializers use become resident
+        self.buffer = None if not self.share else np.memmap(wpath, dtype=np.uint8, mode="c") if self.quant \
+            else np.fromfile(wpath, dtype=np.uint8)
         self._values = {}  # initializer name -> OrtValue view of the buffer (one per name for all sessions)
         self.sessions: dict[str, dict] = {}
         if preload:
@@ -98,7 +109,8 @@ class OrtEngine:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
         if self.share:
-            so.add_session_config_entry("session.disable_prepacking", "1")
+            if not self.quant:
+                so.add_session_config_entry("session.disable_prepacking", "1")
             _shared_allocator(self.ort)
             so.add_session_config_entry("session.use_env_allocators", "1")
         return so
@@ -110,7 +122,9 @@ class OrtEngine:
         for kind, fname in self.manifest["budgets"][name]["graphs"].items():
             so = self._options()
             if self.share:
-                for init, off, length, dims, dt in external_initializers(self.dir / fname):
+                for init, off, length, dims, dt in external_initializers(self.dir / fname, bool(self.quant)):
+                    if dt == TensorProto.FLOAT8E4M3FN:  # no OrtValue from a float8 numpy array: the session reads it
+                        continue
                     if init not in self._values:
                         arr = self.buffer[off:off + length].view(NP_OF[dt]).reshape(dims)
                         self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr)

@@ -31,7 +31,8 @@ MATRIX = json.loads((Path(__file__).parent / "fixtures" / "onnx_trt_operators.js
 VERSIONS = MATRIX["versions"]
 TYPE_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
               TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.BOOL: "BOOL",
-              TensorProto.UINT8: "UINT8", TensorProto.INT8: "INT8", TensorProto.DOUBLE: "DOUBLE"}
+              TensorProto.UINT8: "UINT8", TensorProto.INT8: "INT8", TensorProto.DOUBLE: "DOUBLE",
+              TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4"}
 
 
 def _types(m: onnx.ModelProto) -> dict[str, int]:

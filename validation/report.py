@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+QUANT_FORMATS = ("int8", "int4", "fp8")  # build --quant precisions (validation/thresholds.py)
+
 SCHEMA = "elastic-export/validation-report"
 SCHEMA_VERSION = 1
 PLOTS = ("accuracy_vs_params.png", "memory.png", "parity.png", "plan.png")
@@ -226,6 +228,16 @@ def markdown(report: dict) -> str:
                    f"{_f(m.get('mean_abs_logit'), '.2e')} | {_f(m.get('decode_max_abs'), '.2e')} | "
                    f"{_f(m.get('top1'), '.4f')} | {_f(m.get('ppl_rel_delta'), '.2e')} | "
                    f"{_f(m.get('task_acc'), '.3f')} | {_f(m.get('greedy'), '.3f')} | {res} |")
+    quant = [r for r in report["parity"] if r["precision"] in QUANT_FORMATS and r["metrics"].get("ppl")]
+    if quant:  # issue 14: the held-out loss change of each quantized build against float32
+        out += ["", "### Quantized vs float32 (held-out text)", "",
+                "| backend | budget | format | ppl float32 | ppl quantized | ppl change | loss change | result |",
+                "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in quant:
+            m = r["metrics"]
+            out.append(f"| {r['backend']} | {r['budget']} | {r['precision']} | {m['ppl_ref']:.3f} | {m['ppl']:.3f} | "
+                       f"{100 * (m['ppl'] / m['ppl_ref'] - 1):+.2f}% | {math.log(m['ppl'] / m['ppl_ref']):+.4f} | "
+                       f"{'pass' if r['passed'] else 'FAIL'} |")
     out += ["", "Thresholds: " + "; ".join(f"{p}: " + ", ".join(f"{k} {v:g}" for k, v in t.items())
                                           for p, t in report["thresholds"].items()), ""]
     mem = report.get("memory")

@@ -124,6 +124,10 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
                               field="budgets", fix="validate the build against the checkpoint it was built from")
     precision = precision_name(manifest.get("dtype", "float32"))
     suffix = "" if precision == "fp32" else f"-{precision}"
+
+    if manifest.get("quant"):  # a quantized build (onnx_quant): its format's thresholds
+        precision = manifest["quant"]["format"]
+        suffix = f"-{precision}"
     if manifest.get("target") == "trt":
         name, factory = f"trt{suffix}", lambda: _trt_engine(path)
     else:

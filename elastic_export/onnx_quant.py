@@ -1,0 +1,292 @@
+"""Quantized ONNX builds (``elastic-export build --quant int8|int4|fp8``): one quantized weight file that
+every budget's graphs read, and the matmul / embedding nodes that read it.
+
+The codes and scales are elastic_export.quant's (one block plan for the whole family, so a budget's
+quantized weights are exactly rows and column prefixes of the family's). How each quantized tensor is
+stored in ``weights.bin`` and computed in the graphs:
+
+    int4 / int8, block >= 16   com.microsoft.MatMulNBits (ONNX Runtime's weight-only kernel)
+                               B [N, K/b, b*bits/8] uint8: code + 8 (int4: two per byte, the even column
+                               in the low nibble) or code + 128 (int8), zero point implicit;
+                               scales [N, K/b] float32
+    int4 / int8, block < 16    DequantizeLinear (opset 21 blocked, axis 1) of int8 codes [N, K] + Gemm
+    fp8                        DequantizeLinear of float8e4m3fn codes [N, K] + Gemm (the Q/DQ form
+                               TensorRT fuses; ONNX Runtime's CPU runs it unfused)
+    embeddings                 com.microsoft.GatherBlockQuantized on the same uint8 layout (block >= 16),
+                               else Gather of codes and scales and a Mul; fp8: DequantizeLinear + Gather
+
+Every quantized tensor is stored row-major [out, in] (also out_proj / o_proj / down_proj, which the
+float file stores transposed): a budget's output rows are a row range of B and of the scales, contiguous,
+so every budget reads the one file, as in float builds. A budget narrower on the input axis (embedding
+width, Mamba heads, FFN neurons) zero-pads its activation to the family's K, as the float graphs do for
+the embedding width, since a K prefix of MatMulNBits' [N, K/b, blob] layout is not contiguous. The cost
+is compute (and prepacked bytes) over the zero columns for the smaller budgets; docs/quantization.md
+has the measurements and the alternative (per-width column segments).
+
+ONNX Runtime runs MatMulNBits fast only on weights it has prepacked at session creation (measured:
+without prepacking a 2048 x 2048 int4 product takes 10 ms against 0.6 ms for float32), and its Python API
+keeps each session's prepacked copy private; engines/ort_engine.py keeps prepacking on for these builds.
+``accuracy_level`` 4 lets MatMulNBits quantize its activations to int8 per block (the fast path: int8
+dot products); 0 computes in float32 (exact to the dequantized weights; int8 weights are then slow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from . import quant
+from .errors import ConfigError
+from .onnx_graph import ALIGN, ONNX_DTYPES, GraphBuilder, is_transposed
+
+SCALES = ".scales"
+MS = "com.microsoft"
+ACCURACY_LEVELS = (0, 1, 4)  # MatMulNBits: unset (float32 compute), float32, int8 activations
+NBITS_MIN_BLOCK = 16  # MatMulNBits and GatherBlockQuantized need a power of two >= 16
+
+
+def lowering(fmt: str, block: int) -> str:
+    """The node that computes a tensor quantized in ``fmt`` with column blocks of ``block``."""
+    if fmt in ("int4", "int8") and block >= NBITS_MIN_BLOCK:
+        return "MatMulNBits"
+    return "DequantizeLinear"
+
+
+def nbits_blob(q: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
+    """codes [N, K] (int8) -> MatMulNBits' B [N, K/b, b*bits/8] uint8, zero point 8 (int4) or 128 (int8)."""
+    N, K = q.shape
+    if fmt == "int4":
+        u = quant.pack_int4(q)  # [N, K/2]
+    else:
+        u = (q.to(torch.int16) + 128).to(torch.uint8)
+    return u.reshape(N, K // block, -1).contiguous()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        t = t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.uint8)
+    return t.numpy().tobytes()
+
+
+def check_accuracy(level: int) -> int:
+    if level not in ACCURACY_LEVELS:
+        raise ConfigError(f"unknown MatMulNBits accuracy level {level}", field="quant_accuracy",
+                          fix=f"use one of {ACCURACY_LEVELS} (4: int8 activations, fastest; 0: float32)")
+    return level
+
+
+class QuantWeightFile:
+    """The weight file of a quantized build: the layout of onnx_graph.WeightFile (name -> (offset,
+    stored shape), ``dtypes``, ``item``, ``row_range``) with the planned tensors stored as codes (under
+    their own name) and float32 scales (under ``name + '.scales'``), the rest at float32 as in a float
+    build. ``lowering`` names each quantized tensor's node (see :func:`lowering`)."""
+
+    def __init__(self, model, qstate: dict, plan: dict[str, int], spec: quant.QuantSpec, accuracy_level: int = 4):
+        check_accuracy(accuracy_level)
+        self.dtype = torch.float32
+        self.spec, self.plan, self.accuracy_level = spec, dict(plan), accuracy_level
+        self.entries: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.data: dict[str, torch.Tensor] = {}
+        self.lowering: dict[str, str] = {}
+        self.qshape: dict[str, tuple[int, int]] = {}  # logical [N, K] of each quantized tensor
+        self._off = 0
+        for name, p in model.state_dict().items():
+            if name in plan:
+                q, s = qstate[name]
+                b = plan[name]
+                self.lowering[name] = lowering(spec.format, b)
+                self.qshape[name] = tuple(q.shape)
+                self._add(name, nbits_blob(q, spec.format, b) if self.lowering[name] == "MatMulNBits" else q)
+                self._add(name + SCALES, s.float())
+            else:
+                t = p.detach().float()
+                self._add(name, t.t() if is_transposed(name) else t)
+        self.nbytes = self._off
+
+    def _add(self, name: str, t: torch.Tensor) -> None:
+        self._off = (self._off + ALIGN - 1) // ALIGN * ALIGN
+        self.entries[name] = (self._off, tuple(t.shape))
+        self.dtypes[name] = t.dtype
+        self.data[name] = t
+        self._off += t.numel() * t.element_size()
+
+    def item(self, name: str) -> int:
+        return torch.empty((), dtype=self.dtypes[name]).element_size()
+
+    def row_range(self, name: str, r0: int, r1: int, flat: bool = False):
+        off, shape = self.entries[name]
+        if flat:
+            shape = (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+        row = int(np.prod(shape[1:], dtype=np.int64)) * self.item(name)
+        return off + r0 * row, (r1 - r0, *shape[1:])
+
+    def write(self, path: Path) -> str:
+        sha = hashlib.sha256()
+        with open(path, "wb") as f:
+            pos = 0
+            for name, (off, _) in self.entries.items():
+                data = _raw(self.data[name])
+                for chunk in (b"\0" * (off - pos), data):
+                    f.write(chunk)
+                    sha.update(chunk)
+                pos = off + len(data)
+        return sha.hexdigest()
+
+    def record(self) -> dict:
+        """What build.json keeps: the spec, the accuracy level and, per quantized tensor, its block and node."""
+        return {**self.spec.to_dict(), "accuracy_level": self.accuracy_level,
+                "tensors": {n: {"block": self.plan[n], "node": self.lowering[n]} for n in self.lowering}}
+
+
+def quant_weights(model, budgets: dict, spec: quant.QuantSpec, accuracy_level: int = 4,
+                  qstate: dict | None = None, plan: dict | None = None) -> QuantWeightFile:
+    """The quantized weight file of ``model``'s family (``budgets``: every budget of the checkpoint, so
+    that the plan is the family's). ``qstate`` / ``plan``: codes and plan read from a quantized nested
+    checkpoint, used as they are; otherwise quantized here (quant.quantize_state)."""
+    cfg = model.config
+    if "moe" in cfg.layers_block_type:
+        raise ConfigError("quantized ONNX builds of MoE layers are not supported yet", field="quant",
+                          fix="build this checkpoint without --quant")
+    sd = model.state_dict()
+    if plan is None:
+        plan = quant.quant_plan(cfg, budgets, {k: tuple(v.shape) for k, v in sd.items()}, spec)
+    if qstate is None:
+        qstate = quant.quantize_state({k: sd[k] for k in plan}, plan, spec)
+    return QuantWeightFile(model, qstate, plan, spec, accuracy_level)
+
+
+def source_quant(model) -> tuple[quant.QuantSpec, dict, dict] | None:
+    """(spec, codes and scales, plan) of a model opened from a quantized nested checkpoint (``quantize``:
+    ``qweights`` name -> (codes, int4 packed or not; scales; block), ``quantization`` its manifest entry),
+    to build from as they are; None for a float model."""
+    qw = getattr(model, "qweights", None)
+    if not qw:
+        return None
+    entry = model.quantization
+    spec = quant.QuantSpec(**{k: entry[k] for k in ("format", "block", "method", "embeddings", "lm_head",
+                                                     "min_block") if k in entry})
+    qstate = {n: (quant.unpack_int4(w.codes) if getattr(w, "packed", False) else w.codes, w.scales)
+              for n, w in qw.items()}
+    return spec, qstate, {n: w.block for n, w in qw.items()}
+
+
+# ---- graph nodes -------------------------------------------------------------------------------
+
+def quantized(g: GraphBuilder, name: str) -> bool:
+    return name in getattr(g.wf, "lowering", ())
+
+
+def _stored(g: GraphBuilder, name: str, r0: int, r1: int) -> str:
+    """Rows [r0, r1) of a stored tensor at its stored type (no Cast)."""
+    return g.rows(name, r0, r1, dtype=ONNX_DTYPES[g.wf.dtypes[name]])
+
+
+def _external(g: GraphBuilder, name: str, dims: tuple[int, ...]) -> str:
+    """The whole stored tensor ``name`` under another shape ``dims`` (same bytes), e.g. MatMulNBits' B
+    [V, D/b, blob] read as GatherBlockQuantized's [V, D*bits/8]."""
+    key = f"{name}{list(dims)}"
+    if key not in g.inits:
+        off, shape = g.wf.entries[name]
+        assert int(np.prod(dims)) == int(np.prod(shape)), (name, dims, shape)
+        t = TensorProto()
+        t.name = key
+        t.data_type = ONNX_DTYPES[g.wf.dtypes[name]]
+        t.dims.extend(dims)
+        t.data_location = TensorProto.EXTERNAL
+        nbytes = int(np.prod(shape, dtype=np.int64)) * g.wf.item(name)
+        for k, v in (("location", g.location), ("offset", str(off)), ("length", str(nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        g.inits[key] = t
+    return key
+
+
+def matmul(g: GraphBuilder, x2: str, name: str, r0: int, r1: int) -> str:
+    """x2 [M, K] (float32, K the family's input width of ``name``) times rows [r0, r1) of the quantized
+    ``name`` [N, K], transposed -> [M, r1 - r0]."""
+    wf = g.wf
+    b, K = wf.plan[name], wf.qshape[name][1]
+    B, S = _stored(g, name, r0, r1), _stored(g, name + SCALES, r0, r1)
+    if wf.lowering[name] == "MatMulNBits":
+        g.domains[MS] = 1
+        return g.op("MatMulNBits", x2, B, S, domain=MS, K=K, N=r1 - r0, bits=quant.FORMATS[wf.spec.format].bits,
+                    block_size=b, accuracy_level=wf.accuracy_level)
+    W = g.op("DequantizeLinear", B, S, axis=1, block_size=b)  # [N, K] float32
+    return g.op("Gemm", x2, W, transB=1)
+
+
+def matmul_in(g: GraphBuilder, y2: str, name: str, c0: int, c1: int, d: int) -> str:
+    """y2 [M, c1 - c0] times columns [c0, c1) and rows [0, d) of the quantized ``name`` [D, K] -> [M, d]
+    (out_proj, o_proj, down_proj: the float build's transposed tensors): y2 zero-padded to K."""
+    K = g.wf.qshape[name][1]
+    if (c0, c1) != (0, K):
+        y2 = g.op("Pad", y2, g.const([0, c0, 0, K - c1]))
+    return matmul(g, y2, name, 0, d)
+
+
+def gather(g: GraphBuilder, name: str, ids: str) -> str:
+    """Rows ``ids`` [b, l] of the quantized embedding table [V, D] -> [b, l, D] float32."""
+    wf = g.wf
+    b = wf.plan[name]
+    V, D = wf.qshape[name]
+    S = _stored(g, name + SCALES, 0, V)
+    if wf.lowering[name] == "MatMulNBits":  # the same uint8 bytes, read as [V, D * bits / 8]
+        bits = quant.FORMATS[wf.spec.format].bits
+        g.domains[MS] = 1
+        data = _external(g, name, (V, D * bits // 8))
+        return g.op("GatherBlockQuantized", data, ids, S, domain=MS, bits=bits, block_size=b, gather_axis=0,
+                    quantize_axis=1)
+    if wf.spec.format == "fp8":  # the Q/DQ form (ONNX Runtime's CPU Gather takes no float8)
+        table = g.op("DequantizeLinear", _stored(g, name, 0, V), S, axis=1, block_size=b)
+        return g.op("Gather", table, ids, axis=0)
+    codes = g.op("Cast", g.op("Gather", _stored(g, name, 0, V), ids, axis=0), to=TensorProto.FLOAT)
+    scales = g.op("Unsqueeze", g.op("Gather", S, ids, axis=0), g.const([-1]))  # [b, l, D/b, 1]
+    w = g.op("Mul", g.op("Reshape", codes, g.const([0, 0, D // b, b])), scales)
+    return g.op("Reshape", w, g.const([0, 0, D]))
+
+
+def dequantized_model(model, wf: QuantWeightFile):
+    """A float copy of ``model`` whose quantized weights are quant.dequantize of ``wf``'s codes: the torch
+    reference a quantized build must match (tests, validate)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    for name in wf.lowering:
+        sd[name] = quant.dequantize(*codes_and_scales(wf, name))
+    ref.load_state_dict(sd)  # (also drops the weight views the model caches per budget)
+    return ref
+
+
+def codes_and_scales(wf: QuantWeightFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] int8 / float8, scales [N, K/b]) of a stored quantized tensor, unpacked."""
+    data, s = wf.data[name], wf.data[name + SCALES]
+    if wf.lowering[name] != "MatMulNBits":
+        return data, s
+    N = data.shape[0]
+    if wf.spec.format == "int4":
+        return quant.unpack_int4(data.reshape(N, -1)), s
+    return (data.reshape(N, -1).to(torch.int16) - 128).to(torch.int8), s
+
+
+def check_opset(opset: int, fmt: str | None) -> int:
+    """Quantized graphs use opset-21 blocked DequantizeLinear: at least 21."""
+    if fmt is not None and opset < 21:
+        raise ConfigError(f"opset {opset} has no blocked DequantizeLinear", field="opset",
+                          fix="use --opset 21 or later with --quant")
+    return opset
+
+
+def model_nodes(proto: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count (for reports and tests)."""
+    out: dict[str, int] = {}
+    for n in proto.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
