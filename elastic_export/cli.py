@@ -290,7 +290,11 @@ def train(recipe, out, fresh, no_progress):
 @click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default=None,
               help="How the SSM scan is expressed in ONNX (default: standard for ONNX Runtime; plugin for "
                    "TensorRT, or decomposed where tensorrt.plugin is missing).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="Stored weight dtype [as the source is stored: bf16 stays bf16; fp16 becomes fp32].")
+@click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="The graphs' arithmetic [fp32 for ONNX (ONNX Runtime on a CPU upcasts bf16 weights once, "
+                   "in memory); TensorRT computes at --dtype].")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the lowest the SSM op allows).")
 @click.option("--gguf-type", "gguf_types", multiple=True, default=("f32",), show_default=True,
               type=click.Choice(["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]),
@@ -299,7 +303,7 @@ def train(recipe, out, fresh, no_progress):
 @click.option("--out", required=True, type=click.Path(), help="Build directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @user_errors
-def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwrite):
+def build(source, budgets, target, ssm_op, dtype, compute_dtype, opset, gguf_types, out, overwrite):
     """Build ONNX graphs (or TensorRT engines) for budgets of a checkpoint: a nested one, a plain HF
     nemotron_h one or one of our slices (one budget, full) [default: the shipped model]."""
     import time
@@ -319,17 +323,24 @@ def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, out, overwr
                    f"{time.perf_counter() - t0:.1f} s; run a file with llama.cpp, e.g. llama-cli -m {path}/"
                    f"{next(iter(m['budgets']))}.{m['gguf_types'][0]}.gguf")
         return
+    kw = {"compute_dtype": compute_dtype}
     if target != "onnx":  # TensorRT lives in engines/, imported only when asked for
         from engines.trt.target import build_trt, resolve_target
 
         if resolve_target(target) == "trt":
-            run_build = build_trt
+            if compute_dtype not in (None, dtype):
+                from .errors import ConfigError
+
+                raise ConfigError("a TensorRT build computes at its stored dtype", field="--compute-dtype",
+                                  fix="give --dtype alone (bf16 for a BF16 network)")
+            run_build, kw = build_trt, {}
     t0 = time.perf_counter()
     path = run_build(source, out, budgets=budgets, ssm_op=ssm_op, dtype=dtype, opset=opset,
-                     overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True))
+                     overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True), **kw)
     m = read_build(path)
     size = sum(f["bytes"] for f in m.get("files", {}).values())
-    click.echo(f"built {', '.join(m['budgets'])} ({m['target']}, {m.get('ssm_op')}, {m.get('dtype')}) into {path}: "
+    click.echo(f"built {', '.join(m['budgets'])} ({m['target']}, {m.get('ssm_op')}, {m.get('dtype')} weights, "
+               f"{m.get('compute_dtype')} compute) into {path}: "
                f"{size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
 
 
