@@ -501,8 +501,13 @@ def _csv(values) -> list[str]:
 @click.option("--batch", default=1, show_default=True, help="Batch size for the memory plan.")
 @click.option("--threshold", "thresholds", multiple=True,
               help="Override a threshold: [fp32.|bf16.]METRIC=VALUE, e.g. bf16.max_abs_logit=1.0 (repeatable).")
-@click.option("--tasks", "n_tasks", default=16, show_default=True, help="Synthetic tasks for exact-match accuracy.")
+@click.option("--tasks", "n_tasks", default=8, show_default=True, help="Synthetic tasks for exact-match accuracy "
+              "(each is generated greedily to its full worked answer: the largest cost; 0 skips them).")
 @click.option("--greedy-tokens", default=16, show_default=True, help="Tokens of greedy generation to compare.")
+@click.option("--prompts", "n_prompts", default=4, show_default=True, help="Prompts for greedy agreement.")
+@click.option("--rows", "n_rows", default=4, show_default=True, help="Held-out rows for logit errors and perplexity.")
+@click.option("--seq-len", default=64, show_default=True, help="Tokens per held-out row.")
+@click.option("--decode-steps", default=8, show_default=True, help="Teacher-forced decode steps compared per row.")
 @click.option("--memory/--no-memory", "measure_memory", default=True, show_default=True,
               help="Measure peak memory in fresh processes (family vs separate models).")
 @click.option("--memory-isolation", type=click.Choice(["fork", "spawn"]), default=None,
@@ -513,7 +518,7 @@ def _csv(values) -> list[str]:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @user_errors
 def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,
-             measure_memory, memory_isolation, threads, quiet):
+             n_prompts, n_rows, seq_len, decode_steps, measure_memory, memory_isolation, threads, quiet):
     """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check.
 
     SOURCE is a nested checkpoint, a build directory or an HF checkpoint [the shipped default model].
@@ -525,15 +530,17 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
     overrides = parse_overrides(thresholds)
     if device is not None:
         device_profile(device)
-    if context <= 0 or batch <= 0 or n_tasks < 0 or greedy_tokens <= 0 or (threads is not None and threads <= 0):
+    if min(context, batch, greedy_tokens, n_prompts, n_rows, decode_steps) <= 0 or n_tasks < 0 or seq_len < 3 or \
+            (threads is not None and threads <= 0):
         from .errors import ConfigError
 
-        raise ConfigError("--context, --batch, --greedy-tokens and --threads must be positive, --tasks not negative",
-                          field="options")
+        raise ConfigError("--context, --batch, --greedy-tokens, --prompts, --rows, --decode-steps and --threads must "
+                          "be positive, --tasks not negative, --seq-len at least 3", field="options")
     family = load_family(source, builds)
     report = run_validation(family, report_dir, _csv(backends) or None, device, context, batch, overrides,
                             measure_memory, list(budgets) or None, progress=not quiet,
-                            eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens},
+                            eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens, "n_prompts": n_prompts,
+                                         "n_rows": n_rows, "seq_len": seq_len, "decode_steps": decode_steps},
                             memory_isolation=memory_isolation, threads=threads)
     for r in report["parity"]:
         m = r["metrics"]

@@ -92,14 +92,48 @@ class Backend:
 
 # ---- float32 arithmetic over weights stored in bf16 -------------------------------------------------
 
-def _up(x):
-    """A layer's views (NamedTuples of tensors, nested) with every floating tensor as float32."""
+class Upcast:
+    """float32 copies of a layer's weight views, written into one reused buffer: a fresh allocation per
+    call would cost the page faults of every byte again (3x the copy itself, measured), and the buffer
+    never holds more than the largest layer (or LOGIT_ROWS rows of the LM head)."""
+
+    def __init__(self):
+        self.buf = torch.empty(0)
+        self.pos = 0
+
+    def __call__(self, x, start: bool = True):
+        """``x``: a tensor or a (nested) NamedTuple of views -> the same with float32 tensors."""
+        if start:
+            need = sum(-(-t.numel() // 16) * 16 for t in _leaves(x) if _lower(t))
+            if self.buf.numel() < need:
+                self.buf = torch.empty(need, device=_device(x))
+            self.pos = 0
+        if isinstance(x, torch.Tensor):
+            if not _lower(x):
+                return x
+            out = self.buf[self.pos:self.pos + x.numel()].view(x.shape)
+            self.pos += -(-x.numel() // 16) * 16  # 64-byte aligned
+            return out.copy_(x)
+        if isinstance(x, tuple):
+            items = [self(t, start=False) for t in x]
+            return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+        return x
+
+
+def _lower(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32
+
+
+def _leaves(x):
     if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
-    if isinstance(x, tuple):
-        items = [_up(t) for t in x]
-        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
-    return x
+        yield x
+    elif isinstance(x, tuple):
+        for t in x:
+            yield from _leaves(t)
+
+
+def _device(x):
+    return next(iter(_leaves(x))).device
 
 
 LOGIT_ROWS = 8192  # vocabulary rows of the LM head upcast at a time
@@ -113,10 +147,12 @@ def upcast_fits(model) -> bool:
 
 @torch.no_grad()
 def forward_f32(model, input_ids: torch.Tensor, subnet: Subnet | None = None, cache=None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, upcast: Upcast | None = None) -> torch.Tensor:
     """``model(input_ids, subnet, cache, attention_mask)`` computed in float32 whatever the stored dtype:
     the model's own layers (``apply_layer``) on float32 copies of one layer's weight views at a time,
-    the LM head LOGIT_ROWS rows at a time. Memory: the stored weights plus one layer in float32."""
+    the LM head LOGIT_ROWS rows at a time. Memory: the stored weights plus one layer in float32 (in
+    ``upcast``'s buffer, reused from call to call)."""
+    up = upcast or Upcast()
     subnet, views = model.layer_views(subnet)
     d = subnet.hidden
     b, l = input_ids.shape
@@ -132,14 +168,14 @@ def forward_f32(model, input_ids: torch.Tensor, subnet: Subnet | None = None, ca
     h = F.embedding(input_ids, elastic.embedding_view(model.backbone.embeddings.weight, d)).float()
     for i, v in enumerate(views):
         if v is not None:
-            h = model.apply_layer(i, h, _up(v), cache, new_mask, key_mask)
+            h = model.apply_layer(i, h, up(v), cache, new_mask, key_mask)
     if cache is not None:
         cache.seen += l
         if cache.windows is not None:
             cache.window_len = l
     h = model.final_norm(h)
     W = elastic.embedding_view(model.lm_head_weight, d)  # [V, d]
-    return torch.cat([F.linear(h, W[r:r + LOGIT_ROWS].float()) for r in range(0, W.shape[0], LOGIT_ROWS)], dim=-1)
+    return torch.cat([F.linear(h, up(W[r:r + LOGIT_ROWS])) for r in range(0, W.shape[0], LOGIT_ROWS)], dim=-1)
 
 
 class TorchElastic(Backend):
@@ -165,7 +201,9 @@ class TorchElastic(Backend):
 
     def _forward(self, ids, attention_mask=None):
         if self.upcast:
-            return forward_f32(self.model, ids, self.subnet, self.cache, attention_mask)
+            if getattr(self, "_upcast", None) is None:
+                self._upcast = Upcast()
+            return forward_f32(self.model, ids, self.subnet, self.cache, attention_mask, self._upcast)
         return self.model(ids, subnet=self.subnet, cache=self.cache, attention_mask=attention_mask).float()
 
     @torch.no_grad()
@@ -220,7 +258,7 @@ class Sliced(TorchElastic):
         self.cache = None
 
     def close(self) -> None:
-        self.model = self.parent = None
+        self.model = self.parent = self._upcast = None
 
 
 TWIN = "torch"  # the backend that is the reference's own computation (see run_parity)

@@ -37,7 +37,7 @@ class EvalData:
     tokenizer: object = field(repr=False, default=None)
 
 
-def make_eval_data(tokenizer, vocab_size: int, n_tasks: int = 16, seq_len: int = 64, n_rows: int = 4,
+def make_eval_data(tokenizer, vocab_size: int, n_tasks: int = 8, seq_len: int = 64, n_rows: int = 4,
                    n_prompts: int = 4, greedy_tokens: int = 16, decode_steps: int = 8,
                    extra_text: list[str] | None = None) -> EvalData:
     """Held-out rows, tasks and prompts from the tokenizer; deterministic."""
