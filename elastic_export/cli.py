@@ -541,7 +541,7 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
                             measure_memory, list(budgets) or None, progress=not quiet,
                             eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens, "n_prompts": n_prompts,
                                          "n_rows": n_rows, "seq_len": seq_len, "decode_steps": decode_steps},
-                            memory_isolation=memory_isolation, threads=threads)
+                            memory_isolation=memory_isolation, threads=threads, release=True)
     for r in report["parity"]:
         m = r["metrics"]
         err = f"max|dlogit| {m['abs_logit']:.2e}  top1 {m['top1']:.4f}  greedy {m['greedy']:.3f}" if m else ""

@@ -222,7 +222,9 @@ class Sliced(TorchElastic):
     ``via_disk``: write the slice with ``save_pretrained`` and read it back with
     ``elastic_export.load``, so the checkpoint users get (HF head order, config) is what runs. The slice
     stays at the parent's stored dtype; ``dtype`` is the arithmetic, as for :class:`TorchElastic`.
-    Memory: the parent plus one slice (the in-memory slice is dropped before its copy is read back).
+    :meth:`write_all` cuts every budget to disk first (one in memory at a time) and lets go of the
+    parent: from then on the backend holds one slice and nothing else (validate frees the parent's
+    weights in between). Otherwise each budget is cut when set: the parent plus one slice.
     """
 
     def __init__(self, model, budgets: dict[str, Subnet], slice_fn: Callable | None = None, name: str = "sliced",
@@ -234,24 +236,40 @@ class Sliced(TorchElastic):
         self.parent = self.model
         self.dtype = dtype
         self.via_disk = via_disk
+        self._dir = None  # a TemporaryDirectory holding every budget's slice, after write_all()
+
+    def _write(self, name: str, root: str) -> None:
+        model = self.slice_fn(self.parent, self.subnets[name])
+        model.save_pretrained(f"{root}/{name}")
+        del model
+        release_memory()
+
+    def write_all(self) -> "Sliced":
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="ee-validate-slices-")
+        for name in self.subnets:
+            self._write(name, self._dir.name)
+        self.model = self.parent = None
+        return self
 
     def set_budget(self, name: str) -> None:
-        import gc
-
         self._check(name)
-        self.model = self.parent  # drop the previous budget's slice before cutting the next
-        gc.collect()
-        model = self.slice_fn(self.parent, self.subnets[name])
-        if self.via_disk:
+        self.model = self.parent  # drop the previous budget's slice before the next
+        release_memory()
+        if self._dir is not None or self.via_disk:
             import tempfile
 
             from elastic_export import load
 
-            with tempfile.TemporaryDirectory(prefix="ee-validate-slice-") as tmp:
-                model.save_pretrained(f"{tmp}/{name}")
-                del model
-                gc.collect()
-                model = load(f"{tmp}/{name}")
+            if self._dir is not None:
+                model = load(f"{self._dir.name}/{name}")
+            else:
+                with tempfile.TemporaryDirectory(prefix="ee-validate-slice-") as tmp:
+                    self._write(name, tmp)
+                    model = load(f"{tmp}/{name}")
+        else:
+            model = self.slice_fn(self.parent, self.subnets[name])
         self.upcast = self.dtype == torch.float32 and model.dtype != torch.float32 and upcast_fits(model)
         self.model = (model if model.dtype == self.dtype or self.upcast else model.to(self.dtype)).eval()
         self.subnet = None
@@ -259,6 +277,22 @@ class Sliced(TorchElastic):
 
     def close(self) -> None:
         self.model = self.parent = self._upcast = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise, and a
+    freed slice or weight buffer would still count as resident)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 TWIN = "torch"  # the backend that is the reference's own computation (see run_parity)

@@ -133,9 +133,12 @@ def compare(out: dict, ref: dict, data: EvalData) -> dict[str, float]:
     }
 
 
-def run_parity(reference: Backend, backends: list, data: EvalData, limits: dict[str, dict[str, float]],
-               budgets: list[str] | None = None, with_tasks: bool = True, progress: bool = True) -> dict:
-    """Every backend x budget against the reference. Returns {"reference": {budget: {...}}, "rows": [...]}.
+def run_parity(reference: Backend | None, backends: list, data: EvalData, limits: dict[str, dict[str, float]],
+               budgets: list[str] | None = None, with_tasks: bool = True, progress: bool = True,
+               refs: dict | None = None) -> dict:
+    """Every backend x budget against the reference. Returns {"reference": {budget: {...}}, "rows": [...],
+    "refs": the reference's raw outputs per budget}; ``refs`` from an earlier call replaces running the
+    reference (``reference`` may then be None).
 
     ``backends``: Backend objects, or :class:`validation.backends.Lazy` ones, each built when its turn
     comes and closed after its last budget (one backend in memory at a time); a Lazy that fails to
@@ -143,20 +146,20 @@ def run_parity(reference: Backend, backends: list, data: EvalData, limits: dict[
     reference's own computation) is judged on the reference's outputs instead of running them again.
     Each row: backend, budget, precision, metrics, ``failed`` (list of failed checks), ``passed``.
     """
-    import gc
-
     from tqdm.auto import tqdm
 
-    from .backends import Lazy
+    from .backends import Lazy, release_memory
 
     budgets = budgets or list(reference.budgets)
-    refs: dict[str, dict] = {}
     rows = []
-    bar = tqdm(total=len(budgets) * (1 + len(backends)), desc="parity", unit="run", disable=not progress, leave=False)
-    for budget in budgets:
-        bar.set_postfix_str(f"reference {budget}")
-        refs[budget] = measure(reference, budget, data, with_tasks)
-        bar.update()
+    bar = tqdm(total=len(budgets) * ((refs is None) + len(backends)), desc="parity", unit="run", disable=not progress,
+               leave=False)
+    if refs is None:
+        refs = {}
+        for budget in budgets:
+            bar.set_postfix_str(f"reference {budget}")
+            refs[budget] = measure(reference, budget, data, with_tasks)
+            bar.update()
     for item in backends:
         name = item.name
         precision = item.precision
@@ -199,8 +202,8 @@ def run_parity(reference: Backend, backends: list, data: EvalData, limits: dict[
             if isinstance(item, Lazy):
                 be.close()
                 del be
-                gc.collect()
+                release_memory()
     bar.close()
     reference_summary = {b: {"ppl": r["ppl"], "loss": math.log(r["ppl"]), "task_acc": r["task_acc"]}
                          for b, r in refs.items()}
-    return {"reference": reference_summary, "rows": rows}
+    return {"reference": reference_summary, "rows": rows, "refs": refs}

@@ -17,7 +17,7 @@ import torch
 
 from elastic_export.errors import CheckpointError, ConfigError
 
-from .backends import TWIN, Family, Lazy, available, make_backend, reference
+from .backends import TWIN, Family, Lazy, Sliced, available, make_backend, reference, release_memory
 from .parity import make_eval_data, run_parity
 from .thresholds import THRESHOLDS, thresholds as apply_overrides
 
@@ -213,9 +213,15 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
              device: str | None = None, context: int = 8192, batch: int = 1,
              overrides: dict[str, dict[str, float]] | None = None, measure_memory: bool = True,
              budgets: list[str] | None = None, progress: bool = True, eval_kwargs: dict | None = None,
-             memory_isolation: str | None = None, threads: int | None = None) -> dict:
+             memory_isolation: str | None = None, threads: int | None = None, release: bool = False) -> dict:
     """Run every check and (with ``report_dir``) write the report. Returns the report dict; its
-    ``passed`` is False when any backend fails a threshold."""
+    ``passed`` is False when any backend fails a threshold.
+
+    Order: the float32 reference on every budget, the torch backends (they read ``family.model``),
+    memory parity, then the engines over built artefacts (ONNX Runtime, TensorRT), which read their own
+    weights. ``release`` (the command line, which owns the family) frees ``family.model``'s weights
+    before the engines run, so that the process never holds the torch copy and an engine's together;
+    the model keeps its config, on the meta device."""
     from elastic_export.accounting import count_params
 
     limits = apply_overrides(overrides)
@@ -227,15 +233,18 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
         family.threads = threads
         try:
             return _validate(family, report_dir, backends, device, context, batch, limits, measure_memory, budgets,
-                             progress, eval_kwargs, memory_isolation)
+                             progress, eval_kwargs, memory_isolation, release)
         finally:
             torch.set_num_threads(before)
     return _validate(family, report_dir, backends, device, context, batch, limits, measure_memory, budgets,
-                     progress, eval_kwargs, memory_isolation)
+                     progress, eval_kwargs, memory_isolation, release)
+
+
+TORCH_BACKENDS = ("torch", "sliced", "torch-engine")  # those that read family.model
 
 
 def _validate(family, report_dir, backends, device, context, batch, limits, measure_memory, budgets, progress,
-              eval_kwargs, memory_isolation) -> dict:
+              eval_kwargs, memory_isolation, release=False) -> dict:
     from elastic_export import __version__
     from elastic_export.accounting import count_params, moe_summary
 
@@ -270,7 +279,8 @@ def _validate(family, report_dir, backends, device, context, batch, limits, meas
         prec = family.engines[n][1] if n in family.engines else "fp32"
         lazies.append(Lazy(n, prec, None if n == TWIN else (lambda n=n: make_backend(n, family))))
     say(f"comparing {', '.join(names)} with the float32 reference on {len(budget_names)} budget(s)")
-    parity = run_parity(reference(family), lazies, data, limits, budget_names, progress=progress)
+    first = [lz for lz in lazies if lz.name in TORCH_BACKENDS and lz.name != "sliced"]
+    parity = run_parity(reference(family), first, data, limits, budget_names, progress=progress)
 
     mem = None
     if measure_memory:
@@ -280,6 +290,22 @@ def _validate(family, report_dir, backends, device, context, batch, limits, meas
         mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names},
                                        torch.bfloat16 if on_gpu else family.model.dtype, nested_dir=family.path,
                                        measure=True, device="cuda" if on_gpu else "cpu", isolation=memory_isolation)
+    rest = [lz for lz in lazies if lz not in first]
+    if "sliced" in names:  # cut every budget to disk while the parent is here; run them after it is gone
+        say("slicing every budget to a temporary directory")
+        try:
+            sliced = Sliced(family.model, {b: family.budgets[b] for b in budget_names}).write_all()
+            make = lambda: sliced  # noqa: E731
+        except Exception as e:  # noqa: BLE001 - a slicer that fails fails the sliced rows
+            make = lambda e=e: (_ for _ in ()).throw(e)  # noqa: E731
+        rest = [Lazy("sliced", "fp32", make) if lz.name == "sliced" else lz for lz in rest]
+    if rest:
+        if release:
+            family.model.to("meta")  # the weights go; config and structure stay
+            release_memory()
+        more = run_parity(None, rest, data, limits, budget_names, progress=progress, refs=parity.pop("refs"))
+        parity["rows"] += more["rows"]
+    parity.pop("refs", None)
     plan = planner.plan(cfg, {b: family.budgets[b] for b in budget_names}, [device] if device else
                         list(planner.PROFILES), context, batch, dtypes=("bfloat16", "float32"))
 
