@@ -5,7 +5,7 @@ given sizes plus a small calibration text into a work dir, then runs each CLI st
 subprocess under ``/usr/bin/time -v`` (else a getrusage wrapper) with a per-step timeout:
 
     inspect  rank (--samples 2 --seq-len 128)  nest (--budget 75% --budget 50%)  slice (--budget all)
-    build (onnx, fp32, all budgets)  run (torch engine on the nested checkpoint, 4 tokens)
+    build (onnx, weights as stored, all budgets)  run (torch engine on the nested checkpoint, 4 tokens)
     validate (the build; --tasks 2 --greedy-tokens 4 --no-memory)
 
 Per step it prints wall time, peak RSS, peak RSS / checkpoint bytes against the issue's targets

@@ -5,10 +5,12 @@ checkpoint or one of our slices (a one-budget family, its budget named ``full``)
 :func:`elastic_export.loading.load_family` opens.
 
 Layout of an ONNX build (every budget reads the one weight file; nothing else holds weights):
-    build.json                  manifest: format, target, ssm_op, opset, dtype, config, budgets
+    build.json                  manifest: format, target, ssm_op, opset, dtype (stored), compute_dtype,
+                                source_dtype, config, budgets
                                 (subnet, graphs, states), files (bytes, sha256), weight layout,
                                 source (absolute path, kind, its weight files' sha256 and bytes)
-    weights.bin                 the source weights once, at the build dtype
+    weights.bin                 the source weights once, at the build (storage) dtype: the source's own
+                                dtype unless asked otherwise (a bf16 checkpoint builds a bf16 file)
     {budget}.prefill.onnx       input_ids, attention_mask -> logits, present states
     {budget}.decode.onnx        one token, attention_mask, past states -> logits, present states
     tokenizer/                  copied from the source checkpoint when it has one
@@ -115,21 +117,27 @@ def build_source(path: str | Path, manifest: dict | None = None) -> Path:
 # ---- build ------------------------------------------------------------------------------------
 
 def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: str | None = None,
-          dtype: str = "fp32", opset: int | None = None, overwrite: bool = False, progress=None,
+          dtype: str | torch.dtype | None = None, opset: int | None = None, overwrite: bool = False, progress=None,
           target: str = "onnx", compute_dtype: str | torch.dtype | None = None, note: str | None = None,
           engines=None, quant: str | None = None, quant_block: int | None = None, quant_accuracy: int = 4) -> Path:
     """Build ``out`` from a nested or an HF checkpoint (None: the shipped default model). Returns ``out``.
 
-    The ONNX graphs compute in float32 (ONNX Runtime on a CPU) unless ``compute_dtype`` says
-    otherwise. ``engines(tmp, info, chosen, progress) -> dict``, when given (a runtime's builder,
-    e.g. engines.trt.target), runs inside the temporary directory after the export; its dict's
-    ``files`` join the manifest's checksums and every other key joins the manifest, ``target``
-    included. ``note`` (why an SSM mode was chosen) is printed and recorded.
+    Storage and compute dtypes are separate. ``dtype``, the weight file's, follows the source as stored
+    (bf16 stays bf16, fp32 stays fp32; an fp16 source is stored fp32) unless given. ``compute_dtype``
+    is the graphs' arithmetic: float32 for an ONNX build (ONNX Runtime on a CPU has no bf16 kernels:
+    each bf16 weight is read through a Cast, which engines.ort_engine upcasts once for all sessions),
+    the storage dtype for a TensorRT one (``target="trt"``). ``engines(tmp, info, chosen, progress) ->
+    dict``, when given (a runtime's builder, e.g. engines.trt.target), runs inside the temporary
+    directory after the export; its dict's ``files`` join the manifest's checksums and every other key
+    joins the manifest, ``target`` included. ``note`` (why an SSM mode was chosen) is printed and recorded.
 
     ``quant`` (int8 | int4 | fp8): weight-only quantized graphs (elastic_export.onnx_quant), column
     blocks of ``quant_block`` (default: the format's) where every budget keeps them whole; the tensors
     that stay in float are stored at float32 whatever ``dtype`` says. ``quant_accuracy``: MatMulNBits'
-    accuracy_level (4: int8 activations, ONNX Runtime's fast path; 0: float32 arithmetic)."""
+    accuracy_level (4: int8 activations, ONNX Runtime's fast path; 0: float32 arithmetic).
+
+    Memory: the source's weights once (as loaded), plus one block of a tensor being converted or
+    transposed while weights.bin is written (onnx_graph.WeightFile.write)."""
     from .onnx_export import check_opset, export_family
 
     out = Path(out)
@@ -137,10 +145,9 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
         raise ConfigError(f"target {target!r} needs a runtime's engine builder", field="target",
                           fix="build TensorRT engines with `elastic-export build --target trt` "
                               "(engines.trt.target.build_trt); this function builds ONNX")
-    torch_dtype = parse_dtype(dtype)
-    if torch_dtype not in (torch.float32, torch.bfloat16):
-        raise ConfigError(f"unsupported build dtype {dtype!r}", field="dtype", fix="use fp32 or bf16")
-    compute = parse_dtype(compute_dtype) or torch.float32
+    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+        if parse_dtype(value) not in (None, torch.float32, torch.bfloat16):
+            raise ConfigError(f"unsupported build {name} {value!r}", field=name, fix="use fp32 or bf16")
     ssm_op = ssm_op or "standard"
     from . import onnx_quant
     from .quant import QuantSpec
@@ -151,6 +158,9 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
     if out.exists() and not overwrite:
         raise CheckpointError("already exists", path=out, fix="choose another --out or pass --overwrite")
     model, family, src = load_family(source)
+    source_dtype = model.dtype
+    torch_dtype = parse_dtype(dtype) or (source_dtype if source_dtype == torch.bfloat16 else torch.float32)
+    compute = parse_dtype(compute_dtype) or (torch_dtype if target == "trt" else torch.float32)
     from_source = onnx_quant.source_quant(model)  # a quantized nested checkpoint: its codes as they are
     if from_source is not None:
         if spec is not None and (spec.format, spec.block_size) != (from_source[0].format, from_source[0].block_size):
@@ -162,7 +172,7 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
         if engines is not None:
             raise ConfigError("quantized builds are ONNX graphs for ONNX Runtime (and TensorRT's Q/DQ parser)",
                               field="quant", fix="build with --target onnx --quant ...")
-        torch_dtype = torch.float32
+        torch_dtype = compute = torch.float32
         opset = onnx_quant.check_opset(max(21, check_opset(ssm_op, None)) if opset is None else opset, spec.format)
     opset = check_opset(ssm_op, opset)
     chosen = select_budgets(family, list(budgets))
@@ -171,7 +181,8 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
         if progress:
             if note:
                 progress(note)
-            progress(f"exporting {len(chosen)} budget(s) to ONNX ({ssm_op}, opset {opset}, {dtype_name(torch_dtype)})")
+            progress(f"exporting {len(chosen)} budget(s) to ONNX ({ssm_op}, opset {opset}, "
+                     f"{dtype_name(torch_dtype)} weights, {dtype_name(compute)} compute)")
         weights = None
         if spec is not None:  # the plan of the whole family, so that every build of it has the same codes
             qstate, plan = from_source[1:] if from_source is not None else (None, None)
@@ -188,7 +199,7 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
         manifest = {
             "format": BUILD_FORMAT, "version": BUILD_VERSION, "target": "onnx", "ssm_op": ssm_op,
             "opset": info["opset"], "dtype": dtype_name(torch_dtype), "compute_dtype": info["compute_dtype"],
-            "source": source_rec,
+            "source_dtype": dtype_name(source_dtype), "source": source_rec,
             "config": model.config.to_dict(),
             "budgets": {n: {"subnet": s.to_dict(), "graphs": info["graphs"][n], "states": info["states"][n]}
                         for n, s in chosen.items()},

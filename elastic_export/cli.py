@@ -377,7 +377,11 @@ def train(recipe, out, fresh, no_progress, parallel):
 @click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default=None,
               help="How the SSM scan is expressed in ONNX (default: standard for ONNX Runtime; plugin for "
                    "TensorRT, or decomposed where tensorrt.plugin is missing).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="Stored weight dtype [as the source is stored: bf16 stays bf16; fp16 becomes fp32].")
+@click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="The graphs' arithmetic [fp32 for ONNX (ONNX Runtime on a CPU upcasts bf16 weights once, "
+                   "in memory); TensorRT computes at --dtype].")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the lowest the SSM op allows).")
 @click.option("--gguf-type", "gguf_types", multiple=True, default=("f32",), show_default=True,
               type=click.Choice(["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]),
@@ -392,8 +396,8 @@ def train(recipe, out, fresh, no_progress, parallel):
 @click.option("--out", required=True, type=click.Path(), help="Build directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @user_errors
-def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, quant, quant_block, quant_accuracy, out,
-          overwrite):
+def build(source, budgets, target, ssm_op, dtype, compute_dtype, opset, gguf_types, quant, quant_block,
+          quant_accuracy, out, overwrite):
     """Build ONNX graphs (or TensorRT engines) for budgets of a checkpoint: a nested one, a plain HF
     nemotron_h one or one of our slices (one budget, full) [default: the shipped model]."""
     import time
@@ -418,21 +422,29 @@ def build(source, budgets, target, ssm_op, dtype, opset, gguf_types, quant, quan
                    f"{time.perf_counter() - t0:.1f} s; run a file with llama.cpp, e.g. llama-cli -m {path}/"
                    f"{next(iter(m['budgets']))}.{m['gguf_types'][0]}.gguf")
         return
-    qopts = {} if quant is None else {"quant": quant, "quant_block": quant_block, "quant_accuracy": int(quant_accuracy)}
-    if quant is not None and target == "auto":
-        target = "onnx"  # quantized builds are ONNX graphs (TensorRT parses their Q/DQ form)
+    kw = {"compute_dtype": compute_dtype}
+    if quant is not None:
+        kw.update(quant=quant, quant_block=quant_block, quant_accuracy=int(quant_accuracy))
+        if target == "auto":
+            target = "onnx"  # quantized builds are ONNX graphs (TensorRT parses their Q/DQ form)
     if target != "onnx":  # TensorRT lives in engines/, imported only when asked for
         from engines.trt.target import build_trt, resolve_target
 
         if resolve_target(target) == "trt":
-            run_build = build_trt
+            if compute_dtype not in (None, dtype):
+                from .errors import ConfigError
+
+                raise ConfigError("a TensorRT build computes at its stored dtype", field="--compute-dtype",
+                                  fix="give --dtype alone (bf16 for a BF16 network)")
+            run_build, kw = build_trt, {}
     t0 = time.perf_counter()
     path = run_build(source, out, budgets=budgets, ssm_op=ssm_op, dtype=dtype, opset=opset,
-                     overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True), **qopts)
+                     overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True), **kw)
     m = read_build(path)
     size = sum(f["bytes"] for f in m.get("files", {}).values())
-    kind = m.get("dtype") if "quant" not in m else f"{m['quant']['format']} weights"
-    click.echo(f"built {', '.join(m['budgets'])} ({m['target']}, {m.get('ssm_op')}, {kind}) into {path}: "
+    kind = m.get("dtype") if "quant" not in m else m["quant"]["format"]
+    click.echo(f"built {', '.join(m['budgets'])} ({m['target']}, {m.get('ssm_op')}, {kind} weights, "
+               f"{m.get('compute_dtype')} compute) into {path}: "
                f"{size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
 
 
@@ -593,8 +605,13 @@ def _csv(values) -> list[str]:
 @click.option("--batch", default=1, show_default=True, help="Batch size for the memory plan.")
 @click.option("--threshold", "thresholds", multiple=True,
               help="Override a threshold: [fp32.|bf16.]METRIC=VALUE, e.g. bf16.max_abs_logit=1.0 (repeatable).")
-@click.option("--tasks", "n_tasks", default=16, show_default=True, help="Synthetic tasks for exact-match accuracy.")
+@click.option("--tasks", "n_tasks", default=8, show_default=True, help="Synthetic tasks for exact-match accuracy "
+              "(each is generated greedily to its full worked answer: the largest cost; 0 skips them).")
 @click.option("--greedy-tokens", default=16, show_default=True, help="Tokens of greedy generation to compare.")
+@click.option("--prompts", "n_prompts", default=4, show_default=True, help="Prompts for greedy agreement.")
+@click.option("--rows", "n_rows", default=4, show_default=True, help="Held-out rows for logit errors and perplexity.")
+@click.option("--seq-len", default=64, show_default=True, help="Tokens per held-out row.")
+@click.option("--decode-steps", default=8, show_default=True, help="Teacher-forced decode steps compared per row.")
 @click.option("--memory/--no-memory", "measure_memory", default=True, show_default=True,
               help="Measure peak memory in fresh processes (family vs separate models).")
 @click.option("--memory-isolation", type=click.Choice(["fork", "spawn"]), default=None,
@@ -605,7 +622,7 @@ def _csv(values) -> list[str]:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @user_errors
 def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,
-             measure_memory, memory_isolation, threads, quiet):
+             n_prompts, n_rows, seq_len, decode_steps, measure_memory, memory_isolation, threads, quiet):
     """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check.
 
     SOURCE is a nested checkpoint, a build directory or an HF checkpoint [the shipped default model].
@@ -617,16 +634,18 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
     overrides = parse_overrides(thresholds)
     if device is not None:
         device_profile(device)
-    if context <= 0 or batch <= 0 or n_tasks < 0 or greedy_tokens <= 0 or (threads is not None and threads <= 0):
+    if min(context, batch, greedy_tokens, n_prompts, n_rows, decode_steps) <= 0 or n_tasks < 0 or seq_len < 3 or \
+            (threads is not None and threads <= 0):
         from .errors import ConfigError
 
-        raise ConfigError("--context, --batch, --greedy-tokens and --threads must be positive, --tasks not negative",
-                          field="options")
+        raise ConfigError("--context, --batch, --greedy-tokens, --prompts, --rows, --decode-steps and --threads must "
+                          "be positive, --tasks not negative, --seq-len at least 3", field="options")
     family = load_family(source, builds)
     report = run_validation(family, report_dir, _csv(backends) or None, device, context, batch, overrides,
                             measure_memory, list(budgets) or None, progress=not quiet,
-                            eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens},
-                            memory_isolation=memory_isolation, threads=threads)
+                            eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens, "n_prompts": n_prompts,
+                                         "n_rows": n_rows, "seq_len": seq_len, "decode_steps": decode_steps},
+                            memory_isolation=memory_isolation, threads=threads, release=True)
     for r in report["parity"]:
         m = r["metrics"]
         err = f"max|dlogit| {m['abs_logit']:.2e}  top1 {m['top1']:.4f}  greedy {m['greedy']:.3f}" if m else ""

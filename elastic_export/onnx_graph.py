@@ -53,11 +53,30 @@ def keeps_float32(name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in FLOAT32_KEPT)
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
+CHUNK_BYTES = 8 << 20  # at most this much of a tensor is converted or transposed at a time while writing
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's bytes as a numpy view (no copy; bfloat16 reinterpreted as int16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _chunks(t: torch.Tensor, dtype: torch.dtype, transposed: bool):
+    """``t`` (or its transpose) at ``dtype`` as contiguous row blocks of about CHUNK_BYTES each: a tensor
+    already stored as written is yielded as it is, whole; any conversion or transpose runs block by
+    block, so writing never holds a second copy of a tensor, only one block (issue 13)."""
+    t = t.detach().cpu()
+    src = t.t() if transposed else t
+    if not transposed and t.dtype == dtype and t.is_contiguous():
+        yield src
+        return
+    row = max(1, int(np.prod(src.shape[1:], dtype=np.int64)) * max(t.element_size(), torch.empty((), dtype=dtype).element_size()))
+    step = max(1, CHUNK_BYTES // row)
+    if src.dim() == 0:
+        yield src.to(dtype).contiguous()
+        return
+    for r in range(0, src.shape[0], step):
+        yield src[r:r + step].to(dtype).contiguous()
 
 
 class WeightFile:
@@ -85,18 +104,20 @@ class WeightFile:
         return torch.empty((), dtype=self.dtypes[name]).element_size()
 
     def write(self, path: Path) -> str:
-        """Write the file; return its SHA-256."""
+        """Write the file; return its SHA-256. Tensors go out block by block (see _chunks)."""
         sha = hashlib.sha256()
         with open(path, "wb") as f:
             pos = 0
             for name, (off, _) in self.entries.items():
                 pad = b"\0" * (off - pos)
-                t = self.params[name].detach().to(self.dtypes[name])
-                data = _raw_bytes(t.t() if is_transposed(name) else t)
-                for chunk in (pad, data):
-                    f.write(chunk)
-                    sha.update(chunk)
-                pos = off + len(data)
+                f.write(pad)
+                sha.update(pad)
+                pos = off
+                for block in _chunks(self.params[name], self.dtypes[name], is_transposed(name)):
+                    data = _raw(block).reshape(-1).view(np.uint8)
+                    f.write(data)
+                    sha.update(data)
+                    pos += data.nbytes
         return sha.hexdigest()
 
     def row_range(self, name: str, r0: int, r1: int, flat: bool = False) -> tuple[int, tuple[int, ...]]:

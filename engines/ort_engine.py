@@ -3,10 +3,19 @@ decode sessions, one copy of the weights in memory.
 
 With ``share_weights`` (the default) the engine reads ``weights.bin`` once into one buffer and hands
 each session its weights as zero-copy ``OrtValue`` views (``SessionOptions.add_initializer``); the
-graphs only ever read row ranges of stored tensors, so every view is contiguous. MatMul weight
-prepacking is turned off in that mode, since a prepacked weight is a private copy per session, and
-all sessions allocate activations from one process-wide arena (docs/engines.md has the
-measurements). Without sharing, each session loads its own weights.
+graphs only ever read row ranges of stored tensors, so every view is contiguous, and the row ranges
+of several budgets overlap in that one buffer (each byte is read once; rows no loaded budget uses are
+never read). MatMul weight prepacking is turned off in that mode, since a prepacked weight is a
+private copy per session, and all sessions allocate activations from one process-wide arena
+(docs/engines.md has the measurements). Without sharing, each session loads its own weights.
+
+A bf16-stored build computing in float32 (ONNX Runtime on a CPU has no bf16 MatMul) reads each
+weight through a ``Cast``. Left to itself ONNX Runtime constant-folds every Cast at session creation,
+a private float32 copy per session (6 sessions for 3 budgets: 12x the file); without folding it casts
+every weight on every call (6x slower decode, and the arena keeps the casts). So with sharing the
+engine upcasts once: the buffer holds float32 (twice the file's bytes, one copy for every session),
+and each graph is loaded with those initializers retyped float32 and their Casts removed (in memory;
+the files are unchanged). That is one weight copy per process, at the compute dtype.
 States stay ``OrtValue`` between decode steps (no numpy round trip).
 
 Two budgets in one generation (engines.schedule, engines.speculative) go through the same methods as
@@ -49,7 +58,10 @@ def external_initializers(path: Path, skip_prepacked: bool = False):
     """(name, offset, length, dims, onnx dtype) of each initializer stored in the weight file; with
     ``skip_prepacked``, not those MatMulNBits prepacks (its B and scales), which the session then reads
     from the file itself and frees once packed."""
-    proto = onnx.load(str(path), load_external_data=False)
+    return _external(onnx.load(str(path), load_external_data=False), skip_prepacked)
+
+
+def _external(proto, skip_prepacked: bool = False) -> list:
     packed = {x for n in proto.graph.node if n.op_type == "MatMulNBits" for x in n.input[1:3]} \
         if skip_prepacked else set()
     out = []
@@ -58,6 +70,46 @@ def external_initializers(path: Path, skip_prepacked: bool = False):
             kv = {e.key: e.value for e in t.external_data}
             out.append((t.name, int(kv.get("offset", 0)), int(kv["length"]), tuple(t.dims), t.data_type))
     return out
+
+
+def _upcast_to_float(proto) -> set[str]:
+    """Retype (in ``proto``) each external bfloat16 initializer read only through ``Cast(to=FLOAT)`` as
+    float32 and drop those Casts, their consumers reading the initializer instead. Returns the names."""
+    ext = {t.name: t for t in proto.graph.initializer
+           if t.data_location == TensorProto.EXTERNAL and t.data_type == TensorProto.BFLOAT16}
+    users: dict[str, list] = {}
+    for n in proto.graph.node:
+        for x in n.input:
+            if x in ext:
+                users.setdefault(x, []).append(n)
+
+    def to_float(n) -> bool:
+        return n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)
+
+    names = {x for x, ns in users.items() if all(to_float(n) for n in ns)}
+    outputs = {o.name for o in proto.graph.output}
+    rename = {n.output[0]: n.input[0] for n in proto.graph.node if to_float(n) and n.input[0] in names}
+    if not names or outputs & set(rename):
+        return set()
+    keep = [n for n in proto.graph.node if not (to_float(n) and n.input[0] in names)]
+    for n in keep:
+        n.input[:] = [rename.get(x, x) for x in n.input]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    for x in names:
+        ext[x].data_type = TensorProto.FLOAT
+    return names
+
+
+def _read_bf16_as_f32(path: Path, off: int, dst: np.ndarray, chunk: int = 4 << 20) -> None:
+    """bfloat16 values from ``path`` at byte ``off`` into ``dst`` (uint8 bytes of float32), in chunks:
+    a float32 is the bfloat16's 16 bits followed by 16 zero bits (exact)."""
+    out = dst.view(np.uint32)
+    with open(path, "rb") as f:
+        f.seek(off)
+        for i in range(0, out.size, chunk):
+            part = np.frombuffer(f.read(2 * min(chunk, out.size - i)), dtype=np.uint16)
+            np.left_shift(part.astype(np.uint32), 16, out=out[i:i + part.size])
 
 
 class OrtEngine:
@@ -79,18 +131,20 @@ class OrtEngine:
             if b not in names:
                 raise BudgetError(f"unknown budget {b!r}", field="budget", fix=f"use one of {names}")
         self._names = budgets or names
-        # bf16 builds: ORT on CPU upcasts every weight at load (Cast, constant-folded), so there is no
-        # stored buffer to share; each session holds its float32 copy.
-        self.share = share_weights and self.manifest["dtype"] == "float32"
+        stored, compute = self.manifest.get("dtype"), self.manifest.get("compute_dtype", "float32")
+        # float32 weights are shared as stored; bf16 ones computing in float32, upcast once (scale 2: each
+        # entry at twice its file offset, offsets staying aligned); bf16 compute (a TensorRT build) is not
+        # shared: ONNX Runtime on a CPU runs it only through its own casts
+        self._scale = {("float32", "float32"): 1, ("bfloat16", "float32"): 2}.get((stored, compute))
+        self.share = share_weights and self._scale is not None
         # quantized builds (elastic_export.onnx_quant): MatMulNBits is fast only on the weights it prepacks
-        # at session creation, a private copy per session; every other weight is still shared
+        # at session creation, a private copy per session, read by the session from the file itself (never
+        # into the shared buffer); every other weight is still shared
         self.quant = self.manifest.get("quant")
         self.threads = threads
-        wpath = self.dir / self.manifest["weights"]["file"]
-        # a quantized build's MatMulNBits weights live in the sessions' prepacked copies: map the file so
-        # that only the pages the shared initializers use become resident
-        self.buffer = None if not self.share else np.memmap(wpath, dtype=np.uint8, mode="c") if self.quant \
-            else np.fromfile(wpath, dtype=np.uint8)
+        self.weights_path = self.dir / self.manifest["weights"]["file"]
+        self.buffer = None  # the shared weights (uint8), allocated lazily: pages are touched as budgets load
+        self._filled: list[tuple[int, int]] = []  # byte intervals of the buffer read so far, merged
         self._values = {}  # initializer name -> OrtValue view of the buffer (one per name for all sessions)
         self.sessions: dict[str, dict] = {}
         if preload:
@@ -121,17 +175,71 @@ class OrtEngine:
         sess = {}
         for kind, fname in self.manifest["budgets"][name]["graphs"].items():
             so = self._options()
-            if self.share:
-                for init, off, length, dims, dt in external_initializers(self.dir / fname, bool(self.quant)):
-                    if dt == TensorProto.FLOAT8E4M3FN:  # no OrtValue from a float8 numpy array: the session reads it
-                        continue
-                    if init not in self._values:
-                        arr = self.buffer[off:off + length].view(NP_OF[dt]).reshape(dims)
-                        self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr)
-                    so.add_initializer(init, self._values[init])
-            sess[kind] = self.ort.InferenceSession(str(self.dir / fname), so, providers=["CPUExecutionProvider"])
+            if not self.share:
+                sess[kind] = self.ort.InferenceSession(str(self.dir / fname), so, providers=["CPUExecutionProvider"])
+                continue
+            proto = onnx.load(str(self.dir / fname), load_external_data=False)
+            upcast = _upcast_to_float(proto) if self._scale == 2 else set()
+            for init, off, length, dims, dt in _external(proto, bool(self.quant)):
+                if dt == TensorProto.FLOAT8E4M3FN:  # no OrtValue from a float8 numpy array: the session reads it
+                    continue
+                if dt not in NP_OF and init not in upcast:
+                    raise CheckpointError(f"reads {init!r} as stored ({dt}), not through a Cast to float32",
+                                          path=self.dir / fname, fix="rebuild with elastic-export build, or "
+                                          "open the engine with share_weights=False")
+                if init not in self._values:
+                    self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(self._weights(init, off, length, dims, dt,
+                                                                                           init in upcast))
+                so.add_initializer(init, self._values[init])
+            if upcast:  # a graph retyped in memory: ONNX Runtime resolves its (overridden) external data here
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.dir))
+                sess[kind] = self.ort.InferenceSession(proto.SerializeToString(), so,
+                                                       providers=["CPUExecutionProvider"])
+            else:
+                sess[kind] = self.ort.InferenceSession(str(self.dir / fname), so, providers=["CPUExecutionProvider"])
         self.sessions[name] = sess
         return sess
+
+    # ---- the one weight buffer -----------------------------------------------------------------
+    def _weights(self, init: str, off: int, length: int, dims: tuple, dt: int, upcast: bool) -> np.ndarray:
+        """The view of the shared buffer that holds one initializer (bytes [off, off + length) of the
+        weight file), read (and for ``upcast``, bfloat16 -> float32) on first use."""
+        if self.buffer is None:  # np.empty only reserves: rows that no loaded budget reads are never touched
+            self.buffer = np.empty(self.weights_path.stat().st_size * self._scale, dtype=np.uint8)
+        s = self._scale
+        if upcast:
+            dst = self.buffer[s * off:s * off + 2 * length]
+        else:
+            dst = self.buffer[s * off:s * off + length]
+        for a, b in self._gaps(s * off, s * off + dst.nbytes):
+            if upcast:
+                _read_bf16_as_f32(self.weights_path, off + (a - s * off) // 2, self.buffer[a:b])
+            else:
+                with open(self.weights_path, "rb") as f:
+                    f.seek(off + (a - s * off))
+                    f.readinto(memoryview(self.buffer[a:b]))
+        elem = np.float32 if upcast else NP_OF[dt]
+        return dst.view(elem).reshape(dims)
+
+    def _gaps(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Parts of [a, b) not read yet; marks all of [a, b) as read."""
+        gaps, pos = [], a
+        for x, y in self._filled:
+            if y <= pos or x >= b:
+                continue
+            if x > pos:
+                gaps.append((pos, x))
+            pos = max(pos, y)
+        if pos < b:
+            gaps.append((pos, b))
+        merged = []
+        for x, y in sorted(self._filled + [(a, b)]):
+            if merged and x <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], y))
+            else:
+                merged.append((x, y))
+        self._filled = merged
+        return gaps
 
     def set_budget(self, name: str) -> None:
         if name not in self._names:

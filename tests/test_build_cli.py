@@ -191,3 +191,17 @@ def test_run_refuses_a_modified_build(nested, tmp_path):
         f.write(b"\x01\x02")
     r = _run("run", out, "--prompt", "x", "--max-new-tokens", "2")
     assert r.exit_code == 2 and "SHA-256" in r.output
+
+
+def test_build_storage_and_compute_dtypes_are_separate(nested, tmp_path):
+    """--dtype (stored) follows the source unless given; --compute-dtype is the graphs' arithmetic."""
+    ck, _ = nested
+    r = _run("build", ck, "--budget", "b1", "--target", "onnx", "--compute-dtype", "bf16", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert (m["dtype"], m["compute_dtype"], m["source_dtype"]) == ("float32", "bfloat16", "float32")
+    from validation.validate import build_precision
+
+    assert build_precision(m) == "bf16"
+    assert build_precision({**m, "dtype": "bfloat16", "compute_dtype": "float32", "source_dtype": "bfloat16"}) == "fp32"
+    assert build_precision({**m, "dtype": "bfloat16", "compute_dtype": "float32", "source_dtype": "float32"}) == "bf16"

@@ -8,9 +8,15 @@ A :class:`Backend` has ``name``, ``precision`` ('fp32' or 'bf16'), ``budgets`` (
 the runtimes' details.
 
 - ``torch``: the elastic forward of the nested weights (:class:`TorchElastic`): the reference.
-  As a backend (not the reference) it checks that cached decode steps match the prefill.
+  As a backend (not the reference) it checks that cached decode steps match the prefill; it is the
+  reference's own computation, so its row is derived from the reference's outputs (:data:`TWIN`).
 - ``sliced``: each budget cut into a standalone checkpoint by ``elastic_export.slicing.slice_budget``,
-  written and read back (:class:`Sliced`), run with no subnet.
+  written and read back (:class:`Sliced`), run with no subnet, one budget held at a time.
+
+Memory (issue 13): every torch backend computes in float32 over the weights *as stored*. A bf16 model
+is not copied to float32: :func:`forward_f32` upcasts one layer's views at a time (bf16 -> float32 is
+exact, so the logits are those of a float32 copy), at the cost of converting the weights once per
+forward call. Backends are built one at a time and closed before the next (:class:`Lazy`).
 - ``torch-engine``, ``ort-<mode>``, ``trt``: engines (``engines.*``, issues 5 and 6) wrapped by
   :class:`EngineBackend`; their numpy or torch outputs and logits shapes are normalized here.
 """
@@ -22,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from elastic_export import elastic
 from elastic_export.elastic import Subnet
 from elastic_export.errors import BudgetError
 
@@ -82,11 +90,103 @@ class Backend:
                               fix=f"use one of {self.budgets}")
 
 
+# ---- float32 arithmetic over weights stored in bf16 -------------------------------------------------
+
+class Upcast:
+    """float32 copies of a layer's weight views, written into one reused buffer: a fresh allocation per
+    call would cost the page faults of every byte again (3x the copy itself, measured), and the buffer
+    never holds more than the largest layer (or LOGIT_ROWS rows of the LM head)."""
+
+    def __init__(self):
+        self.buf = torch.empty(0)
+        self.pos = 0
+
+    def __call__(self, x, start: bool = True):
+        """``x``: a tensor or a (nested) NamedTuple of views -> the same with float32 tensors."""
+        if start:
+            need = sum(-(-t.numel() // 16) * 16 for t in _leaves(x) if _lower(t))
+            if self.buf.numel() < need:
+                self.buf = torch.empty(need, device=_device(x))
+            self.pos = 0
+        if isinstance(x, torch.Tensor):
+            if not _lower(x):
+                return x
+            out = self.buf[self.pos:self.pos + x.numel()].view(x.shape)
+            self.pos += -(-x.numel() // 16) * 16  # 64-byte aligned
+            return out.copy_(x)
+        if isinstance(x, tuple):
+            items = [self(t, start=False) for t in x]
+            return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+        return x
+
+
+def _lower(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32
+
+
+def _leaves(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, tuple):
+        for t in x:
+            yield from _leaves(t)
+
+
+def _device(x):
+    return next(iter(_leaves(x))).device
+
+
+LOGIT_ROWS = 8192  # vocabulary rows of the LM head upcast at a time
+
+
+def upcast_fits(model) -> bool:
+    """Whether :func:`forward_f32` can run ``model``: every tensor its layers read comes through their
+    views (a Mamba input-projection bias is read from the module itself)."""
+    return not model.config.mamba_proj_bias
+
+
+@torch.no_grad()
+def forward_f32(model, input_ids: torch.Tensor, subnet: Subnet | None = None, cache=None,
+                attention_mask: torch.Tensor | None = None, upcast: Upcast | None = None) -> torch.Tensor:
+    """``model(input_ids, subnet, cache, attention_mask)`` computed in float32 whatever the stored dtype:
+    the model's own layers (``apply_layer``) on float32 copies of one layer's weight views at a time,
+    the LM head LOGIT_ROWS rows at a time. Memory: the stored weights plus one layer in float32 (in
+    ``upcast``'s buffer, reused from call to call)."""
+    up = upcast or Upcast()
+    subnet, views = model.layer_views(subnet)
+    d = subnet.hidden
+    b, l = input_ids.shape
+    if cache is not None:  # the masks exactly as NemotronHForCausalLM.hidden_states builds them
+        key_mask = cache.extend_mask(attention_mask, b, l, input_ids.device)
+    elif attention_mask is not None and not bool(attention_mask.all()):
+        key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    else:
+        key_mask = None
+    new_mask = None if key_mask is None else key_mask[:, -l:]
+    if new_mask is not None and bool(new_mask.all()):
+        new_mask = None
+    h = F.embedding(input_ids, elastic.embedding_view(model.backbone.embeddings.weight, d)).float()
+    for i, v in enumerate(views):
+        if v is not None:
+            h = model.apply_layer(i, h, up(v), cache, new_mask, key_mask)
+    if cache is not None:
+        cache.seen += l
+        if cache.windows is not None:
+            cache.window_len = l
+    h = model.final_norm(h)
+    W = elastic.embedding_view(model.lm_head_weight, d)  # [V, d]
+    return torch.cat([F.linear(h, up(W[r:r + LOGIT_ROWS])) for r in range(0, W.shape[0], LOGIT_ROWS)], dim=-1)
+
+
 class TorchElastic(Backend):
-    """The elastic forward over views of the one weight copy (the reference when float32)."""
+    """The elastic forward over views of the one weight copy (the reference when float32).
+
+    ``dtype`` is the arithmetic. float32 over a model stored otherwise runs :func:`forward_f32` (no
+    float32 copy of the weights); another dtype runs the model as stored (``model.dtype``)."""
 
     def __init__(self, model, budgets: dict[str, Subnet], name: str = "torch", dtype=torch.float32):
-        self.model = (model if model.dtype == dtype else copy.deepcopy(model).to(dtype)).eval()
+        self.upcast = dtype == torch.float32 and model.dtype != torch.float32 and upcast_fits(model)
+        self.model = (model if model.dtype == dtype or self.upcast else copy.deepcopy(model).to(dtype)).eval()
         self.subnets = dict(budgets)
         self.budgets = list(budgets)
         self.name = name
@@ -99,47 +199,112 @@ class TorchElastic(Backend):
         self.subnet = self.subnets[name]
         self.cache = None
 
-    @torch.no_grad()
-    def prefill(self, ids, attention_mask=None):
-        self.cache = self.model.new_cache()
+    def _forward(self, ids, attention_mask=None):
+        if self.upcast:
+            if getattr(self, "_upcast", None) is None:
+                self._upcast = Upcast()
+            return forward_f32(self.model, ids, self.subnet, self.cache, attention_mask, self._upcast)
         return self.model(ids, subnet=self.subnet, cache=self.cache, attention_mask=attention_mask).float()
 
     @torch.no_grad()
+    def prefill(self, ids, attention_mask=None):
+        self.cache = self.model.new_cache()
+        return self._forward(ids, attention_mask)
+
+    @torch.no_grad()
     def decode(self, ids):
-        return self.model(ids, subnet=self.subnet, cache=self.cache).float()
+        return self._forward(ids)
 
 
 class Sliced(TorchElastic):
     """Each budget as a standalone checkpoint (``slice_fn(model, subnet)``), one held at a time.
 
     ``via_disk``: write the slice with ``save_pretrained`` and read it back with
-    ``elastic_export.load``, so the checkpoint users get (HF head order, config) is what runs.
+    ``elastic_export.load``, so the checkpoint users get (HF head order, config) is what runs. The slice
+    stays at the parent's stored dtype; ``dtype`` is the arithmetic, as for :class:`TorchElastic`.
+    :meth:`write_all` cuts every budget to disk first (one in memory at a time) and lets go of the
+    parent: from then on the backend holds one slice and nothing else (validate frees the parent's
+    weights in between). Otherwise each budget is cut when set: the parent plus one slice.
     """
 
     def __init__(self, model, budgets: dict[str, Subnet], slice_fn: Callable | None = None, name: str = "sliced",
                  dtype=torch.float32, via_disk: bool = True):
-        super().__init__(model, budgets, name)  # the float32 parent; each slice is cast to dtype
+        super().__init__(model, budgets, name, dtype)
         if slice_fn is None:
             from elastic_export.slicing import slice_budget as slice_fn
         self.slice_fn = slice_fn
         self.parent = self.model
         self.dtype = dtype
         self.via_disk = via_disk
+        self._dir = None  # a TemporaryDirectory holding every budget's slice, after write_all()
+
+    def _write(self, name: str, root: str) -> None:
+        model = self.slice_fn(self.parent, self.subnets[name])
+        model.save_pretrained(f"{root}/{name}")
+        del model
+        release_memory()
+
+    def write_all(self) -> "Sliced":
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="ee-validate-slices-")
+        for name in self.subnets:
+            self._write(name, self._dir.name)
+        self.model = self.parent = None
+        return self
 
     def set_budget(self, name: str) -> None:
         self._check(name)
-        model = self.slice_fn(self.parent, self.subnets[name])
-        if self.via_disk:
+        self.model = self.parent  # drop the previous budget's slice before the next
+        release_memory()
+        if self._dir is not None or self.via_disk:
             import tempfile
 
             from elastic_export import load
 
-            with tempfile.TemporaryDirectory(prefix="ee-validate-slice-") as tmp:
-                model.save_pretrained(f"{tmp}/{name}")
-                model = load(f"{tmp}/{name}")
-        self.model = model.to(self.dtype).eval()
+            if self._dir is not None:
+                model = load(f"{self._dir.name}/{name}")
+            else:
+                with tempfile.TemporaryDirectory(prefix="ee-validate-slice-") as tmp:
+                    self._write(name, tmp)
+                    model = load(f"{tmp}/{name}")
+        else:
+            model = self.slice_fn(self.parent, self.subnets[name])
+        self.upcast = self.dtype == torch.float32 and model.dtype != torch.float32 and upcast_fits(model)
+        self.model = (model if model.dtype == self.dtype or self.upcast else model.to(self.dtype)).eval()
         self.subnet = None
         self.cache = None
+
+    def close(self) -> None:
+        self.model = self.parent = self._upcast = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise, and a
+    freed slice or weight buffer would still count as resident)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+TWIN = "torch"  # the backend that is the reference's own computation (see run_parity)
+
+
+@dataclass
+class Lazy:
+    """A backend built when its turn comes (``make()``) and closed after its last budget, so that
+    validation holds one backend at a time. ``make`` None: the reference's twin (:data:`TWIN`)."""
+    name: str
+    precision: str
+    make: Callable[[], "Backend"] | None
 
 
 class EngineBackend(Backend):
@@ -207,7 +372,7 @@ def available(family: Family) -> list[str]:
 
 def make_backend(name: str, family: Family) -> Backend:
     """Construct one backend by name (see :func:`available`)."""
-    if name == "torch":
+    if name == TWIN:
         return TorchElastic(family.model, family.budgets)
     if name == "sliced":
         if not slicing_available():

@@ -37,7 +37,7 @@ class EvalData:
     tokenizer: object = field(repr=False, default=None)
 
 
-def make_eval_data(tokenizer, vocab_size: int, n_tasks: int = 16, seq_len: int = 64, n_rows: int = 4,
+def make_eval_data(tokenizer, vocab_size: int, n_tasks: int = 8, seq_len: int = 64, n_rows: int = 4,
                    n_prompts: int = 4, greedy_tokens: int = 16, decode_steps: int = 8,
                    extra_text: list[str] | None = None) -> EvalData:
     """Held-out rows, tasks and prompts from the tokenizer; deterministic."""
@@ -133,37 +133,77 @@ def compare(out: dict, ref: dict, data: EvalData) -> dict[str, float]:
     }
 
 
-def run_parity(reference: Backend, backends: list[Backend], data: EvalData, limits: dict[str, dict[str, float]],
-               budgets: list[str] | None = None, with_tasks: bool = True, progress: bool = True) -> dict:
-    """Every backend x budget against the reference. Returns {"reference": {budget: {...}}, "rows": [...]}.
+def run_parity(reference: Backend | None, backends: list, data: EvalData, limits: dict[str, dict[str, float]],
+               budgets: list[str] | None = None, with_tasks: bool = True, progress: bool = True,
+               refs: dict | None = None) -> dict:
+    """Every backend x budget against the reference. Returns {"reference": {budget: {...}}, "rows": [...],
+    "refs": the reference's raw outputs per budget}; ``refs`` from an earlier call replaces running the
+    reference (``reference`` may then be None).
 
+    ``backends``: Backend objects, or :class:`validation.backends.Lazy` ones, each built when its turn
+    comes and closed after its last budget (one backend in memory at a time); a Lazy that fails to
+    build fails every row, and one named :data:`~validation.backends.TWIN` with no ``make`` (the
+    reference's own computation) is judged on the reference's outputs instead of running them again.
     Each row: backend, budget, precision, metrics, ``failed`` (list of failed checks), ``passed``.
     """
     from tqdm.auto import tqdm
 
+    from .backends import Lazy, release_memory
+
     budgets = budgets or list(reference.budgets)
-    refs: dict[str, dict] = {}
     rows = []
-    work = [(None, b) for b in budgets] + [(be, b) for be in backends for b in budgets]
-    bar = tqdm(work, desc="parity", unit="run", disable=not progress, leave=False)
-    for be, budget in bar:
-        if be is None:
+    bar = tqdm(total=len(budgets) * ((refs is None) + len(backends)), desc="parity", unit="run", disable=not progress,
+               leave=False)
+    if refs is None:
+        refs = {}
+        for budget in budgets:
             bar.set_postfix_str(f"reference {budget}")
             refs[budget] = measure(reference, budget, data, with_tasks)
+            bar.update()
+    for item in backends:
+        name = item.name
+        precision = item.precision
+        if isinstance(item, Lazy) and item.make is None:  # the reference's twin: its outputs are the reference's
+            for budget in budgets:
+                m = compare(refs[budget], refs[budget], data)
+                failed = check(m, limits[precision])
+                rows.append({"backend": name, "budget": budget, "precision": precision, "metrics": m,
+                             "failed": failed, "passed": not failed})
+                bar.update()
             continue
-        bar.set_postfix_str(f"{be.name} {budget}")
-        if budget not in be.budgets:
-            rows.append({"backend": be.name, "budget": budget, "precision": be.precision, "metrics": {},
-                         "failed": [f"budget missing from {be.name}"], "passed": False})
-            continue
+        if isinstance(item, Lazy):
+            bar.set_postfix_str(f"loading {name}")
+            try:
+                be = item.make()
+            except Exception as e:  # an artefact that does not even load fails validation, it does not crash it
+                msg = f"could not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rows += [{"backend": name, "budget": b, "precision": precision, "metrics": {}, "failed": [msg],
+                          "passed": False} for b in budgets]
+                bar.update(len(budgets))
+                continue
+        else:
+            be = item
         try:
-            m = compare(measure(be, budget, data, with_tasks), refs[budget], data)
-            failed = check(m, limits[be.precision])
-        except Exception as e:  # a backend that crashes fails its row; the report says why
-            m, failed = {}, [f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]]
-        rows.append({"backend": be.name, "budget": budget, "precision": be.precision, "metrics": m,
-                     "failed": failed, "passed": not failed})
+            for budget in budgets:
+                bar.set_postfix_str(f"{name} {budget}")
+                bar.update()
+                if budget not in be.budgets:
+                    rows.append({"backend": name, "budget": budget, "precision": be.precision, "metrics": {},
+                                 "failed": [f"budget missing from {name}"], "passed": False})
+                    continue
+                try:
+                    m = compare(measure(be, budget, data, with_tasks), refs[budget], data)
+                    failed = check(m, limits[be.precision])
+                except Exception as e:  # a backend that crashes fails its row; the report says why
+                    m, failed = {}, [f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]]
+                rows.append({"backend": name, "budget": budget, "precision": be.precision, "metrics": m,
+                             "failed": failed, "passed": not failed})
+        finally:
+            if isinstance(item, Lazy):
+                be.close()
+                del be
+                release_memory()
     bar.close()
     reference_summary = {b: {"ppl": r["ppl"], "loss": math.log(r["ppl"]), "task_acc": r["task_acc"]}
                          for b, r in refs.items()}
-    return {"reference": reference_summary, "rows": rows}
+    return {"reference": reference_summary, "rows": rows, "refs": refs}

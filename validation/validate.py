@@ -17,7 +17,7 @@ import torch
 
 from elastic_export.errors import CheckpointError, ConfigError
 
-from .backends import Family, available, make_backend, reference
+from .backends import TWIN, Family, Lazy, Sliced, available, make_backend, reference, release_memory
 from .parity import make_eval_data, run_parity
 from .thresholds import THRESHOLDS, thresholds as apply_overrides
 
@@ -38,9 +38,10 @@ def _tokenizer(path: Path | None, vocab_size: int):
 
 
 def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Family:
-    """A Family (float32 reference weights, budgets, tokenizer, engines) from a nested checkpoint, a
-    build directory (its source nested checkpoint is the reference) or an HF checkpoint (one budget);
-    None: the shipped default model.
+    """A Family (the weights as stored, budgets, tokenizer, engines) from a nested checkpoint, a build
+    directory (its source nested checkpoint is the reference) or an HF checkpoint (one budget); None:
+    the shipped default model. The weights are loaded once, at their stored dtype (a bf16 checkpoint
+    is not copied to float32: the float32 reference upcasts a layer at a time, backends.forward_f32).
 
     ``builds``: further build directories (ONNX or TensorRT) whose engines join the comparison.
     """
@@ -65,7 +66,7 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
         fam.budgets = {b: fam.budgets[b] for b in fam.budgets if b in manifest.get("budgets", fam.budgets)}
         attach_build(fam, path, manifest)
     elif is_nested(path):
-        ckpt = load_nested(path, dtype=torch.float32)
+        ckpt = load_nested(path)
         fam = Family(ckpt.model, dict(ckpt.budgets), _tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size),
                      path=str(path))
         fam.engines.update(_torch_engine(fam))
@@ -73,7 +74,7 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
     elif (path / "config.json").is_file():
         from elastic_export import full_subnet, load
 
-        model = load(path, dtype=torch.float32)
+        model = load(path)
         fam = Family(model, {"full": full_subnet(model.config)},
                      _tokenizer(path / "tokenizer", model.config.vocab_size), path=str(path))
         fam.engines.update(_torch_engine(fam))
@@ -122,7 +123,7 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     if missing:
         raise CheckpointError(f"holds budgets {missing} that the nested checkpoint does not have", path=path,
                               field="budgets", fix="validate the build against the checkpoint it was built from")
-    precision = precision_name(manifest.get("dtype", "float32"))
+    precision = build_precision(manifest)
     suffix = "" if precision == "fp32" else f"-{precision}"
 
     if manifest.get("quant"):  # a quantized build (onnx_quant): its format's thresholds
@@ -139,12 +140,30 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     fam.build = fam.build or str(path)
 
 
+def build_precision(manifest: dict) -> str:
+    """The thresholds a build is judged with: ``bf16`` when it computes in bf16 or stores weights rounded
+    to bf16 from a float32 source; a bf16 build of a bf16 checkpoint computing in float32 holds the
+    checkpoint's own numbers and is judged as float32 (builds that predate ``source_dtype``: as stored)."""
+    from .thresholds import precision_name
+
+    stored = precision_name(manifest.get("dtype", "float32"))
+    compute = precision_name(manifest.get("compute_dtype", manifest.get("dtype", "float32")))
+    source = manifest.get("source_dtype")
+    if compute == "bf16" or (stored == "bf16" and (source is None or precision_name(source) != "bf16")):
+        return "bf16"
+    return "fp32"
+
+
 def _torch_engine(fam: Family) -> dict:
+    """The torch engine on the family's own weights (no copy), computing at their stored dtype."""
     try:
         from engines.torch_engine import TorchEngine
     except ImportError:
         return {}
-    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets, threads=fam.threads), "fp32")}
+    from .thresholds import precision_name
+
+    return {"torch-engine": (lambda: TorchEngine(fam.model, fam.budgets, threads=fam.threads),
+                             precision_name(fam.model.dtype))}
 
 
 def _ort_engine(path: Path, threads: int | None = None):
@@ -160,7 +179,8 @@ def _trt_engine(path: Path):
 
 
 def _ort_exports(fam: Family) -> dict:
-    """ONNX Runtime per SSM mode, each built from the nested checkpoint into a temporary directory."""
+    """ONNX Runtime per SSM mode, each built from the nested checkpoint into a temporary directory (at the
+    checkpoint's stored dtype, computing in float32: judged as float32)."""
     try:
         import onnxruntime  # noqa: F401
         from elastic_export.build import build  # noqa: F401
@@ -175,7 +195,7 @@ def _ort_from_export(fam: Family, mode: str):
     from elastic_export.build import build
 
     tmp = tempfile.TemporaryDirectory(prefix=f"ee-validate-{mode}-")
-    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode, dtype="fp32"), fam.threads)
+    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode), fam.threads)
     engine._validation_tmp = tmp  # the directory lives as long as the engine
     return engine
 
@@ -197,9 +217,15 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
              device: str | None = None, context: int = 8192, batch: int = 1,
              overrides: dict[str, dict[str, float]] | None = None, measure_memory: bool = True,
              budgets: list[str] | None = None, progress: bool = True, eval_kwargs: dict | None = None,
-             memory_isolation: str | None = None, threads: int | None = None) -> dict:
+             memory_isolation: str | None = None, threads: int | None = None, release: bool = False) -> dict:
     """Run every check and (with ``report_dir``) write the report. Returns the report dict; its
-    ``passed`` is False when any backend fails a threshold."""
+    ``passed`` is False when any backend fails a threshold.
+
+    Order: the float32 reference on every budget, the torch backends (they read ``family.model``),
+    memory parity, then the engines over built artefacts (ONNX Runtime, TensorRT), which read their own
+    weights. ``release`` (the command line, which owns the family) frees ``family.model``'s weights
+    before the engines run, so that the process never holds the torch copy and an engine's together;
+    the model keeps its config, on the meta device."""
     from elastic_export.accounting import count_params
 
     limits = apply_overrides(overrides)
@@ -211,15 +237,18 @@ def validate(family: Family, report_dir: str | Path | None = None, backends: lis
         family.threads = threads
         try:
             return _validate(family, report_dir, backends, device, context, batch, limits, measure_memory, budgets,
-                             progress, eval_kwargs, memory_isolation)
+                             progress, eval_kwargs, memory_isolation, release)
         finally:
             torch.set_num_threads(before)
     return _validate(family, report_dir, backends, device, context, batch, limits, measure_memory, budgets,
-                     progress, eval_kwargs, memory_isolation)
+                     progress, eval_kwargs, memory_isolation, release)
+
+
+TORCH_BACKENDS = ("torch", "sliced", "torch-engine")  # those that read family.model
 
 
 def _validate(family, report_dir, backends, device, context, batch, limits, measure_memory, budgets, progress,
-              eval_kwargs, memory_isolation) -> dict:
+              eval_kwargs, memory_isolation, release=False) -> dict:
     from elastic_export import __version__
     from elastic_export.accounting import count_params, moe_summary
 
@@ -249,31 +278,38 @@ def _validate(family, report_dir, backends, device, context, batch, limits, meas
             raise ConfigError(f"unknown budget {b!r}", field="--budget", fix=f"use one of {list(family.budgets)}")
     cfg = family.model.config
     data = make_eval_data(family.tokenizer, cfg.vocab_size, **(eval_kwargs or {}))
-    built, broken = [], []
-    for n in names:
-        say(f"loading backend {n}")
-        try:
-            built.append(make_backend(n, family))
-        except Exception as e:  # an artefact that does not even load fails validation, it does not crash it
-            msg = f"could not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            prec = family.engines[n][1] if n in family.engines else "fp32"
-            broken += [{"backend": n, "budget": b, "precision": prec, "metrics": {}, "failed": [msg],
-                        "passed": False} for b in budget_names]
-    try:
-        parity = run_parity(reference(family), built, data, limits, budget_names, progress=progress)
-    finally:
-        for be in built:
-            be.close()
-    parity["rows"] += broken
+    lazies = []
+    for n in names:  # built one at a time inside run_parity, each closed before the next
+        prec = family.engines[n][1] if n in family.engines else "fp32"
+        lazies.append(Lazy(n, prec, None if n == TWIN else (lambda n=n: make_backend(n, family))))
+    say(f"comparing {', '.join(names)} with the float32 reference on {len(budget_names)} budget(s)")
+    first = [lz for lz in lazies if lz.name in TORCH_BACKENDS and lz.name != "sliced"]
+    parity = run_parity(reference(family), first, data, limits, budget_names, progress=progress)
 
     mem = None
     if measure_memory:
         say("measuring memory: one process serving every budget, one process per standalone budget")
-        # device memory on a GPU (bf16 there, as served), resident memory on the CPU (float32)
+        # device memory on a GPU (bf16 there, as served), resident memory on the CPU (as stored)
         on_gpu = torch.cuda.is_available()
         mem = memory_lib.memory_parity(family.model, {b: family.budgets[b] for b in budget_names},
-                                       torch.bfloat16 if on_gpu else torch.float32, nested_dir=family.path,
+                                       torch.bfloat16 if on_gpu else family.model.dtype, nested_dir=family.path,
                                        measure=True, device="cuda" if on_gpu else "cpu", isolation=memory_isolation)
+    rest = [lz for lz in lazies if lz not in first]
+    if "sliced" in names:  # cut every budget to disk while the parent is here; run them after it is gone
+        say("slicing every budget to a temporary directory")
+        try:
+            sliced = Sliced(family.model, {b: family.budgets[b] for b in budget_names}).write_all()
+            make = lambda: sliced  # noqa: E731
+        except Exception as e:  # noqa: BLE001 - a slicer that fails fails the sliced rows
+            make = lambda e=e: (_ for _ in ()).throw(e)  # noqa: E731
+        rest = [Lazy("sliced", "fp32", make) if lz.name == "sliced" else lz for lz in rest]
+    if rest:
+        if release:
+            family.model.to("meta")  # the weights go; config and structure stay
+            release_memory()
+        more = run_parity(None, rest, data, limits, budget_names, progress=progress, refs=parity.pop("refs"))
+        parity["rows"] += more["rows"]
+    parity.pop("refs", None)
     plan = planner.plan(cfg, {b: family.budgets[b] for b in budget_names}, [device] if device else
                         list(planner.PROFILES), context, batch, dtypes=("bfloat16", "float32"))
 
@@ -289,7 +325,7 @@ def _validate(family, report_dir, backends, device, context, batch, limits, meas
         "eval": {"rows": list(data.rows.shape), "decode_steps": data.decode_steps, "n_tasks": len(data.tasks),
                  "task_source": data.task_source, "greedy_tokens": data.greedy_tokens},
         "thresholds": {p: limits[p] for p in THRESHOLDS},
-        "backends": [be.name for be in built] + list(dict.fromkeys(r["backend"] for r in broken)),
+        "backends": list(dict.fromkeys(r["backend"] for r in parity["rows"])),
         "skipped_backends": skipped,
         "reference": parity["reference"],
         "parity": parity["rows"],
