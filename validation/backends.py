@@ -230,18 +230,21 @@ class Sliced(TorchElastic):
     def __init__(self, model, budgets: dict[str, Subnet], slice_fn: Callable | None = None, name: str = "sliced",
                  dtype=torch.float32, via_disk: bool = True):
         super().__init__(model, budgets, name, dtype)
-        if slice_fn is None:
-            from elastic_export.slicing import slice_budget as slice_fn
-        self.slice_fn = slice_fn
+        self.slice_fn = slice_fn  # None: the package's slicer, written tensor by tensor (slicing.save_slice)
         self.parent = self.model
         self.dtype = dtype
         self.via_disk = via_disk
         self._dir = None  # a TemporaryDirectory holding every budget's slice, after write_all()
 
     def _write(self, name: str, root: str) -> None:
-        model = self.slice_fn(self.parent, self.subnets[name])
-        model.save_pretrained(f"{root}/{name}")
-        del model
+        if self.slice_fn is None:  # streamed from the parent's views: no sliced model beside the parent
+            from elastic_export.slicing import save_slice
+
+            save_slice(self.parent, self.subnets[name], f"{root}/{name}")
+        else:
+            model = self.slice_fn(self.parent, self.subnets[name])
+            model.save_pretrained(f"{root}/{name}")
+            del model
         release_memory()
 
     def write_all(self) -> "Sliced":
@@ -269,7 +272,12 @@ class Sliced(TorchElastic):
                     self._write(name, tmp)
                     model = load(f"{tmp}/{name}")
         else:
-            model = self.slice_fn(self.parent, self.subnets[name])
+            if self.slice_fn is None:
+                from elastic_export.slicing import slice_budget
+
+                model = slice_budget(self.parent, self.subnets[name])
+            else:
+                model = self.slice_fn(self.parent, self.subnets[name])
         self.upcast = self.dtype == torch.float32 and model.dtype != torch.float32 and upcast_fits(model)
         self.model = (model if model.dtype == self.dtype or self.upcast else model.to(self.dtype)).eval()
         self.subnet = None
