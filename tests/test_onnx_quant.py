@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from elastic_export import onnx_quant, quant
-from elastic_export.build import build, load_family
+from elastic_export.build import build, load_family, read_build
+from elastic_export.errors import ConfigError
 from elastic_export.cli import main
 from elastic_export.elastic import LayerWidths, Subnet, full_subnet
 from elastic_export.onnx_export import export_family
@@ -253,4 +254,21 @@ def test_validate_judges_a_quantized_build_by_its_format(tmp_path):
     assert row["precision"] == "int4" and row["budget"] == "50pct"
     assert 0 < row["metrics"]["ppl_rel_delta"] < 0.05 and row["passed"]
     write_report(rep, tmp_path / "report")
-    assert "Quantized vs float32" in (tmp_path / "report" / "report.md").read_text()
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Quantized vs float32" in text and "within 5%" in text
+
+
+def test_build_from_a_quantized_nested_checkpoint_reads_its_codes(tmp_path):
+    """`quantize` then `build` (the real QuantizedNemotronH, not a stand-in): the same weights.bin as
+    quantizing the float source at build time, and the engine runs it."""
+    from elastic_export.build import default_model_path
+    from elastic_export.qcheckpoint import quantize_nested
+
+    spec = quant.QuantSpec("int4")
+    quantize_nested(default_model_path(), tmp_path / "q4", spec)
+    a = build(tmp_path / "q4", tmp_path / "from_codes", quant=None, budgets=["50pct"])
+    b = build(None, tmp_path / "from_float", quant="int4", budgets=["50pct"])
+    assert read_build(a)["quant"] == read_build(b)["quant"]
+    assert (a / "weights.bin").read_bytes() == (b / "weights.bin").read_bytes()
+    with pytest.raises(ConfigError, match="quantized to int4"):
+        build(tmp_path / "q4", tmp_path / "other", quant="int8", budgets=["50pct"])

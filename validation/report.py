@@ -231,13 +231,16 @@ def markdown(report: dict) -> str:
     quant = [r for r in report["parity"] if r["precision"] in QUANT_FORMATS and r["metrics"].get("ppl")]
     if quant:  # issue 14: the held-out loss change of each quantized build against float32
         out += ["", "### Quantized vs float32 (held-out text)", "",
-                "| backend | budget | format | ppl float32 | ppl quantized | ppl change | loss change | result |",
+                "| backend | budget | format | ppl float32 | ppl quantized | ppl change | loss change | ppl bound |",
                 "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
-        for r in quant:
+        for r in quant:  # judged here on the perplexity bound alone (the row above has every other criterion)
             m = r["metrics"]
+            bound = report["thresholds"].get(r["precision"], {}).get("max_ppl_rel_delta")
+            verdict = "-" if bound is None else (f"within {100 * bound:g}%" if abs(m["ppl"] / m["ppl_ref"] - 1) <= bound
+                                                 else f"OVER {100 * bound:g}%")
             out.append(f"| {r['backend']} | {r['budget']} | {r['precision']} | {m['ppl_ref']:.3f} | {m['ppl']:.3f} | "
                        f"{100 * (m['ppl'] / m['ppl_ref'] - 1):+.2f}% | {math.log(m['ppl'] / m['ppl_ref']):+.4f} | "
-                       f"{'pass' if r['passed'] else 'FAIL'} |")
+                       f"{verdict} |")
     out += ["", "Thresholds: " + "; ".join(f"{p}: " + ", ".join(f"{k} {v:g}" for k, v in t.items())
                                           for p, t in report["thresholds"].items()), ""]
     mem = report.get("memory")
