@@ -151,7 +151,8 @@ class Mamba2Mixer(nn.Module):
         self.conv1d.weight = nn.Parameter(torch.empty(I + 2 * GN, 1, cfg.conv_kernel))
         self.conv1d.bias = nn.Parameter(torch.zeros(I + 2 * GN)) if cfg.use_conv_bias else None
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        a = torch.empty(self.num_heads)  # (a meta arange would import torch._dynamo, see Backbone)
+        self.A_log = nn.Parameter(a if a.is_meta else torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(I)
         self.out_proj = nn.Linear(I, cfg.hidden_size, bias=cfg.use_bias)
@@ -394,7 +395,11 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        empty = torch.empty(shape)
+        # on the meta device (every load) skip nn.Embedding's normal_ init: a meta normal_ goes through
+        # torch._refs, which imports torch._dynamo (~150 MB and ~1-3 s in every command); elsewhere init as usual
+        self.embeddings = nn.Embedding(*shape, _weight=empty) if empty.is_meta else nn.Embedding(*shape)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
 
