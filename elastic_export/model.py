@@ -152,7 +152,8 @@ class Mamba2Mixer(nn.Module):
         self.conv1d.bias = nn.Parameter(torch.zeros(I + 2 * GN)) if cfg.use_conv_bias else None
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         a = torch.empty(self.num_heads)  # (a meta arange would import torch._dynamo, see Backbone)
-        self.A_log = nn.Parameter(a if a.is_meta else torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.A_log = nn.Parameter(a if a.is_meta else
+                                  torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(I)
         self.out_proj = nn.Linear(I, cfg.hidden_size, bias=cfg.use_bias)

@@ -272,3 +272,24 @@ def test_build_from_a_quantized_nested_checkpoint_reads_its_codes(tmp_path):
     assert (a / "weights.bin").read_bytes() == (b / "weights.bin").read_bytes()
     with pytest.raises(ConfigError, match="quantized to int4"):
         build(tmp_path / "q4", tmp_path / "other", quant="int8", budgets=["50pct"])
+
+
+def test_validate_a_build_of_a_quantized_checkpoint_against_its_float_parent(tmp_path):
+    from elastic_export.qcheckpoint import quantize_nested
+
+    quantize_nested(ee_default(), tmp_path / "q4", quant.QuantSpec("int4"))
+    b = build(tmp_path / "q4", tmp_path / "bq", budgets=["50pct"])
+    r = CliRunner().invoke(main, ["validate", str(b), "--report", str(tmp_path / "r1"), "--quiet", "--no-memory"])
+    assert r.exit_code == 2 and "validate FLOAT_NESTED --build" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["validate", "--build", str(b), "--budget", "50pct", "--backends", "ort-standard-int4",
+                                  "--no-memory",
+                                  "--tasks", "2", "--rows", "2", "--seq-len", "32", "--prompts", "1",
+                                  "--greedy-tokens", "4", "--decode-steps", "2", "--report", str(tmp_path / "r2"),
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "within 5%" in (tmp_path / "r2" / "report.md").read_text()
+
+
+def ee_default():
+    from elastic_export.build import default_model_path
+    return default_model_path()

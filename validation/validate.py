@@ -61,7 +61,15 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
     if manifest is not None:
         from elastic_export.build import build_source
 
-        fam = load_family(build_source(path, manifest))  # there, and unchanged since the build
+        src = build_source(path, manifest)
+        from elastic_export.qcheckpoint import is_quantized_nested
+
+        if is_quantized_nested(src):  # its codes are the build's; the float32 reference is its float parent
+            raise CheckpointError(f"was built from the quantized checkpoint {src}, which holds no float weights to "
+                                  "compare against", path=path, field="source",
+                                  fix=f"give the float nested checkpoint it was quantized from: elastic-export "
+                                      f"validate FLOAT_NESTED --build {path}")
+        fam = load_family(src)  # there, and unchanged since the build
         fam.engines = {k: v for k, v in fam.engines.items() if not k.startswith("ort-")}
         fam.budgets = {b: fam.budgets[b] for b in fam.budgets if b in manifest.get("budgets", fam.budgets)}
         attach_build(fam, path, manifest)
