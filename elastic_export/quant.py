@@ -304,31 +304,44 @@ def slice_quantized(model, qstate: dict, plan: dict[str, int], subnet) -> tuple[
     """(quantized state of a budget, its plan) from the quantized family ``qstate``
     (:func:`quantize_state` of ``model``'s state): the slicer's own rule (elastic views, head
     reordering, skipped layers) applied to the codes and to the scales expanded to one per column,
-    with no arithmetic on either, so the result is exactly the quantized sliced budget."""
-    from .model import NemotronHForCausalLM
-    from .slicing import slice_state
+    with no arithmetic on either, so the result is exactly the quantized sliced budget.
 
-    def surrogate(fill):
-        with torch.device("meta"):
-            m = NemotronHForCausalLM(model.config)
-        sd = model.state_dict()
-        m.load_state_dict({k: fill(k, v) for k, v in sd.items()}, assign=True)
-        return m
+    One tensor at a time: a meta twin of the model gets the one family tensor being sliced (its codes
+    as float32, exact; then its scales expanded per column), the slicer's function for the matching
+    budget tensor runs on it (:func:`elastic_export.slicing.slice_thunks`: each reads only its own
+    views), and the tensor goes back to meta. Memory: the budget's quantized state plus one float32
+    tensor in flight, never a float copy of the family."""
+    from .hf_io import meta_twin
+    from .slicing import slice_state, slice_thunks
 
-    def codes(k, v):
-        return qstate[k][0].float() if k in plan else v.detach().float()
+    twin = meta_twin(model)
+    cfg = model.config
+    bplan = budget_plan(cfg, subnet, plan)
+    source = {}  # budget tensor name -> family tensor name, for the quantized ones
+    for k in plan:
+        for name in budget_plan(cfg, subnet, {k: plan[k]}):
+            source[name] = k
 
-    def scales(k, v):
-        return qstate[k][1].repeat_interleave(plan[k], -1) if k in plan else torch.zeros(v.shape)
+    def through_slicer(k: str, t: torch.Tensor, name: str) -> torch.Tensor:
+        mod, _, attr = k.rpartition(".")
+        owner = twin.get_submodule(mod)
+        meta = getattr(owner, attr)
+        setattr(owner, attr, torch.nn.Parameter(t, requires_grad=False))
+        try:
+            return slice_thunks(twin, subnet)[name]().detach().contiguous().clone()
+        finally:
+            setattr(owner, attr, meta)
 
     code_dtype = next((qstate[k][0].dtype for k in plan), torch.int8)
-    sq, ss = slice_state(surrogate(codes), subnet), slice_state(surrogate(scales), subnet)
-    sf = slice_state(model, subnet)  # the tensors that stay in float, at their own dtypes
-    bplan = budget_plan(model.config, subnet, plan)
+    floats = slice_state(model, subnet)  # the tensors that stay in float, at their own dtypes (quantized: meta)
     out = {}
-    for name, t in sq.items():
-        if name in bplan:
-            out[name] = (t.to(code_dtype), ss[name][..., ::bplan[name]].contiguous())
-        else:
-            out[name] = sf[name]
+    with torch.no_grad():
+        for name in floats:
+            if name not in bplan:
+                out[name] = floats[name]
+                continue
+            k = source[name]
+            q = through_slicer(k, qstate[k][0].float(), name).to(code_dtype)
+            s = through_slicer(k, qstate[k][1].repeat_interleave(plan[k], -1), name)[..., ::bplan[name]]
+            out[name] = (q, s.contiguous())
     return out, bplan
