@@ -46,7 +46,7 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "default_model"
 
 
-def load_family(path: str | Path | None, dtype=None):
+def load_family(path: str | Path | None, dtype=None, writable: bool = True):
     """(model, budgets name -> Subnet largest first, checkpoint dir) of a nested or an HF checkpoint
     (None: the shipped default model); see :func:`elastic_export.loading.load_family`."""
     path = Path(path) if path is not None else default_model_path()
@@ -54,7 +54,7 @@ def load_family(path: str | Path | None, dtype=None):
         hint = "the shipped default model is not installed; give a checkpoint path" \
             if path == default_model_path() else "give the path of a nested or an HF checkpoint"
         raise CheckpointError("does not exist", path=path, fix=hint)
-    return _open_family(path, dtype=dtype)
+    return _open_family(path, dtype=dtype, writable=writable)
 
 
 def select_budgets(budgets: dict[str, Subnet], names: list[str] | tuple[str, ...]) -> dict[str, Subnet]:
@@ -157,7 +157,7 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
     check_opset(ssm_op, opset)  # validate every option before touching the disk
     if out.exists() and not overwrite:
         raise CheckpointError("already exists", path=out, fix="choose another --out or pass --overwrite")
-    model, family, src = load_family(source)
+    model, family, src = load_family(source, writable=False)  # read only: its pages go back as written
     source_dtype = model.dtype
     torch_dtype = parse_dtype(dtype) or (source_dtype if source_dtype == torch.bfloat16 else torch.float32)
     compute = parse_dtype(compute_dtype) or (torch_dtype if target == "trt" else torch.float32)

@@ -37,12 +37,16 @@ def kind(path: str | Path) -> str:
                           fix="give a directory with config.json and *.safetensors, or one written by elastic-export")
 
 
-def load_family(path: str | Path, dtype=None, device="cpu") -> tuple:
+def load_family(path: str | Path, dtype=None, device="cpu", writable: bool = True) -> tuple:
     """(model, budgets name -> Subnet largest first, checkpoint dir) of any checkpoint we read.
 
     A nested checkpoint gives its sorted parent and every budget of its manifest (files verified
     against their SHA-256); a plain HF checkpoint, or one of our slices, is a one-budget family
-    ``{"full": the model itself}``. The one place ``build``, ``run`` and ``load`` open a family."""
+    ``{"full": the model itself}``. The one place ``build``, ``run`` and ``load`` open a family.
+
+    ``writable=False``: the files are mapped read-only, for callers that never write the weights; the
+    model then carries ``drop_source_pages()``, which hands the pages read so far back to the page
+    cache (a caller that has finished with a tensor calls it; what is read again faults back in)."""
     path = Path(path)
     k = kind(path)
     from .qcheckpoint import is_quantized_hf, is_quantized_nested, load_quantized
@@ -56,11 +60,16 @@ def load_family(path: str | Path, dtype=None, device="cpu") -> tuple:
     if k == "nested":
         from .nested import load_nested
 
-        ck = load_nested(path, dtype=dtype, device=device)
+        ck = load_nested(path, dtype=dtype, device=device, writable=writable)
+        if not writable:
+            ck.model.drop_source_pages = ck.drop_pages
         return ck.model, dict(ck.budgets), Path(ck.path)
-    from .hf_io import checkpoint_dir, load as load_hf
+    from .hf_io import checkpoint_dir, model_from, open_checkpoint
 
-    model = load_hf(path, dtype=dtype, device=device)
+    cfg, reader = open_checkpoint(path, writable)
+    model = model_from(cfg, reader, dtype, device)
+    if not writable:
+        model.drop_source_pages = reader.drop_pages
     return model, {FULL: full_subnet(model.config)}, checkpoint_dir(path)
 
 

@@ -482,7 +482,10 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
     check_moe_form(model, budgets, moe_form, compute_dtype)
     model.eval()
     wf = weights if weights is not None else WeightFile(model, dtype)
-    files = {WEIGHTS_FILE: {"sha256": wf.write(out_dir / WEIGHTS_FILE), "bytes": wf.nbytes}}
+    # a read-only loaded source (build) hands each tensor's pages back once written: one tensor resident
+    after = getattr(model, "drop_source_pages", None) if weights is None else None
+    sha = wf.write(out_dir / WEIGHTS_FILE) if after is None else wf.write(out_dir / WEIGHTS_FILE, after=after)
+    files = {WEIGHTS_FILE: {"sha256": sha, "bytes": wf.nbytes}}
     graphs = {}
     for name, s in budgets.items():
         graphs[name] = {}

@@ -103,8 +103,9 @@ class WeightFile:
         """Bytes per element of a stored tensor."""
         return torch.empty((), dtype=self.dtypes[name]).element_size()
 
-    def write(self, path: Path) -> str:
-        """Write the file; return its SHA-256. Tensors go out block by block (see _chunks)."""
+    def write(self, path: Path, after=None) -> str:
+        """Write the file; return its SHA-256. Tensors go out block by block (see _chunks); ``after()``,
+        when given, runs after each tensor (the build hands the source's pages back there)."""
         sha = hashlib.sha256()
         with open(path, "wb") as f:
             pos = 0
@@ -118,6 +119,8 @@ class WeightFile:
                     f.write(data)
                     sha.update(data)
                     pos += data.nbytes
+                if after is not None:
+                    after()
         return sha.hexdigest()
 
     def row_range(self, name: str, r0: int, r1: int, flat: bool = False) -> tuple[int, tuple[int, ...]]:
