@@ -115,6 +115,12 @@ class InferenceCache:
             self.key_mask = self.key_mask[:, :self.seen]
         self.windows, self.window_len = None, 0
 
+    def advance(self, l: int) -> None:
+        """After a forward of ``l`` new tokens: they are seen (and, when recording, the window's length)."""
+        self.seen += l
+        if self.windows is not None:
+            self.window_len = l
+
     def extend_mask(self, attention_mask: torch.Tensor | None, b: int, l: int, device) -> torch.Tensor | None:
         """Record the new tokens' padding mask; return the mask over all keys [b, seen + l] or None."""
         if attention_mask is not None:

@@ -111,6 +111,23 @@ def clamp_dt(dt: torch.Tensor, limit: tuple[float, float]) -> torch.Tensor:
     return dt.clamp(lo if lo > 0.0 else None, hi if hi != math.inf else None)
 
 
+def forward_masks(input_ids: torch.Tensor, cache: InferenceCache | None, attention_mask: torch.Tensor | None):
+    """(key mask [B, keys] or None, new tokens' mask [B, L] or None) of a forward over ``input_ids``:
+    the cache's masks extended by ``attention_mask`` (recorded there), else the mask itself; None
+    where nothing is padded."""
+    b, l = input_ids.shape
+    if cache is not None:
+        key_mask = cache.extend_mask(attention_mask, b, l, input_ids.device)
+    elif attention_mask is not None and not bool(attention_mask.all()):
+        key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    else:
+        key_mask = None
+    new_mask = None if key_mask is None else key_mask[:, -l:]
+    if new_mask is not None and bool(new_mask.all()):
+        new_mask = None
+    return key_mask, new_mask
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -485,16 +502,8 @@ class NemotronHForCausalLM(nn.Module):
         layerwise = self.layerwise or self.checkpoint_layers
         subnet, views = (subnet or full_subnet(self.config), None) if layerwise else self.layer_views(subnet)
         d = subnet.hidden
-        b, l = input_ids.shape
-        if cache is not None:
-            key_mask = cache.extend_mask(attention_mask, b, l, input_ids.device)
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-        else:
-            key_mask = None
-        new_mask = None if key_mask is None else key_mask[:, -l:]
-        if new_mask is not None and bool(new_mask.all()):
-            new_mask = None
+        l = input_ids.shape[1]
+        key_mask, new_mask = forward_masks(input_ids, cache, attention_mask)
         h = self.embed(input_ids, elastic.embedding_view(self.backbone.embeddings.weight, d))
         embedding_gate, layer_gates = gates if gates is not None else (None, None)
         if embedding_gate is not None:
@@ -511,9 +520,7 @@ class NemotronHForCausalLM(nn.Module):
             else:
                 h = self.backbone.layers[i](h, w, cache, new_mask, key_mask, gate)
         if cache is not None:
-            cache.seen += l
-            if cache.windows is not None:
-                cache.window_len = l
+            cache.advance(l)
         return self.final_norm(h)
 
     def apply_layer(self, i: int, h: torch.Tensor, v, cache: InferenceCache | None = None,

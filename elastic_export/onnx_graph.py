@@ -79,6 +79,19 @@ def _chunks(t: torch.Tensor, dtype: torch.dtype, transposed: bool):
         yield src[r:r + step].to(dtype).contiguous()
 
 
+def external_tensor(name: str, data_type: int, dims, location: str, offset: int, nbytes: int) -> TensorProto:
+    """An initializer whose bytes lie in the weight file ``location`` at ``offset`` (``nbytes`` long)."""
+    t = TensorProto()
+    t.name = name
+    t.data_type = data_type
+    t.dims.extend(dims)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
 class WeightFile:
     """Layout of the family weight file: tensor name -> (byte offset, stored shape); each tensor at
     ``dtype`` except the float32-kept ones (``dtypes``)."""
@@ -201,16 +214,8 @@ class GraphBuilder:
         stored = ONNX_DTYPES[self.wf.dtypes[name]]
         if key not in self.inits:
             off, shape = self.wf.row_range(name, r0, r1, flat)
-            t = TensorProto()
-            t.name = key
-            t.data_type = stored
-            t.dims.extend(shape)
-            t.data_location = TensorProto.EXTERNAL
             nbytes = int(np.prod(shape, dtype=np.int64)) * self.wf.item(name)
-            for k, v in (("location", self.location), ("offset", str(off)), ("length", str(nbytes))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            self.inits[key] = t
+            self.inits[key] = external_tensor(key, stored, shape, self.location, off, nbytes)
         want = self.compute if dtype is None else dtype
         if want != stored:
             return self.op("Cast", key, to=want, name="wcast")

@@ -42,7 +42,7 @@ from onnx import TensorProto
 
 from . import quant
 from .errors import ConfigError
-from .onnx_graph import ALIGN, ONNX_DTYPES, GraphBuilder, is_transposed
+from .onnx_graph import ALIGN, ONNX_DTYPES, GraphBuilder, external_tensor, is_transposed
 
 SCALES = ".scales"
 MS = "com.microsoft"
@@ -195,16 +195,8 @@ def _external(g: GraphBuilder, name: str, dims: tuple[int, ...]) -> str:
     if key not in g.inits:
         off, shape = g.wf.entries[name]
         assert int(np.prod(dims)) == int(np.prod(shape)), (name, dims, shape)
-        t = TensorProto()
-        t.name = key
-        t.data_type = ONNX_DTYPES[g.wf.dtypes[name]]
-        t.dims.extend(dims)
-        t.data_location = TensorProto.EXTERNAL
         nbytes = int(np.prod(shape, dtype=np.int64)) * g.wf.item(name)
-        for k, v in (("location", g.location), ("offset", str(off)), ("length", str(nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        g.inits[key] = t
+        g.inits[key] = external_tensor(key, ONNX_DTYPES[g.wf.dtypes[name]], dims, g.location, off, nbytes)
     return key
 
 

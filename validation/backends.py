@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from elastic_export import elastic
 from elastic_export.elastic import Subnet
 from elastic_export.errors import BudgetError
+from elastic_export.model import forward_masks
 
 from .thresholds import precision_name
 
@@ -155,24 +156,13 @@ def forward_f32(model, input_ids: torch.Tensor, subnet: Subnet | None = None, ca
     up = upcast or Upcast()
     subnet, views = model.layer_views(subnet)
     d = subnet.hidden
-    b, l = input_ids.shape
-    if cache is not None:  # the masks exactly as NemotronHForCausalLM.hidden_states builds them
-        key_mask = cache.extend_mask(attention_mask, b, l, input_ids.device)
-    elif attention_mask is not None and not bool(attention_mask.all()):
-        key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-    else:
-        key_mask = None
-    new_mask = None if key_mask is None else key_mask[:, -l:]
-    if new_mask is not None and bool(new_mask.all()):
-        new_mask = None
+    key_mask, new_mask = forward_masks(input_ids, cache, attention_mask)  # as the model's own forward
     h = F.embedding(input_ids, elastic.embedding_view(model.backbone.embeddings.weight, d)).float()
     for i, v in enumerate(views):
         if v is not None:
             h = model.apply_layer(i, h, up(v), cache, new_mask, key_mask)
     if cache is not None:
-        cache.seen += l
-        if cache.windows is not None:
-            cache.window_len = l
+        cache.advance(input_ids.shape[1])
     h = model.final_norm(h)
     W = elastic.embedding_view(model.lm_head_weight, d)  # [V, d]
     return torch.cat([F.linear(h, up(W[r:r + LOGIT_ROWS])) for r in range(0, W.shape[0], LOGIT_ROWS)], dim=-1)
