@@ -188,29 +188,22 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
 
 # ---- the plan: one block per tensor that every budget keeps whole --------------------------------
 
-def _input_widths(cfg, subnets, i: int | None, kind: str) -> list[int]:
-    """Every input width tensor kind ``kind`` of layer ``i`` takes in the family and its budgets,
-    plus the widths a column block must not straddle (head widths)."""
+def _input_widths(cfg, subnets: dict, i: int | None, kind: str) -> list[tuple[str, int]]:
+    """(who, width) for every input width tensor kind ``kind`` of layer ``i`` takes in the family's
+    budgets (``subnets``: name -> Subnet; layers a budget skips take none), plus the widths a column
+    block must not straddle (the head width, who = "head")."""
+    field = {"mamba_out": "mamba_head_dim", "ffn": "ffn", "expert_ffn": "expert_ffn",  # heads move as wholes,
+             "shared_ffn": "shared_ffn"}.get(kind)                                     # each keeps a p-prefix
     widths = []
-    for s in subnets:
+    for who, s in subnets.items():
         if kind == "hidden":
-            widths.append(s.hidden)
-            continue
-        w = s.layers[i]
-        if not w.kept:
-            continue
-        if kind == "mamba_out":
-            widths.append(w.mamba_head_dim)  # heads move as wholes; each keeps a p-prefix
-        elif kind == "ffn":
-            widths.append(w.ffn)
-        elif kind == "expert_ffn":
-            widths.append(w.expert_ffn)
-        elif kind == "shared_ffn":
-            widths.append(w.shared_ffn)
+            widths.append((who, s.hidden))
+        elif field is not None and s.layers[i].kept:
+            widths.append((who, getattr(s.layers[i], field)))
     if kind == "mamba_out":
-        widths.append(cfg.layer_dims(i)["mamba_head_dim"])
+        widths.append(("head", cfg.layer_dims(i)["mamba_head_dim"]))
     elif kind == "attn_out":
-        widths.append(cfg.head_dim)
+        widths.append(("head", cfg.head_dim))
     return widths
 
 
@@ -242,25 +235,24 @@ def quant_plan(cfg, budgets: dict, state_shapes: dict[str, tuple[int, ...]], spe
     names the tensor, the budget and the width when the block would drop below ``min_block``."""
     from .elastic import full_subnet
 
-    subnets = [full_subnet(cfg), *budgets.values()]
-    names = ["full", *budgets]
+    subnets = {"full": full_subnet(cfg), **budgets}
     plan = {}
     for name, shape in state_shapes.items():
         if not quantizable(name, spec) or len(shape) < 2:
             continue
         i, kind = _input_kind(name, getattr(cfg, "moe_latent_size", None) is not None)
-        widths = [shape[-1]] if kind == "latent" else [shape[-1], *_input_widths(cfg, subnets, i, kind)]
+        widths = [("full", shape[-1])] + ([] if kind == "latent" else _input_widths(cfg, subnets, i, kind))
         g = 0
-        for w in widths:
+        for _, w in widths:
             g = math.gcd(g, w)
         b = spec.block_size
         while b > 1 and g % b:
             b //= 2
         if b < spec.min_block:
-            bad = next(((n, w) for n, s_w in zip(names, widths[1:]) for w in [s_w] if w % spec.min_block), None)
-            where = f" (budget {bad[0]}: width {bad[1]})" if bad and kind != "attn_out" else ""
-            raise BudgetError(f"tensor {name}: its input widths {sorted(set(widths))} share no block of "
-                              f"{spec.min_block} or more columns{where}", field="quant_block",
+            bad = next(((who, w) for who, w in widths if w % spec.min_block and who != "head"), None)
+            where = f" (budget {bad[0]}: width {bad[1]})" if bad else ""
+            raise BudgetError(f"tensor {name}: its input widths {sorted({w for _, w in widths})} share no block "
+                              f"of {spec.min_block} or more columns{where}", field="quant_block",
                               fix=f"use budgets whose widths are multiples of {spec.min_block}, lower "
                                   f"min_block, or keep this tensor in float")
         plan[name] = b

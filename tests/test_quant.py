@@ -170,3 +170,16 @@ def test_bad_spec():
         quant.QuantSpec("int3")
     with pytest.raises(ConfigError, match="power of two"):
         quant.QuantSpec("int4", block=48)
+
+
+def test_the_refusal_names_the_budget_that_cuts_even_when_another_skips_the_layer():
+    cfg = tiny_config(0, hidden_size=48, intermediate_size=90)
+    m = random_model(0, hidden_size=48, intermediate_size=90)
+    full = full_subnet(cfg)
+    i = cfg.layers_block_type.index("mlp")
+    skip = Subnet(48, tuple(LayerWidths(False, ffn=w.ffn) if j == i else w for j, w in enumerate(full.layers)))
+    odd = Subnet(48, tuple(LayerWidths(True, ffn=45) if j == i else w for j, w in enumerate(full.layers)))
+    with pytest.raises(BudgetError) as e:
+        quant.quant_plan(cfg, {"skips": skip, "odd": odd}, {k: tuple(v.shape) for k, v in m.state_dict().items()},
+                         quant.QuantSpec("int4", block=32, min_block=2))
+    assert f"layers.{i}.mixer.down_proj" in str(e.value) and "budget odd: width 45" in str(e.value)
