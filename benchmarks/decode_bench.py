@@ -177,26 +177,30 @@ WIDE = dict(hidden_size=768, vocab_size=16384, mamba_num_heads=24, mamba_head_di
             head_dim=64, intermediate_size=2304)
 
 
-def memory(nested, build_dir, fam, threads, quant_builds: dict | None = None, unshared: bool = True) -> dict:
+def memory(nested, build_dir, fam, threads, quant_builds: dict | None = None, unshared: bool = True,
+           quant_nested: dict | None = None) -> dict:
     """Resident memory of the largest budget alone and of every budget: torch, ONNX Runtime (shared,
-    unshared) and each quantized build (label -> build directory)."""
+    unshared), each quantized build (label -> build directory) and the torch engine over each quantized
+    nested checkpoint (label -> its directory)."""
     names = list(fam)
     out = {}
-    runs = [("torch", True, None, "torch"), ("ort", True, build_dir, "ort")]
+    runs = [("torch", True, None, "torch", nested), ("ort", True, build_dir, "ort", nested)]
     if unshared:
-        runs.append(("ort", False, build_dir, "ort, unshared"))
-    runs += [("ort", True, d, label) for label, d in (quant_builds or {}).items()]
-    for eng, share, bdir, label in runs:
-        one = resident(eng, names[:1], bdir or build_dir, nested, threads, share)
-        every = resident(eng, names, bdir or build_dir, nested, threads, share)
+        runs.append(("ort", False, build_dir, "ort, unshared", nested))
+    runs += [("ort", True, d, label, nested) for label, d in (quant_builds or {}).items()]
+    runs += [("torch", True, None, label, d) for label, d in (quant_nested or {}).items()]
+    for eng, share, bdir, label, src in runs:
+        one = resident(eng, names[:1], bdir or build_dir, src, threads, share)
+        every = resident(eng, names, bdir or build_dir, src, threads, share)
         out[label] = {"largest_alone": one, "all": every, "ratio": every / one}
         print(f"resident {label:<13}: largest budget alone {one / 2 ** 20:6.1f} MiB, all {len(names)} budgets "
               f"{every / 2 ** 20:6.1f} MiB ({every / one:.2f}x)")
-    if quant_builds:
-        base = out["ort"]["all"]
-        for label in quant_builds:
-            print(f"resident, all budgets, {label} / fp32 ort: {out[label]['all'] / base:.2f}x "
-                  f"(largest alone {out[label]['largest_alone'] / out['ort']['largest_alone']:.2f}x)")
+    base = min(out["ort"]["all"], out["torch"]["all"])  # the leaner fp32 engine serving every budget
+    for label in [*(quant_builds or {}), *(quant_nested or {})]:
+        print(f"resident, all budgets, {label}: {out[label]['all'] / out['ort']['all']:.2f}x fp32 ORT's, "
+              f"{out[label]['all'] / out['torch']['all']:.2f}x fp32 torch's, {out[label]['all'] / base:.2f}x the "
+              f"leaner fp32 engine's (largest alone {out[label]['largest_alone'] / out['ort']['largest_alone']:.2f}x "
+              f"fp32 ORT's)")
     return out
 
 
@@ -254,6 +258,13 @@ def main():
                 print("(int8 at accuracy 0 has no fast CPU kernel in ONNX Runtime 1.32: timed anyway)")
             qbuilds[f"ort-{fmt}-acc{acc}"] = build(nested, work / f"build_{fmt}_{acc}", target="onnx", quant=fmt,
                                                     quant_accuracy=acc)
+    qnested = {}  # the torch engine over quantized nested checkpoints (int4: torch's int4 kernel)
+    for fmt in args.quant:
+        from elastic_export import quant
+        from elastic_export.qcheckpoint import quantize_nested
+
+        quantize_nested(nested, work / f"nested_{fmt}", quant.QuantSpec(fmt))
+        qnested[f"torch-{fmt}"] = work / f"nested_{fmt}"
     hf = work / "hf_full"
     model.save_pretrained(hf)  # the full budget as a standalone HF checkpoint (same weights)
 
@@ -265,6 +276,11 @@ def main():
     oe = OrtEngine(work / "build", threads=args.threads)
     od = OrtEngine(work / "build_decomposed", threads=args.threads)
     qe = {label: OrtEngine(d, threads=args.threads) for label, d in qbuilds.items()}
+    for label, d in qnested.items():
+        import elastic_export as ee
+
+        qm = ee.load(d)
+        qe[label] = TorchEngine(qm, qm.budgets if set(qm.budgets) == set(fam) else fam, threads=args.threads)
     rows = []
     print(f"{model.num_parameters() / 1e6:.2f}M parameters, {args.threads} threads, prompt {args.prompt_len}, "
           f"copy bandwidth {bw / 1e9:.1f} GB/s, {args.stat} of {args.reps} interleaved runs")
@@ -324,7 +340,8 @@ def main():
     del te, ts, oe, od, qe
 
     label = "nested" if args.nested else args.size or "hybrid-5m"
-    mem = {label: memory(nested, work / "build", fam, args.threads, qbuilds, unshared=not args.size)}
+    mem = {label: memory(nested, work / "build", fam, args.threads, qbuilds, unshared=not args.size,
+                         quant_nested=qnested)}
     if not args.nested and not args.size:  # the per-session cost of ONNX Runtime is fixed: show it against bigger weights too
         wide = preset("hybrid-5m", head_order="rank_major", **WIDE)
         wm = build_model(wide, seed=0)

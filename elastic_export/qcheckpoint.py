@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from . import quant
 from .errors import BudgetError, CheckpointError, ConfigError
 from .qmodel import QWeight, QuantizedNemotronH, qweight_codes, quantized_model
+from .safetensors_io import SafetensorsFile
 
 FORMAT_VERSION = 3  # nested: version 2 + quantized weights
 SCALE = "_scale"
@@ -175,10 +176,12 @@ def load_quantized_nested(path, verify: bool = True) -> QuantizedNemotronH:
     if not isinstance(entry, dict) or not isinstance(entry.get("plan"), dict):
         raise CheckpointError("has no quantization plan", path=path / MANIFEST, field="quantization")
     spec = _spec(entry, path / MANIFEST)
-    tensors = _read(path / WEIGHTS)
+    sf = SafetensorsFile(path / WEIGHTS, writable=True)  # mapped: codes are read where a layer runs
+    tensors = {k: sf.tensor(k) for k in sf.keys()}
     cfg = resolve_tying(cfg, [n for n in tensors if not n.endswith(SCALE)])
     qw = _qweights(tensors, entry["plan"], spec.format, path / WEIGHTS)
     model = quantized_model(cfg, tensors, qw, entry)
+    model._drop_pages = sf.drop_pages  # codes never written: their pages can go once packed (use_kernels)
     model.budgets = budgets
     model.source = path
     return model

@@ -14,10 +14,18 @@ model. The embedding dequantizes only the rows looked up, lm_head a block of row
 Dequantization is ``codes.float() * scale`` in float32 (then the compute dtype), bit for bit what
 :func:`elastic_export.quant.dequantize` gives, so this model's logits equal those of the float model
 holding the dequantized weights (:func:`dequantized_model`) up to summation order.
+
+int4 weights on a CPU take torch's own int4 kernel instead (:mod:`elastic_export.qkernels`; on by
+default, :meth:`QuantizedNemotronH.use_kernels` turns it off): each such family tensor is packed once
+into the kernel's layout, the layer hands its views to the model as :class:`QView` objects, and
+``F.linear`` on a QView runs the kernel on the budget's rows and columns of the one packed copy. No
+layer is ever dequantized; anything else done with a QView (a view the kernel cannot take, einsum)
+dequantizes that view first, so the model's code is the same for every path.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -93,6 +101,91 @@ def dequantize_rows(qw: QWeight, view: torch.Tensor, ids: torch.Tensor, dtype=to
     return _dequant(q, _region(qw.scales, view, qw.block)[ids], dtype)
 
 
+class QView:
+    """A meta view of a quantized family tensor whose ``F.linear`` runs the int4 kernel. Tensor
+    methods act on the meta view (a view of a view stays a QView); any other torch function, or a
+    method whose result is not a view of the family tensor, gets the dequantized weights."""
+
+    __slots__ = ("t", "qw", "pk")
+
+    def __init__(self, t: torch.Tensor, qw: QWeight, pk):
+        self.t, self.qw, self.pk = t, qw, pk
+
+    def dense(self) -> torch.Tensor:
+        return dequantize_view(self.qw, self.t, self.t.dtype)
+
+    def _wrap(self, r):
+        if isinstance(r, torch.Tensor) and r.is_meta:
+            return QView(r, self.qw, self.pk) if r._base is not None else None
+        if isinstance(r, (tuple, list)):
+            vals = [self._wrap(e) for e in r]
+            return None if any(v is None for v in vals) else type(r)(vals)
+        return r
+
+    def __getattr__(self, name):
+        a = getattr(self.t, name)
+        if not callable(a):
+            return a
+
+        def call(*args, **kwargs):
+            r = self._wrap(a(*args, **kwargs))
+            return getattr(self.dense(), name)(*args, **kwargs) if r is None else r
+        return call
+
+    @property
+    def shape(self):
+        return self.t.shape
+
+    def _einsum(self, eq: str, x: torch.Tensor) -> torch.Tensor | None:
+        """model.py's per-head products over a view that keeps a prefix of each head's rows or
+        columns (a budget's smaller head dim): the kernel on the whole heads' run of rows or columns,
+        the extra outputs dropped, or the extra inputs zero (exact)."""
+        t = self.t
+        base = t if t._base is None else t._base
+        if t.dim() != 3 or base.dim() != 2 or t.stride(2) != 1:
+            return None
+        K = base.shape[1]
+        if eq == "...d,hpd->...hp":  # W [h, p, d]: heads' rows [h, P] with p <= P kept
+            h, p, d = t.shape
+            if t.stride(1) != K or t.stride(0) % K:
+                return None
+            P = t.stride(0) // K
+            cover = base.as_strided((h * P, d), (K, 1), t.storage_offset())
+            y = self.pk.linear(x, cover)
+            return None if y is None else y.unflatten(-1, (h, P))[..., :p]
+        if eq == "...hp,dhp->...d":  # W [d, h, p]: heads' columns [h, P] with p <= P kept
+            d, h, p = t.shape
+            if t.stride(0) != K or t.stride(1) < p:
+                return None
+            P = t.stride(1)
+            cover = base.as_strided((d, h * P), (K, 1), t.storage_offset())
+            return self.pk.linear(F.pad(x, (0, P - p)).flatten(-2), cover)
+        return None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], QView) and not isinstance(args[0], QView):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = args[1].pk.linear(args[0], args[1].t, bias)
+            if y is not None:
+                return y
+        if func is torch.einsum and len(args) == 3 and isinstance(args[2], QView) and not isinstance(args[1], QView):
+            y = args[2]._einsum(args[0], args[1])
+            if y is not None:
+                return y
+        dense = functools.partial(_map_views, f=QView.dense)
+        return func(*dense(args), **{k: dense(v) for k, v in kwargs.items()})
+
+
+def _map_views(x, f):
+    if isinstance(x, QView):
+        return f(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_views(e, f) for e in x)
+    return x
+
+
 def _map(x, f):
     """f applied to every tensor of a (nested) tuple of views."""
     if isinstance(x, torch.Tensor):
@@ -109,6 +202,15 @@ class QuantizedNemotronH(NemotronHForCausalLM):
 
     qweights: dict
     quantization: dict
+    kernels: dict | None = None  # name -> qkernels.PackedInt4, or None (the kernel does not take it)
+    use_kernel: bool = True
+
+    def use_kernels(self, on: bool = True) -> "QuantizedNemotronH":
+        """Run int4 weights through torch's int4 CPU kernel (on: the default; each tensor is packed
+        the first time a layer multiplies by it) or drop the packed copies and dequantize every layer
+        instead (off: the exact float32 path)."""
+        self.use_kernel, self.kernels = on, {}
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +231,25 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         name = names.get(id(base))
         return None if name is None else self.qweights.get(name)
 
+    def _kernel(self, t: torch.Tensor):
+        """The packed int4 copy of the family tensor behind meta view ``t`` (packed on first use), or
+        None where the int4 kernel does not apply."""
+        from . import qkernels
+
+        qw = self._qweight(t) if self.use_kernel and t.is_meta else None
+        if qw is None or self.device.type != "cpu" or not qkernels.fits(qw):
+            return None
+        base = t if t._base is None else t._base
+        name = self._param_names[id(base)]
+        if self.kernels is None:
+            self.kernels = {}
+        if name not in self.kernels:
+            self.kernels[name] = qkernels.PackedInt4(qw)
+            drop = getattr(self, "_drop_pages", None)
+            if drop is not None:  # its codes' file pages: read again only if a fallback path needs them
+                drop([name, name + "_scale"])
+        return self.kernels[name]
+
     def _dequant(self, t: torch.Tensor, whole: dict) -> torch.Tensor:
         if not t.is_meta:
             return t
@@ -146,11 +267,14 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         whole: dict = {}
         metas: list = []
         _map(v, lambda t: metas.append(t) if t.is_meta else None)
+        kern = {id(t): self._kernel(t) for t in metas}  # int4 views the kernel takes: no dequantization
+        metas = [t for t in metas if kern[id(t)] is None]
         for t in metas:  # a view that is its whole tensor (the full budget's fused in_proj)
             base = t if t._base is None else t._base
             if id(base) not in whole and t.numel() == base.numel() and t.is_contiguous() and not t.storage_offset():
                 whole[id(base)] = dequantize_view(self._qweight(t), base, self.compute_dtype)
-        v = _map(v, lambda t: self._dequant(t, whole))
+        v = _map(v, lambda t: QView(t, self._qweight(t), kern[id(t)]) if kern.get(id(t)) is not None
+                 else self._dequant(t, whole))
         if c is not None:
             c = blk.mixer.step_constants(v)  # its out_proj / z, x views, now of the float slices
         return v, c
@@ -164,6 +288,10 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         if not weight.is_meta:
             return F.linear(h, weight)
         qw = self._qweight(weight)
+        pk = self._kernel(weight)
+        y = None if pk is None else pk.linear(h, weight)
+        if y is not None:
+            return y
         rows = max(1, HEAD_CHUNK // weight.shape[-1])
         return torch.cat([F.linear(h, dequantize_view(qw, weight[r:r + rows], self.compute_dtype))
                           for r in range(0, weight.shape[0], rows)], dim=-1)

@@ -32,7 +32,9 @@ class TorchEngine:
                  max_len: int = 4096):
         """``static=True`` decodes on preallocated states of ``max_len`` tokens with a fixed-shape step:
         compiled by torch.compile on CPU, replayed as a CUDA graph on GPU (engines.cuda_graph_decode).
-        The first decode of each budget and batch size pays the compilation (seconds)."""
+        The first decode of each budget and batch size pays the compilation (seconds). A quantized
+        model's compiled step dequantizes its layers (torch.compile does not trace the int4 kernel's
+        views, elastic_export.qkernels), so ``static`` turns that model's int4 kernel off."""
         if not budgets:
             raise BudgetError("no budgets to serve", field="budgets")
         for name, s in budgets.items():
@@ -40,6 +42,8 @@ class TorchEngine:
         if model.dtype not in (torch.float32, torch.bfloat16):
             raise BudgetError(f"the torch engine runs float32 or bfloat16 weights, not {model.dtype}",
                               field="dtype", fix="load the model with dtype float32 or bfloat16")
+        if static and getattr(model, "use_kernel", False):
+            model.use_kernels(False)
         self.model = model.eval()
         self.cfg = model.config
         self._subnets = dict(budgets)

@@ -150,7 +150,7 @@ def test_shipped_model_int4_slices_read_by_transformers(tmp_path):
     ids = torch.randint(0, 259, (1, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a = hf(ids).logits
-    assert (a - _logits(qm, ids)).abs().max() < 1e-4
+    assert (a - _logits(qm.use_kernels(False), ids)).abs().max() < 1e-4  # the exact path (qkernels: bf16)
 
 
 def test_older_readers_refuse_and_float_readers_refuse(tmp_path, monkeypatch):
