@@ -267,6 +267,8 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         whole: dict = {}
         metas: list = []
         _map(v, lambda t: metas.append(t) if t.is_meta else None)
+        if not metas:  # float views, or a step plan's kernel views (step_plan): nothing to do per call
+            return v, c
         kern = {id(t): self._kernel(t) for t in metas}  # int4 views the kernel takes: no dequantization
         metas = [t for t in metas if kern[id(t)] is None]
         for t in metas:  # a view that is its whole tensor (the full budget's fused in_proj)
@@ -278,6 +280,23 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         if c is not None:
             c = blk.mixer.step_constants(v)  # its out_proj / z, x views, now of the float slices
         return v, c
+
+    def step_plan(self, subnet=None):
+        """The decode step's plan (model.step_plan), its layers already on the int4 kernel where all of a
+        layer's quantized views take it: their QViews and step constants are made once per budget, not
+        once per token (a plan made before use_kernels(False) keeps them)."""
+        plan = super().step_plan(subnet)
+        layers = []
+        for layer in plan.layers:
+            if layer is not None:
+                blk, norm, v, c = layer
+                metas: list = []
+                _map(v, lambda t: metas.append(t) if t.is_meta else None)
+                if metas and all(self._kernel(t) is not None for t in metas):
+                    v, c = self.layer_weights(blk, v, c)
+                    layer = (blk, norm, v, c)
+            layers.append(layer)
+        return plan._replace(layers=tuple(layers))
 
     def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not weight.is_meta:
