@@ -105,3 +105,45 @@ def test_bf16_build_shares_one_float32_buffer(bf16_family):
     np.testing.assert_allclose(unshared.prefill(ids).numpy(), before.numpy(), atol=1e-4)
     oe.buffer[:] = 0  # the sessions see the buffer: proof that nothing was copied
     assert not torch.equal(oe.prefill(ids), before)
+
+
+@torch.no_grad()
+def _f32_greedy(f32, subnet, ids, n):
+    """Greedy tokens of a float32 copy, each from a forward of the whole prefix (no cache, no draft)."""
+    seq = ids
+    for _ in range(n):
+        seq = torch.cat([seq, f32(seq, subnet=subnet)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("draft", ["stored", "garbage"])
+def test_reference_greedy_drafted_at_the_stored_dtype_is_the_float32_greedy(bf16_family, draft, monkeypatch):
+    """The float32 reference over bf16 weights drafts its greedy tokens in bf16 and verifies them with one
+    float32 forward; its tokens are the float32 greedy's whatever the draft (a draft of random tokens
+    falls back to the float32 steps from the first token), and a good draft costs one float32 forward."""
+    import validation.backends as vb
+
+    model, budgets, _ = bf16_family
+    f32 = copy.deepcopy(model).float()
+    ids = torch.randint(3, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(4))
+    be = TorchElastic(model, budgets, name="reference")
+    assert be.upcast
+    calls = []
+    real = vb.forward_f32
+    monkeypatch.setattr(vb, "forward_f32", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    if draft == "garbage":
+        g = torch.Generator().manual_seed(0)
+        monkeypatch.setattr(be, "_draft_logits", lambda x, c: torch.randn(x.shape[0], model.config.vocab_size,
+                                                                          generator=g))
+    single = 0
+    for name, s in budgets.items():
+        be.set_budget(name)
+        calls.clear()
+        got = be.generate(ids, 9)
+        assert torch.equal(got, _f32_greedy(f32, s, ids, 9)), name
+        if draft == "stored" and len(calls) == 1:  # the bf16 draft agreed with float32 on every token
+            assert calls[0] == (3, 11 + 8)
+            single += 1
+        if draft == "garbage":  # one verification (its first token kept), the float32 prefill and 7 steps
+            assert len(calls) == 1 + 1 + 7, calls
+    assert draft == "garbage" or single, "the bf16 draft never agreed: the one-forward path went untested"
