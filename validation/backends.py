@@ -205,40 +205,6 @@ class TorchElastic(Backend):
     def decode(self, ids):
         return self._forward(ids)
 
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy tokens. Over weights stored in another dtype (the float32 upcast), drafted first at
-        the stored dtype (no upcast) and verified by one float32 forward of the whole draft: the tokens
-        up to the first position where any row's float32 argmax differs are the float32 forward's
-        own, and from the first difference on (its float32 token included) the float32 steps run one
-        by one as without a draft. An upcast decode step converts every weight of the budget; the
-        draft's steps convert none, so when the stored dtype agrees with float32 (the usual case) the
-        greedy tokens cost one float32 forward instead of ``max_new_tokens`` of them."""
-        if not self.upcast or max_new_tokens < 2:
-            return super().generate(ids, max_new_tokens)
-        draft = [ids]
-        cache = self.model.new_cache()
-        logits = self._draft_logits(ids, cache)
-        for step in range(max_new_tokens - 1):  # the last token needs no draft: the verification gives it
-            draft.append(logits.argmax(-1)[:, None])
-            if step + 2 < max_new_tokens:
-                logits = self._draft_logits(draft[-1], cache)
-        seq = torch.cat(draft, dim=1)  # prompt + max_new_tokens - 1 drafted tokens
-        self.cache = None
-        ref = self._forward(seq).argmax(-1)[:, ids.shape[1] - 1:]  # float32 argmax after each prefix
-        drafted = seq[:, ids.shape[1]:]
-        differ = (ref[:, :-1] != drafted).any(0).nonzero()
-        k = int(differ[0]) if len(differ) else drafted.shape[1]  # draft tokens the float32 forward agrees with
-        out = torch.cat([seq[:, :ids.shape[1] + k], ref[:, k:k + 1]], dim=1)
-        left = ids.shape[1] + max_new_tokens - out.shape[1]
-        if left == 0:
-            return out
-        return super().generate(out, left)  # the float32 steps from the first difference
-
-    def _draft_logits(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        """The stored dtype's next-token logits [B, V] (the draft of :meth:`generate`)."""
-        return self.model(ids, subnet=self.subnet, cache=cache)[:, -1]
-
 
 class Sliced(TorchElastic):
     """Each budget as a standalone checkpoint (``slice_fn(model, subnet)``), one held at a time.
