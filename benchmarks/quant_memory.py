@@ -6,9 +6,9 @@ For each size it writes the float nested checkpoint (fp32 and bf16) and quantize
 process under /usr/bin/time -v: elastic_export.load, one TorchEngine over all budgets, each budget
 prefilling 16 tokens and decoding 8. Peak RSS is set beside fp32's, raw and net of a process that
 imports the same modules and builds a tiny model on the meta device (the baseline: building any model
-on meta imports torch._dynamo through nn.init, ~150 MB, in every load). Decode tokens/s is printed for reference
-only (the quantized torch path dequantizes every layer per token; benchmarks/decode_bench.py measures
-speed).
+on meta imported torch._dynamo through nn.init before issue 13's fix). Decode tokens/s is printed for
+reference only (int4 runs torch's int4 kernel, elastic_export.qkernels; int8 dequantizes every layer
+per token; benchmarks/decode_bench.py measures speed).
 
 The 100M family: benchmarks/scale_bench.py's config (hidden 1024, 12 layers, vocab 16384), random
 init, rank-major head order (random weights are as good in any order), budgets 75% and 50% with

@@ -598,7 +598,8 @@ def _csv(values) -> list[str]:
               "torch-engine, ort-standard, ort-decomposed, trt [every one available here].")
 @click.option("--budget", "budgets", multiple=True, help="Budgets to validate [all].")
 @click.option("--build", "builds", multiple=True, help="A further build directory (ONNX or TensorRT) of the same "
-              "nested checkpoint whose engine joins the comparison (repeatable).")
+              "nested checkpoint whose engine joins the comparison, or a quantized nested checkpoint of it "
+              "(elastic-export quantize: its torch engine, torch-<format>) (repeatable).")
 @click.option("--device", default=None, help="Device profile for the memory plan (e.g. agx-orin-64gb, custom:24) "
               "[all built-in profiles].")
 @click.option("--context", default=8192, show_default=True, help="Context length for the memory plan.")

@@ -57,6 +57,12 @@ def load_family(path: str | Path | None, builds: list[str | Path] = ()) -> Famil
     path = Path(path)
     if not path.exists():
         raise CheckpointError("does not exist", path=path, fix="give a nested checkpoint or a build directory")
+    from elastic_export.qcheckpoint import is_quantized_nested
+
+    if is_quantized_nested(path):
+        raise CheckpointError("is a quantized nested checkpoint: it holds no float weights to be the reference",
+                              path=path / "elastic.json", field="quantization",
+                              fix=f"give the float nested checkpoint it was quantized from, with --build {path}")
     manifest = read_build_manifest(path)
     if manifest is not None:
         from elastic_export.build import build_source
@@ -123,6 +129,11 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     suffix for bf16 builds (and -2, -3... when the name is taken)."""
     from .thresholds import precision_name
 
+    from elastic_export.qcheckpoint import is_quantized_nested
+
+    if manifest is None and is_quantized_nested(path):
+        attach_quantized(fam, Path(path))
+        return
     manifest = manifest or read_build_manifest(path)
     if manifest is None:
         raise CheckpointError("is not a build directory (no build.json or trt_manifest.json)", path=path,
@@ -146,6 +157,37 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
         name, k = f"{base}-{k}", k + 1
     fam.engines[name] = (factory, precision)
     fam.build = fam.build or str(path)
+
+
+def attach_quantized(fam: Family, path: Path) -> None:
+    """Add the torch engine over a quantized nested checkpoint of the family (``elastic-export quantize``):
+    ``torch-<format>``, judged with that format's thresholds (int4 runs torch's int4 kernel, as served)."""
+    from elastic_export.nested import read_manifest
+
+    _, cfg, budgets = read_manifest(path)
+    if cfg.to_dict() != fam.model.config.to_dict():
+        raise CheckpointError("was quantized from another model (its parent_config differs from the checkpoint's)",
+                              path=path / "elastic.json", field="parent_config",
+                              fix="validate the float nested checkpoint it was quantized from")
+    missing = [b for b in fam.budgets if b not in budgets]
+    if missing:
+        raise CheckpointError(f"lacks budgets {missing} of the nested checkpoint", path=path / "elastic.json",
+                              field="budgets", fix="quantize the nested checkpoint being validated")
+    import json
+
+    fmt = json.loads((path / "elastic.json").read_text())["quantization"]["format"]
+
+    def factory():
+        from elastic_export.qcheckpoint import load_quantized_nested
+        from engines.torch_engine import TorchEngine
+
+        qm = load_quantized_nested(path)
+        return TorchEngine(qm, {b: qm.budgets[b] for b in fam.budgets}, threads=fam.threads)
+
+    name, k = f"torch-{fmt}", 2
+    while name in fam.engines:
+        name, k = f"torch-{fmt}-{k}", k + 1
+    fam.engines[name] = (factory, fmt)
 
 
 def build_precision(manifest: dict) -> str:
@@ -351,7 +393,7 @@ ALL_BACKENDS = ("torch", "sliced", "torch-engine", *(f"ort-{m}" for m in ORT_MOD
 
 
 def _known_name(name: str) -> bool:
-    return name in ALL_BACKENDS or name.startswith(("ort-", "trt-"))
+    return name in ALL_BACKENDS or name.startswith(("ort-", "trt-", "torch-int", "torch-fp8"))
 
 
 def _machine() -> dict:
