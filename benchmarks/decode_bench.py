@@ -280,7 +280,7 @@ def main():
         import elastic_export as ee
 
         qm = ee.load(d)
-        qe[label] = TorchEngine(qm, qm.budgets if set(qm.budgets) == set(fam) else fam, threads=args.threads)
+        qe[label] = TorchEngine(qm, fam, threads=args.threads)  # quantized from ``nested``: its budgets
     rows = []
     print(f"{model.num_parameters() / 1e6:.2f}M parameters, {args.threads} threads, prompt {args.prompt_len}, "
           f"copy bandwidth {bw / 1e9:.1f} GB/s, {args.stat} of {args.reps} interleaved runs")

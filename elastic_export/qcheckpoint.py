@@ -181,7 +181,8 @@ def load_quantized_nested(path, verify: bool = True) -> QuantizedNemotronH:
     cfg = resolve_tying(cfg, [n for n in tensors if not n.endswith(SCALE)])
     qw = _qweights(tensors, entry["plan"], spec.format, path / WEIGHTS)
     model = quantized_model(cfg, tensors, qw, entry)
-    model._drop_pages = sf.drop_pages  # codes never written: their pages can go once packed (use_kernels)
+    # codes and scales are never written: a tensor's pages can go once it is packed (qmodel._kernel)
+    model._drop_pages = lambda name: sf.drop_pages([name, name + SCALE])
     model.budgets = budgets
     model.source = path
     return model

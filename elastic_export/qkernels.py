@@ -12,14 +12,14 @@ tile ``[K, B/2]`` bytes with row ``r`` in the low nibble and row ``r + B/2`` in 
   is kept as column segments cut at every budget's column bounds (cut once, when a budget first
   uses them): each budget's matmul is one kernel call per segment it spans, on views, no copies.
 
-:class:`PackedInt4` is one family tensor packed once at load (rows padded to whole tiles with zero
-weights); :func:`tile_rows` finds the layout by packing a probe and checking where rows land, so a
+:class:`PackedInt4` is one family tensor packed once, the first time a layer multiplies by it (rows
+padded to whole tiles with zero weights); :func:`tile_rows` finds the layout by packing a probe and checking where rows land, so a
 layout this module does not know disables the kernel instead of computing garbage. Precision: the
 activations are rounded to bf16 on the way in and the outputs are bf16 (accumulated in float32),
 and the scales are bf16 (the quantized weight ``code * scale`` then differs from the float32
 dequantization by at most one bf16 rounding); :mod:`elastic_export.qmodel` falls back to its exact
-dequantize-and-matmul path where the kernel does not apply (other formats, block 16, 3-D expert
-tensors, views that are not row runs of the family tensor) or where a user turns it off.
+dequantize-and-matmul path where the kernel does not apply (other formats, blocks below 16, 3-D
+expert tensors, views that are not row runs of the family tensor) or where a user turns it off.
 """
 
 from __future__ import annotations

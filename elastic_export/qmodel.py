@@ -186,6 +186,13 @@ def _map_views(x, f):
     return x
 
 
+def _meta_views(v) -> list[torch.Tensor]:
+    """The meta (quantized) tensors among a layer's views."""
+    metas: list = []
+    _map(v, lambda t: metas.append(t) if t.is_meta else None)
+    return metas
+
+
 def _map(x, f):
     """f applied to every tensor of a (nested) tuple of views."""
     if isinstance(x, torch.Tensor):
@@ -202,7 +209,7 @@ class QuantizedNemotronH(NemotronHForCausalLM):
 
     qweights: dict
     quantization: dict
-    kernels: dict | None = None  # name -> qkernels.PackedInt4, or None (the kernel does not take it)
+    kernels: dict | None = None  # name -> qkernels.PackedInt4 of the tensors packed so far (None: none yet)
     use_kernel: bool = True
 
     def use_kernels(self, on: bool = True) -> "QuantizedNemotronH":
@@ -247,7 +254,7 @@ class QuantizedNemotronH(NemotronHForCausalLM):
             self.kernels[name] = qkernels.PackedInt4(qw)
             drop = getattr(self, "_drop_pages", None)
             if drop is not None:  # its codes' file pages: read again only if a fallback path needs them
-                drop([name, name + "_scale"])
+                drop(name)
         return self.kernels[name]
 
     def _dequant(self, t: torch.Tensor, whole: dict) -> torch.Tensor:
@@ -265,8 +272,7 @@ class QuantizedNemotronH(NemotronHForCausalLM):
     def layer_weights(self, blk, v, c=None):
         """Dequantize the slices of a layer's views just before it runs (freed when it returns)."""
         whole: dict = {}
-        metas: list = []
-        _map(v, lambda t: metas.append(t) if t.is_meta else None)
+        metas = _meta_views(v)
         if not metas:  # float views, or a step plan's kernel views (step_plan): nothing to do per call
             return v, c
         kern = {id(t): self._kernel(t) for t in metas}  # int4 views the kernel takes: no dequantization
@@ -290,8 +296,7 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         for layer in plan.layers:
             if layer is not None:
                 blk, norm, v, c = layer
-                metas: list = []
-                _map(v, lambda t: metas.append(t) if t.is_meta else None)
+                metas = _meta_views(v)
                 if metas and all(self._kernel(t) is not None for t in metas):
                     v, c = self.layer_weights(blk, v, c)
                     layer = (blk, norm, v, c)

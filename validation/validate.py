@@ -164,7 +164,7 @@ def attach_quantized(fam: Family, path: Path) -> None:
     ``torch-<format>``, judged with that format's thresholds (int4 runs torch's int4 kernel, as served)."""
     from elastic_export.nested import read_manifest
 
-    _, cfg, budgets = read_manifest(path)
+    manifest, cfg, budgets = read_manifest(path)
     if cfg.to_dict() != fam.model.config.to_dict():
         raise CheckpointError("was quantized from another model (its parent_config differs from the checkpoint's)",
                               path=path / "elastic.json", field="parent_config",
@@ -173,9 +173,7 @@ def attach_quantized(fam: Family, path: Path) -> None:
     if missing:
         raise CheckpointError(f"lacks budgets {missing} of the nested checkpoint", path=path / "elastic.json",
                               field="budgets", fix="quantize the nested checkpoint being validated")
-    import json
-
-    fmt = json.loads((path / "elastic.json").read_text())["quantization"]["format"]
+    fmt = manifest["quantization"]["format"]
 
     def factory():
         from elastic_export.qcheckpoint import load_quantized_nested
@@ -393,7 +391,9 @@ ALL_BACKENDS = ("torch", "sliced", "torch-engine", *(f"ort-{m}" for m in ORT_MOD
 
 
 def _known_name(name: str) -> bool:
-    return name in ALL_BACKENDS or name.startswith(("ort-", "trt-", "torch-int", "torch-fp8"))
+    from elastic_export.quant import FORMATS
+
+    return name in ALL_BACKENDS or name.startswith(("ort-", "trt-", *(f"torch-{f}" for f in FORMATS)))
 
 
 def _machine() -> dict:
