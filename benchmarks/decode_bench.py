@@ -7,6 +7,7 @@ ratio of each to the memory-bandwidth limit; resident memory of serving all budg
     python benchmarks/decode_bench.py --size 100M --quant int8 int4 --accuracy 4 0 --stat median
         # a random ~100M family (benchmarks/scale_bench.py's shape), quantized ONNX Runtime builds beside
         # the float engines: decode and prefill ratios to the best float32 engine, resident memory, bytes
+        # (quantized builds in both SSM forms, as the float32 ones: ort-int4-acc4 standard, ort-dec-... decomposed)
 
 Bandwidth limit = (bytes of the weights one decode step reads) / (measured copy bandwidth): the
 fastest a bandwidth-bound decode can go. Each figure is the best of --reps interleaved runs, since the
@@ -229,6 +230,9 @@ def main():
     ap.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4"],
                     help="quantized ONNX Runtime builds to time beside the float engines")
     ap.add_argument("--accuracy", nargs="*", type=int, default=[4], help="MatMulNBits accuracy levels (4, 0)")
+    ap.add_argument("--quant-ssm-op", nargs="*", default=["standard", "decomposed"],
+                    choices=["standard", "decomposed"],
+                    help="SSM forms of the quantized builds (as for float32, both: the best one is compared)")
     ap.add_argument("--stat", choices=["best", "median"], default="best")
     ap.add_argument("--no-static", action="store_true", help="skip the compiled torch decode (compiles seconds)")
     ap.add_argument("--no-memory", action="store_true")
@@ -256,8 +260,10 @@ def main():
         for acc in args.accuracy:
             if fmt == "int8" and acc == 0 and 4 in args.accuracy and args.size:
                 print("(int8 at accuracy 0 has no fast CPU kernel in ONNX Runtime 1.32: timed anyway)")
-            qbuilds[f"ort-{fmt}-acc{acc}"] = build(nested, work / f"build_{fmt}_{acc}", target="onnx", quant=fmt,
-                                                    quant_accuracy=acc)
+            for op in args.quant_ssm_op:  # labels: ort-int4-acc4 (standard SSM), ort-dec-int4-acc4 (decomposed)
+                label = f"ort-{'dec-' if op == 'decomposed' else ''}{fmt}-acc{acc}"
+                qbuilds[label] = build(nested, work / f"build_{fmt}_{acc}_{op}", target="onnx", quant=fmt,
+                                       quant_accuracy=acc, ssm_op=op)
     qnested = {}  # the torch engine over quantized nested checkpoints (int4: torch's int4 kernel)
     for fmt in args.quant:
         from elastic_export import quant
@@ -328,6 +334,11 @@ def main():
             if (name, "transformers") in best:
                 line += f"; decode {tps / best[(name, 'transformers')][1]:.1f}x transformers"
             print(line)
+        for fmt in args.quant:  # the best engine of each format (issue 14's targets are per format)
+            mine = [lab for lab in qe if lab.endswith(f"-{fmt}") or f"-{fmt}-" in lab]
+            lab = max(mine, key=lambda e: best[(name, e)][1])
+            print(f"{name:<8} best {fmt}: {lab}, decode {best[(name, lab)][1] / best[(name, top)][1]:.2f}x the best "
+                  f"fp32 engine ({top})")
     if qbuilds:
         fp = dir_bytes(work / "build")
         for label, d in qbuilds.items():

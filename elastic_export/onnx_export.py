@@ -108,7 +108,9 @@ class Projections:
         self.g, self.D, self.d = g, D, d
 
     def gemm_rows(self, x2: str, name: str, runs: list[tuple[int, int]]) -> list[str]:
-        """x2 [M, D] (full width) times rows of a stored [R, D] weight; adjacent runs share one Gemm."""
+        """x2 [M, d] times rows of a stored [R, D] weight; adjacent runs share one Gemm. A float weight
+        is read at its full width D (x2 zero-padded: a column prefix of a row range is not contiguous);
+        a quantized one at its first d columns (onnx_quant.matmul: whole blocks)."""
         g, merged = self.g, []
         for r0, r1 in runs:
             if merged and merged[-1][1] == r0:
@@ -118,16 +120,20 @@ class Projections:
                 merged.append([r0, r1, [r1 - r0]])
         outs = []
         for r0, r1, sizes in merged:
-            y = onnx_quant.matmul(g, x2, name, r0, r1) if onnx_quant.quantized(g, name) else \
-                g.op("Gemm", x2, g.rows(name, r0, r1), transB=1)
+            y = onnx_quant.matmul(g, x2, name, r0, r1, 0, self.d) if onnx_quant.quantized(g, name) else \
+                g.op("Gemm", self.widen(x2), g.rows(name, r0, r1), transB=1)
             outs += [y] if len(sizes) == 1 else g.op("Split", y, g.const(sizes), axis=1, n_out=len(sizes))
         return outs
 
     def widen(self, x2: str) -> str:
-        """[M, d] -> [M, D]: zero-pad the embedding axis so that full-width weight rows apply."""
+        """[M, d] -> [M, D]: zero-pad the embedding axis so that full-width weight rows apply (one Pad
+        per activation, however many weights read it)."""
         if self.d == self.D:
             return x2
-        return self.g.op("Pad", x2, self.g.const([0, 0, 0, self.D - self.d]))
+        wide = self.__dict__.setdefault("_wide", {})
+        if x2 not in wide:
+            wide[x2] = self.g.op("Pad", x2, self.g.const([0, 0, 0, self.D - self.d]))
+        return wide[x2]
 
     def narrow(self, x2: str) -> str:
         """[M, D] -> [M, d]."""
@@ -150,7 +156,7 @@ class Projections:
         f = v.Wup.shape[0]
         bu, bd = v.biases if v.biases is not None else (None, None)
         u0 = _row_start(v.Wup, mlp.up_proj.weight)
-        u = self.bias(self.gemm_rows(self.widen(x2), pre + "up_proj.weight", [(u0, u0 + f)])[0], bu, "up_bias")
+        u = self.bias(self.gemm_rows(x2, pre + "up_proj.weight", [(u0, u0 + f)])[0], bu, "up_bias")
         u = activations.onnx(self.g, act, u)
         c0 = _col_start(v.Wdown, mlp.down_proj.weight)
         return self.bias(self.matmul_rows(u, pre + "down_proj.weight", c0, c0 + f), bd, "down_bias")
@@ -223,7 +229,7 @@ class _Budget(Projections):
             h = g.op("Add", h, fn(i, blk.mixer, w, v, x))
         h = self.rms_norm(h, "backbone.norm_f.weight")
         head = "backbone.embeddings.weight" if self.m.lm_head is None else "lm_head.weight"  # as model.forward
-        logits = self.gemm_rows(self.widen(h), head, [(0, V)])[0]  # [b*l, V]
+        logits = self.gemm_rows(h, head, [(0, V)])[0]  # [b*l, V]
         logits = self.to3(g.to_f32(logits), V)  # float32 logits at every compute dtype
         g.output(logits, "logits", FLOAT, ["batch", 1 if self.decode else "seq", V])
         for sp in state_specs(cfg, self.s, self.compute_dtype):
@@ -251,7 +257,7 @@ class _Budget(Projections):
         runs = [(_row_start(v.Wz, W), _row_start(v.Wz, W) + h * P), (_row_start(v.Wx, W), _row_start(v.Wx, W) + h * P),
                 (_row_start(v.WB, W), _row_start(v.WB, W) + GN), (_row_start(v.WC, W), _row_start(v.WC, W) + GN),
                 (_row_start(v.Wdt, W), _row_start(v.Wdt, W) + h)]
-        z, xs, B, C, dt = self.gemm_rows(self.widen(x2), name, runs)
+        z, xs, B, C, dt = self.gemm_rows(x2, name, runs)
         if p < P:  # keep p of the P channels computed per head: [b*l, h*P] -> [b*l, h*p]
             z, xs = (g.op("Reshape", g.op("Slice", g.op("Reshape", t, g.const([-1, h, P])), g.const([0]), g.const([p]),
                                           g.const([2])), g.const([-1, h * p])) for t in (z, xs))
@@ -354,11 +360,10 @@ class _Budget(Projections):
         hq = rows // hd
         r = hq // nkv
         pre = f"backbone.layers.{i}.mixer."
-        xw = self.widen(x2)  # (no biases: model.Attention)
-        q0 = _row_start(v.Wq, a.q_proj.weight)
-        q = self.gemm_rows(xw, pre + "q_proj.weight", [(q0, q0 + rows)])[0]
-        k = self.gemm_rows(xw, pre + "k_proj.weight", [(0, nkv * hd)])[0]
-        val = self.gemm_rows(xw, pre + "v_proj.weight", [(0, nkv * hd)])[0]
+        q0 = _row_start(v.Wq, a.q_proj.weight)  # (no biases: model.Attention)
+        q = self.gemm_rows(x2, pre + "q_proj.weight", [(q0, q0 + rows)])[0]
+        k = self.gemm_rows(x2, pre + "k_proj.weight", [(0, nkv * hd)])[0]
+        val = self.gemm_rows(x2, pre + "v_proj.weight", [(0, nkv * hd)])[0]
         rank_major = cfg.head_order == "rank_major"
         if self.decode:
             o = self._attention_step(i, q, k, val, nkv, r, hd, rank_major)

@@ -18,10 +18,12 @@ stored in ``weights.bin`` and computed in the graphs:
 Every quantized tensor is stored row-major [out, in] (also out_proj / o_proj / down_proj, which the
 float file stores transposed): a budget's output rows are a row range of B and of the scales, contiguous,
 so every budget reads the one file, as in float builds. A budget narrower on the input axis (embedding
-width, Mamba heads, FFN neurons) zero-pads its activation to the family's K, as the float graphs do for
-the embedding width, since a K prefix of MatMulNBits' [N, K/b, blob] layout is not contiguous. The cost
-is compute (and prepacked bytes) over the zero columns for the smaller budgets; docs/quantization.md
-has the measurements and the alternative (per-width column segments).
+width, Mamba heads, FFN neurons) reads a column range of whole blocks: a ``Slice`` of B's block axis
+(and of the scales') in front of MatMulNBits. Both inputs are initializers, so ONNX Runtime folds the
+Slice at session creation and prepacks the folded, contiguous [N', K'/b, blob] for that session alone
+(prepacking makes a private copy per session in any case); the budget's product then runs over its own
+K' columns, not over zero-padded family columns. The DequantizeLinear lowering (blocks below 16, fp8)
+shares its codes across sessions unfolded, so there a narrower input is zero-padded to the family's K.
 
 ONNX Runtime runs MatMulNBits fast only on weights it has prepacked at session creation (measured:
 without prepacking a 2048 x 2048 int4 product takes 10 ms against 0.6 ms for float32), and its Python API
@@ -200,27 +202,45 @@ def _external(g: GraphBuilder, name: str, dims: tuple[int, ...]) -> str:
     return key
 
 
-def matmul(g: GraphBuilder, x2: str, name: str, r0: int, r1: int) -> str:
-    """x2 [M, K] (float32, K the family's input width of ``name``) times rows [r0, r1) of the quantized
-    ``name`` [N, K], transposed -> [M, r1 - r0]."""
+def matmul(g: GraphBuilder, x2: str, name: str, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> str:
+    """x2 [M, c1 - c0] (float32) times rows [r0, r1) and columns [c0, c1) of the quantized ``name``
+    [N, K] (default: every column), transposed -> [M, r1 - r0]. The column bounds are whole blocks
+    (quant.quant_plan aligns the blocks with every budget's widths)."""
     wf = g.wf
     b, K = wf.plan[name], wf.qshape[name][1]
+    c1 = K if c1 is None else c1
+    assert c0 % b == 0 and c1 % b == 0, (name, c0, c1, b)
     B, S = _stored(g, name, r0, r1), _stored(g, name + SCALES, r0, r1)
     if wf.lowering[name] == "MatMulNBits":
+        if (c0, c1) != (0, K):  # whole blocks: a Slice of initializers, folded at session creation
+            B, S = (g.op("Slice", t, g.const([c0 // b]), g.const([c1 // b]), g.const([1]), name="wcols")
+                    for t in (B, S))
         g.domains[MS] = 1
-        return g.op("MatMulNBits", x2, B, S, domain=MS, K=K, N=r1 - r0, bits=quant.FORMATS[wf.spec.format].bits,
-                    block_size=b, accuracy_level=wf.accuracy_level)
+        return g.op("MatMulNBits", x2, B, S, domain=MS, K=c1 - c0, N=r1 - r0,
+                    bits=quant.FORMATS[wf.spec.format].bits, block_size=b, accuracy_level=wf.accuracy_level)
+    if (c0, c1) != (0, K):  # codes shared unfolded across sessions: zero-pad the input to K instead
+        x2 = g.op("Pad", x2, g.const([0, c0, 0, K - c1]))
     W = g.op("DequantizeLinear", B, S, axis=1, block_size=b)  # [N, K] float32
     return g.op("Gemm", x2, W, transB=1)
 
 
 def matmul_in(g: GraphBuilder, y2: str, name: str, c0: int, c1: int, d: int) -> str:
     """y2 [M, c1 - c0] times columns [c0, c1) and rows [0, d) of the quantized ``name`` [D, K] -> [M, d]
-    (out_proj, o_proj, down_proj: the float build's transposed tensors): y2 zero-padded to K."""
-    K = g.wf.qshape[name][1]
-    if (c0, c1) != (0, K):
-        y2 = g.op("Pad", y2, g.const([0, c0, 0, K - c1]))
-    return matmul(g, y2, name, 0, d)
+    (out_proj, o_proj, down_proj: the float build's transposed tensors)."""
+    return matmul(g, y2, name, 0, d, c0, c1)
+
+
+def packed_initializers(proto: onnx.ModelProto) -> set[str]:
+    """The initializers MatMulNBits prepacks: its B and scales, directly or through the column Slice."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    out = set()
+    for n in proto.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        for x in n.input[1:3]:
+            src = producer.get(x)
+            out.add(src.input[0] if src is not None and src.op_type == "Slice" else x)
+    return out
 
 
 def gather(g: GraphBuilder, name: str, ids: str) -> str:

@@ -38,6 +38,7 @@ import torch
 from onnx import TensorProto
 
 from elastic_export.errors import BudgetError, CheckpointError
+from elastic_export.onnx_quant import packed_initializers
 
 from .generation import generate
 
@@ -62,8 +63,7 @@ def external_initializers(path: Path, skip_prepacked: bool = False):
 
 
 def _external(proto, skip_prepacked: bool = False) -> list:
-    packed = {x for n in proto.graph.node if n.op_type == "MatMulNBits" for x in n.input[1:3]} \
-        if skip_prepacked else set()
+    packed = packed_initializers(proto) if skip_prepacked else set()
     out = []
     for t in proto.graph.initializer:
         if t.data_location == TensorProto.EXTERNAL and t.name not in packed:

@@ -44,14 +44,14 @@ def aligned_family(cfg, p_small: int) -> dict[str, Subnet]:
     return {"full": full_subnet(cfg), "b1": sub(48, 64, 16, 1), "b2": sub(32, 48, p_small, 2)}
 
 
-def _quant_export(tmp_path, seed, fmt, p_small=16, accuracy=0):
+def _quant_export(tmp_path, seed, fmt, p_small=16, accuracy=0, ssm_op="standard"):
     # odd vocabulary and head counts (tiny_config), block-aligned widths
     model = random_model(seed, head_order="rank_major", hidden_size=64, mamba_head_dim=16, head_dim=16,
                          intermediate_size=96).eval()
     budgets = aligned_family(model.config, p_small)
     wf = onnx_quant.quant_weights(model, budgets, quant.QuantSpec(fmt, block=16 if fmt == "int4" else 32),
                                   accuracy_level=accuracy)
-    export_family(model, budgets, tmp_path, ssm_op="standard", opset=27, weights=wf)
+    export_family(model, budgets, tmp_path, ssm_op=ssm_op, opset=27 if ssm_op == "standard" else 21, weights=wf)
     return model, budgets, wf
 
 
@@ -70,6 +70,38 @@ def test_quantized_graphs_match_the_dequantized_torch_forward(tmp_path, fmt, see
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
     with torch.no_grad():
         assert (ref(ids) - model(ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ssm_op", ["standard", "decomposed"])
+def test_a_narrower_budget_reads_only_its_own_columns(tmp_path, ssm_op):
+    """b2 is narrower than the family on every input axis (hidden, Mamba heads, attention heads, FFN):
+    each of its MatMulNBits multiplies exactly the budget's columns, read through a Slice of the
+    family's initializers (folded and prepacked by ONNX Runtime), never a zero-padded activation; the
+    logits still equal the dequantized torch forward, in both SSM forms."""
+    model, budgets, wf = _quant_export(tmp_path, 2, "int4", ssm_op=ssm_op)
+    _check(onnx_quant.dequantized_model(model, wf), budgets, tmp_path, steps=2)
+    proto = onnx.load(str(tmp_path / "b2.decode.onnx"), load_external_data=False)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name for t in proto.graph.initializer}
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits
+    narrower = 0
+    for n in nbits:
+        K = next(a.i for a in n.attribute if a.name == "K")
+        src = producer.get(n.input[0])
+        assert src is None or src.op_type != "Pad", n.name  # no zero-padded activation
+        B = n.input[1]
+        if B not in inits:  # a Slice of the family's rows (constant, so folded at session creation)
+            sl = producer[B]
+            assert sl.op_type == "Slice" and all(i in inits for i in sl.input), (n.name, sl.op_type)
+            B = sl.input[0]
+        family_K = wf.qshape[B.split("[")[0]][1]  # initializer "name[r0:r1]"
+        assert K <= family_K
+        narrower += K < family_K
+    assert narrower >= 4  # in_proj / q, k, v / up at the narrower hidden, out_proj / o / down at fewer heads
+    # the engine hands MatMulNBits' sources to the session itself (prepacked), not as shared OrtValues
+    assert onnx_quant.packed_initializers(proto) >= {producer[x].input[0] for n in nbits for x in n.input[1:3]
+                                                     if x not in inits}
 
 
 def test_int8_activations_stay_close(tmp_path):
