@@ -485,6 +485,9 @@ def export_family(model, budgets: dict[str, Subnet], out_dir: str | Path, ssm_op
     for name, s in budgets.items():
         validate_subnet(model.config, s, where=f"budget {name}")
     check_moe_form(model, budgets, moe_form, compute_dtype)
+    if moe_form == "contrib" and getattr(weights, "lowering", None):
+        raise ConfigError("ONNX Runtime's contrib MoE operator takes float experts, not quantized ones",
+                          field="moe_form", fix="use moe_form='auto' (dense prefill, gathered decode) with --quant")
     model.eval()
     wf = weights if weights is not None else WeightFile(model, dtype)
     # a read-only loaded source (build) hands each tensor's pages back once written: one tensor resident

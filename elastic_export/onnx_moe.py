@@ -37,6 +37,14 @@ stride-G slice: the grouped routing views the e scores as [T, e/G, G]. Weights a
 graph: an expert-width prefix f < F computes all F neurons of the kept experts and zeroes the rest
 (their down-projection columns then add nothing), an embedding width d < D zero-pads the input
 (onnx_export.Projections.widen) and slices the output, as the MLP does.
+
+Quantized experts (``build --quant``, onnx_quant): the stacked tensors are stored flat, an expert being
+R consecutive rows of codes. The dense form's up-projection is one MatMulNBits over the kept experts'
+rows and the budget's d input columns; its down-projection one MatMulNBits per kept expert over the
+budget's f neurons (whole blocks, no zeroed neurons) and its first d rows, weighted and summed in
+float32. The gathered form dequantizes only the chosen experts as it gathers them
+(GatherBlockQuantized), so a decode step reads k experts' codes. The router stays float32; the
+contrib form takes float experts only.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from . import activations, elastic
+from . import activations, elastic, onnx_quant
 
 FLOAT = TensorProto.FLOAT
 FORMS = ("dense", "gather", "contrib")
@@ -125,16 +133,21 @@ def moe(p, pre: str, m, v: elastic.MoEViews, x2: str, act: str, form: str = "den
     e, f = v.Wup.shape[0], v.Wup.shape[1]
     F = m.experts.up_proj.shape[1]
     e0 = _row0(v.Wup, m.experts.up_proj)
+    quantized = onnx_quant.quantized(g, pre + "experts.up_proj")
+    if quantized and form == "contrib":
+        raise ValueError("the contrib MoE form takes float experts: use form='dense' or 'gather' with --quant")
     xw = p.widen(x2)  # [T, D]
     w, idx = routing(g, pre, v, xw, m.gate, m.n_group, m.topk_group, m.norm_topk_prob,
                      float(m.routed_scaling_factor), m.head_order)
     if v.latent is None:
-        u = xw  # [T, D]: the experts read all D columns of the zero-padded input
+        # [T, D]: the experts read all D columns of the zero-padded input (quantized and dense: its d)
+        u, width = (x2, p.d) if quantized and form == "dense" else (xw, p.D)
     else:
-        L = m.fc1_latent_proj.weight.shape[0]
-        u = p.bias(g.op("Gemm", xw, g.rows(pre + "fc1_latent_proj.weight", 0, L), transB=1),
-                   v.latent[1], "latent_bias")  # [T, L]
-    if form == "dense":
+        L = width = m.fc1_latent_proj.weight.shape[0]
+        u = p.bias(p.gemm_rows(x2, pre + "fc1_latent_proj.weight", [(0, L)])[0], v.latent[1], "latent_bias")  # [T, L]
+    if form == "dense" and quantized:
+        y = _dense_quantized_experts(p, pre, u, width, w, idx, e0, e, f, F, act)
+    elif form == "dense":
         y = _dense_experts(p, pre, u, w, idx, e0, e, f, F, act)
     elif form == "gather":
         y = _gathered_experts(p, pre, u, w, idx, e0, e, f, F, act)
@@ -144,10 +157,12 @@ def moe(p, pre: str, m, v: elastic.MoEViews, x2: str, act: str, form: str = "den
             raise ValueError(f"the contrib MoE form does not fit this layer: {why}; use form='dense'")
         y = _contrib_experts(g, pre, u, w, idx, e0, e, v.top_k, act)
     if v.latent is None:
-        y = p.narrow(y)  # [T, D] -> [T, d]
-    else:
-        y = p.bias(g.op("Gemm", y, g.rows(pre + "fc2_latent_proj.weight", 0, v.latent[2].shape[0]), transB=1),
-                   v.latent[3], "latent_bias")  # fc2 [D, L]: its first d rows, contiguous
+        y = p.narrow(y) if width == p.D else y  # [T, D] -> [T, d]
+    else:  # fc2 [D, L]: its first d rows, contiguous
+        fc2 = pre + "fc2_latent_proj.weight"
+        y = onnx_quant.matmul(g, y, fc2, 0, p.d) if onnx_quant.quantized(g, fc2) else \
+            g.op("Gemm", y, g.rows(fc2, 0, v.latent[2].shape[0]), transB=1)
+        y = p.bias(y, v.latent[3], "latent_bias")
     return op("Add", y, p.ffn(pre + "shared_experts.", m.shared_experts, v.shared, x2, act))
 
 
@@ -164,15 +179,42 @@ def _dense_experts(p, pre, u, w, idx, e0, e, f, F, act) -> str:
     return g.to_compute(op("Transpose", y, perm=[1, 0]))
 
 
-def _gathered_experts(p, pre, u, w, idx, e0, e, f, F, act) -> str:
-    """Only the chosen experts, their weights gathered per token: u [T, din] -> [T, din]."""
+def _dense_quantized_experts(p, pre, u, width, w, idx, e0, e, f, F, act) -> str:
+    """The dense form over quantized experts (onnx_quant: stacked experts stored flat, an expert R
+    consecutive rows): u [T, width] -> [T, width]. The up-projection of every kept expert is one
+    MatMulNBits over their rows; the down-projection one per expert, over its first f columns (the
+    budget's neurons) and first ``width`` rows; summed with the routing weights in float32."""
     g, op, c = p.g, p.g.op, p.g.const
-    up = op("Gather", g.rows(pre + "experts.up_proj", e0, e0 + e), idx, axis=0)  # [T, k, F, din]
+    up, down = pre + "experts.up_proj", pre + "experts.down_proj"
+    din = g.wf.stacked[down][1]  # rows of one expert's down-projection: the family's input width
+    h = onnx_quant.matmul(g, u, up, e0 * F, (e0 + e) * F, 0, width)  # [T, e*F]
+    h = op("Reshape", activations.onnx(g, act, h), c([0, e, F]))  # [T, e, F]
+    ys = []
+    for j in range(e):
+        hj = op("Slice", h, c([j, 0]), c([j + 1, f]), c([1, 2]))  # [T, 1, f]
+        r0 = (e0 + j) * din
+        ys.append(onnx_quant.matmul(g, op("Reshape", hj, c([-1, f])), down, r0, r0 + width, 0, f))  # [T, width]
+    y = op("Concat", *[op("Unsqueeze", t, c([1])) for t in ys], axis=1) if e > 1 else op("Unsqueeze", ys[0], c([1]))
+    rt = op("Unsqueeze", routing_matrix(g, w, idx, e), c([2]))  # [T, e, 1]
+    return g.to_compute(op("ReduceSum", op("Mul", g.to_f32(y), rt), c([1]), keepdims=0))  # [T, width]
+
+
+def _gathered_experts(p, pre, u, w, idx, e0, e, f, F, act) -> str:
+    """Only the chosen experts, their weights gathered per token: u [T, din] -> [T, din] (quantized
+    experts: dequantized as they are gathered, onnx_quant.gather_experts)."""
+    g, op, c = p.g, p.g.op, p.g.const
+
+    def gathered(name):
+        if onnx_quant.quantized(g, name):
+            return onnx_quant.gather_experts(g, name, e0, e, idx)
+        return op("Gather", g.rows(name, e0, e0 + e), idx, axis=0)
+
+    up = gathered(pre + "experts.up_proj")  # [T, k, F, din]
     h = op("MatMul", up, op("Unsqueeze", u, c([1, 3])))  # [T, k, F, 1]
     h = activations.onnx(g, act, h)
     if f < F:
         h = op("Mul", h, g.cconst((np.arange(F) < f)[:, None]))
-    down = op("Gather", g.rows(pre + "experts.down_proj", e0, e0 + e), idx, axis=0)  # [T, k, din, F]
+    down = gathered(pre + "experts.down_proj")  # [T, k, din, F]
     ys = op("MatMul", down, h)  # [T, k, din, 1]
     y = op("ReduceSum", op("Mul", g.to_f32(ys), op("Unsqueeze", w, c([2, 3]))), c([1, 3]), keepdims=0)  # [T, din]
     return g.to_compute(y)

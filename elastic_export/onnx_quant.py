@@ -14,6 +14,10 @@ stored in ``weights.bin`` and computed in the graphs:
                                TensorRT fuses; ONNX Runtime's CPU runs it unfused)
     embeddings                 com.microsoft.GatherBlockQuantized on the same uint8 layout (block >= 16),
                                else Gather of codes and scales and a Mul; fp8: DequantizeLinear + Gather
+    MoE experts [E, R, K]      stored flat [E*R, K] (an expert is R consecutive rows): the dense form's
+                               up-projection is one MatMulNBits over the kept experts' rows, its
+                               down-projection one per kept expert; the gathered form (decode) reads the
+                               chosen experts through GatherBlockQuantized, as the embedding
 
 Every quantized tensor is stored row-major [out, in] (also out_proj / o_proj / down_proj, which the
 float file stores transposed): a budget's output rows are a row range of B and of the scales, contiguous,
@@ -98,11 +102,15 @@ class QuantWeightFile:
         self.data: dict[str, torch.Tensor] = {}
         self.lowering: dict[str, str] = {}
         self.qshape: dict[str, tuple[int, int]] = {}  # logical [N, K] of each quantized tensor
+        self.stacked: dict[str, tuple[int, int]] = {}  # MoE experts [E, R, K]: (E, R); stored flat [E*R, K]
         self._off = 0
         for name, p in model.state_dict().items():
             if name in plan:
                 q, s = qstate[name]
                 b = plan[name]
+                if q.dim() == 3:
+                    self.stacked[name] = tuple(q.shape[:2])
+                    q, s = q.flatten(0, 1), s.flatten(0, 1)
                 self.lowering[name] = lowering(spec.format, b)
                 self.qshape[name] = tuple(q.shape)
                 self._add(name, nbits_blob(q, spec.format, b) if self.lowering[name] == "MatMulNBits" else q)
@@ -153,9 +161,6 @@ def quant_weights(model, budgets: dict, spec: quant.QuantSpec, accuracy_level: i
     that the plan is the family's). ``qstate`` / ``plan``: codes and plan read from a quantized nested
     checkpoint, used as they are; otherwise quantized here (quant.quantize_state)."""
     cfg = model.config
-    if "moe" in cfg.layers_block_type:
-        raise ConfigError("quantized ONNX builds of MoE layers are not supported yet", field="quant",
-                          fix="build this checkpoint without --quant")
     sd = model.state_dict()
     if plan is None:
         plan = quant.quant_plan(cfg, budgets, {k: tuple(v.shape) for k, v in sd.items()}, spec)
@@ -190,14 +195,16 @@ def _stored(g: GraphBuilder, name: str, r0: int, r1: int) -> str:
     return g.rows(name, r0, r1, dtype=ONNX_DTYPES[g.wf.dtypes[name]])
 
 
-def _external(g: GraphBuilder, name: str, dims: tuple[int, ...]) -> str:
-    """The whole stored tensor ``name`` under another shape ``dims`` (same bytes), e.g. MatMulNBits' B
-    [V, D/b, blob] read as GatherBlockQuantized's [V, D*bits/8]."""
-    key = f"{name}{list(dims)}"
+def _external(g: GraphBuilder, name: str, dims: tuple[int, ...], r0: int = 0, r1: int | None = None) -> str:
+    """Rows [r0, r1) (default: all) of the stored tensor ``name`` under another shape ``dims`` (same
+    bytes), e.g. MatMulNBits' B [V, D/b, blob] read as GatherBlockQuantized's [V, D*bits/8]."""
+    off, shape = g.wf.entries[name]
+    r1 = shape[0] if r1 is None else r1
+    key = f"{name}[{r0}:{r1}]{list(dims)}"
     if key not in g.inits:
-        off, shape = g.wf.entries[name]
-        assert int(np.prod(dims)) == int(np.prod(shape)), (name, dims, shape)
+        off, shape = g.wf.row_range(name, r0, r1)
         nbytes = int(np.prod(shape, dtype=np.int64)) * g.wf.item(name)
+        assert int(np.prod(dims)) == int(np.prod(shape)), (name, dims, shape)
         g.inits[key] = external_tensor(key, ONNX_DTYPES[g.wf.dtypes[name]], dims, g.location, off, nbytes)
     return key
 
@@ -264,6 +271,31 @@ def gather(g: GraphBuilder, name: str, ids: str) -> str:
     return g.op("Reshape", w, g.const([0, 0, D]))
 
 
+def gather_experts(g: GraphBuilder, name: str, e0: int, e: int, idx: str) -> str:
+    """Experts ``idx`` [T, k] (positions among the kept e0..e0+e) of the stacked quantized ``name``
+    [E, R, K] -> dequantized [T, k, R, K] float32, reading only the chosen experts' codes."""
+    wf = g.wf
+    b = wf.plan[name]
+    E, R = wf.stacked[name]
+    K = wf.qshape[name][1]
+    rows = (e0 * R, (e0 + e) * R)
+    S = _external(g, name + SCALES, (e, R, K // b), *rows)
+    if wf.lowering[name] == "MatMulNBits":
+        bits = quant.FORMATS[wf.spec.format].bits
+        g.domains[MS] = 1
+        data = _external(g, name, (e, R, K * bits // 8), *rows)
+        return g.op("GatherBlockQuantized", data, idx, S, domain=MS, bits=bits, block_size=b, gather_axis=0,
+                    quantize_axis=2)
+    if wf.spec.format == "fp8":  # ONNX Runtime's CPU Gather takes no float8: the kept experts dequantized
+        table = g.op("DequantizeLinear", _stored(g, name, *rows), _stored(g, name + SCALES, *rows),
+                     axis=1, block_size=b)
+        return g.op("Gather", g.op("Reshape", table, g.const([e, R, K])), idx, axis=0)
+    codes = g.op("Cast", g.op("Gather", _external(g, name, (e, R, K), *rows), idx, axis=0), to=TensorProto.FLOAT)
+    scales = g.op("Unsqueeze", g.op("Gather", S, idx, axis=0), g.const([-1]))  # [T, k, R, K/b, 1]
+    w = g.op("Mul", g.op("Reshape", codes, g.const([0, 0, R, K // b, b])), scales)
+    return g.op("Reshape", w, g.const([0, 0, R, K]))
+
+
 def dequantized_model(model, wf: QuantWeightFile):
     """A float copy of ``model`` whose quantized weights are quant.dequantize of ``wf``'s codes: the torch
     reference a quantized build must match (tests, validate)."""
@@ -272,13 +304,14 @@ def dequantized_model(model, wf: QuantWeightFile):
     ref = copy.deepcopy(model)
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
     for name in wf.lowering:
-        sd[name] = quant.dequantize(*codes_and_scales(wf, name))
+        sd[name] = quant.dequantize(*codes_and_scales(wf, name)).reshape(sd[name].shape)
     ref.load_state_dict(sd)  # (also drops the weight views the model caches per budget)
     return ref
 
 
 def codes_and_scales(wf: QuantWeightFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [N, K] int8 / float8, scales [N, K/b]) of a stored quantized tensor, unpacked."""
+    """(codes [N, K] int8 / float8, scales [N, K/b]) of a stored quantized tensor, unpacked (stacked
+    experts flat: [E*R, K])."""
     data, s = wf.data[name], wf.data[name + SCALES]
     if wf.lowering[name] != "MatMulNBits":
         return data, s

@@ -37,6 +37,11 @@ def aligned_family(cfg, p_small: int) -> dict[str, Subnet]:
                 layers.append(LayerWidths(mamba_heads=G * max(1, d["mamba_num_heads"] // G - cut), mamba_head_dim=p))
             elif t == "full_attention":
                 layers.append(LayerWidths(attn_heads=kv * max(1, d["num_attention_heads"] // kv - cut)))
+            elif t == "moe":  # a prefix of the experts per routing group, of their neurons and the shared ones
+                ng = cfg.n_group
+                layers.append(LayerWidths(experts=ng * max(1, cfg.n_routed_experts // ng - cut),
+                                          expert_ffn=cfg.moe_intermediate_size - 16 * min(cut, 1),
+                                          shared_ffn=cfg.moe_shared_expert_intermediate_size - 16 * cut))
             else:
                 layers.append(LayerWidths(kept=not (cut == 2 and i == len(layers) - 1 and t == "mlp"), ffn=ffn))
         return Subnet(hidden, tuple(layers))
@@ -102,6 +107,37 @@ def test_a_narrower_budget_reads_only_its_own_columns(tmp_path, ssm_op):
     # the engine hands MatMulNBits' sources to the session itself (prepacked), not as shared OrtValues
     assert onnx_quant.packed_initializers(proto) >= {producer[x].input[0] for n in nbits for x in n.input[1:3]
                                                      if x not in inits}
+
+
+@pytest.mark.parametrize("fmt,latent,seed", [("int4", None, 0), ("int8", 32, 1), ("fp8", None, 2), ("int4", 32, 3)])
+def test_quantized_moe_family_matches_the_dequantized_torch_forward(tmp_path, fmt, latent, seed):
+    """A MoE hybrid (routed experts in two routing groups, a shared expert, latent projections or not):
+    its experts quantized as stacked tensors, the router kept float32; every budget (fewer experts per
+    group, fewer neurons, narrower hidden) equals the torch forward of the dequantized weights, prefill
+    (dense experts: one MatMulNBits up, one per expert down) and decode (the chosen experts gathered
+    from the codes, GatherBlockQuantized)."""
+    from elastic_export.model import build_model
+    from helpers import randomize, tiny_moe_config
+
+    cfg = tiny_moe_config(seed, head_order="rank_major", hidden_size=64, mamba_head_dim=16, head_dim=16,
+                          intermediate_size=96, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+                          moe_latent_size=latent, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2)
+    model = randomize(build_model(cfg, seed=seed), seed).eval()
+    budgets = aligned_family(cfg, 16)
+    wf = onnx_quant.quant_weights(model, budgets, quant.QuantSpec(fmt, block=16 if fmt == "int4" else 32),
+                                  accuracy_level=0)
+    experts = [n for n in wf.lowering if "experts." in n and "shared" not in n]
+    assert experts and all(n in wf.stacked for n in experts)
+    assert not any(n.endswith("gate.weight") for n in wf.lowering)  # the router stays float32
+    ssm_op = "decomposed" if seed % 2 else "standard"
+    export_family(model, budgets, tmp_path, ssm_op=ssm_op, opset=27 if ssm_op == "standard" else 21, weights=wf)
+    ref = onnx_quant.dequantized_model(model, wf)
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert (ref(ids) - model(ids)).abs().max() > 1e-3  # quantization is visible
+    _check(ref, budgets, tmp_path, steps=3, padded=seed == 1, b=2, l=13)
+    ops = onnx_quant.model_nodes(onnx.load(str(tmp_path / "b1.decode.onnx"), load_external_data=False))
+    assert ("GatherBlockQuantized" in ops) == (fmt != "fp8")
 
 
 def test_int8_activations_stay_close(tmp_path):
