@@ -371,19 +371,45 @@ def as_lazy(t: torch.Tensor) -> Lazy:
 
 
 def lazy_entries(build: Callable, model) -> dict[str, Lazy]:
-    """``build(model)`` -> {name: () -> tensor}, run on a meta twin of ``model`` for the dtypes and
-    shapes (no memory), and on ``model`` for the functions that make the tensors."""
-    specs = {n: f() for n, f in build(meta_twin(model)).items()}
-    return {n: Lazy(specs[n].dtype, tuple(specs[n].shape), f) for n, f in build(model).items()}
+    """``build(model)`` -> {name: () -> tensor}, run one function at a time on a probe twin of
+    ``model`` (:func:`probe_twin`) for the dtypes and shapes, and on ``model`` for the functions that
+    make the tensors."""
+    specs = {}
+    for n, f in build(probe_twin(model)).items():
+        t = f()
+        specs[n] = (t.dtype, tuple(t.shape))
+        del t
+    return {n: Lazy(*specs[n], f) for n, f in build(model).items()}
 
 
-def meta_twin(model):
-    """The same model (config, dtypes, shapes) on the meta device: for shapes without memory."""
+def probe_twin(model):
+    """The same model (config, dtypes, shapes) whose weights hold no memory: each is one zero
+    broadcast to its shape (a stride-0 CPU view). Functions of its weights give their results' dtypes
+    and shapes, allocating only the one result in flight and reading nothing of ``model``'s. (Not the
+    meta device: torch's first meta ``cat`` imports its Python meta kernels, sympy and ~900 modules,
+    ~150 MB of a command's resident memory.)"""
     from .model import NemotronHForCausalLM
 
     with torch.device("meta"):
         twin = NemotronHForCausalLM(model.config)
-    twin.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()},
+    twin.load_state_dict({k: zeros_view(v.dtype, v.shape) for k, v in model.state_dict().items()}, assign=True)
+    return twin.train(model.training)
+
+
+def zeros_view(dtype: torch.dtype, shape) -> torch.Tensor:
+    """A tensor of zeros of ``shape`` holding one element (stride 0 on every axis)."""
+    return torch.zeros((), dtype=dtype).expand(tuple(shape))
+
+
+def meta_twin(model):
+    """The same model (config, dtypes, shapes) on the meta device: structure without memory (no
+    operations should run on it, see :func:`probe_twin`)."""
+    from .model import NemotronHForCausalLM
+
+    with torch.device("meta"):
+        twin = NemotronHForCausalLM(model.config)
+    # torch.empty, not empty_like: empty_like of a meta tensor runs torch's Python reference (sympy)
+    twin.load_state_dict({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()},
                          assign=True)
     return twin.train(model.training)
 

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import quant
 from .errors import BudgetError, CheckpointError, ConfigError
 from .qmodel import QWeight, QuantizedNemotronH, qweight_codes, quantized_model
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, save_tensors
 
 FORMAT_VERSION = 3  # nested: version 2 + quantized weights
 SCALE = "_scale"
@@ -107,7 +106,7 @@ def quantize_nested(src, out, spec: quant.QuantSpec, calib_ids: torch.Tensor | N
     entry = {**spec.to_dict(), "packing": PACKING if spec.format == "int4" else None,
              "plan": plan, "calibration": calib_info if calib_ids is not None else None}
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_tensors(tmp / WEIGHTS, tensors, {"format": "pt"})  # no serialized copy of the tensors
         names = [WEIGHTS]
         for extra in (ROUTER, IMPORTANCE):
             if (src / extra).is_file() and extra in ck.manifest["files"]:
@@ -198,17 +197,31 @@ def slice_model(qm: QuantizedNemotronH, subnet) -> QuantizedNemotronH:
     entry = qm.quantization
     plan = entry["plan"]
     spec = _spec(entry, Path("elastic.json"))
-    qstate = {n: (qweight_codes(qw), qw.scales) for n, qw in qm.qweights.items()}
-    state, bplan = quant.slice_quantized(qm, qstate, plan, subnet)
     packed = spec.format == "int4"
-    qws = {n: QWeight(quant.pack_int4(state[n][0]) if packed else state[n][0], state[n][1], b, packed)
-           for n, b in bplan.items()}
+    bplan = quant.budget_plan(qm.config, subnet, plan)
+
+    def finish(name, q, s):  # int4 packed as soon as it is sliced: the budget is held at its own bytes
+        return QWeight(quant.pack_int4(q) if packed else q, s, bplan[name], packed)
+
+    state, bplan = quant.slice_quantized(qm, _Unpacked(qm.qweights), plan, subnet, finish)
+    qws = {n: state[n] for n in bplan}
     floats = {n: t for n, t in state.items() if n not in bplan}
     m = quantized_model(sliced_config(qm.config, subnet), floats, qws, {**entry, "plan": bplan})
     from .elastic import full_subnet
 
     m.budgets = {"full": full_subnet(m.config)}
     return m
+
+
+class _Unpacked:
+    """name -> (codes unpacked, scales) of quantized weights, one tensor at a time, when asked."""
+
+    def __init__(self, qweights: dict[str, QWeight]):
+        self.qweights = qweights
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        qw = self.qweights[name]
+        return qweight_codes(qw), qw.scales
 
 
 def _module(name: str) -> str:
@@ -255,20 +268,18 @@ def _hf_tensors(qm: QuantizedNemotronH, uniform: bool = False) -> tuple[dict[str
     out, blocks = dict(split_experts(floats)), {}
     smallest = min((qw.block for qw in qws.values()), default=0)
     for name, qw in qws.items():
-        codes = split_experts({name: qweight_codes(qw)})
+        codes = split_experts({name: qw.codes})  # int4: still packed, [N, K/2] bytes
         s = qw.scales.repeat_interleave(qw.block // smallest, -1) if uniform else qw.scales
         scales = split_experts({name: s})
         for (hf, q), s in zip(codes.items(), scales.values()):
             mod = hf.removesuffix(".weight")
             blocks[hf] = smallest if uniform else qw.block
             out[mod + ".weight_scale"] = s.contiguous()
-            if qw.packed:
-                p = quant.pack_int4(q)  # [N, K/2] bytes -> int32 words of 8 codes (little-endian, as ours)
-                pad = (-p.shape[-1]) % 4
-                if pad:
-                    p = torch.cat([p, torch.zeros(*p.shape[:-1], pad, dtype=torch.uint8)], -1)
-                out[mod + ".weight_packed"] = p.contiguous().view(torch.int32)
-                out[mod + ".weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+            if qw.packed:  # our bytes are compressed-tensors' nibbles: int32 words of 8 codes, little-endian
+                pad = (-q.shape[-1]) % 4
+                p = torch.cat([q, q.new_zeros(*q.shape[:-1], pad)], -1) if pad else q.contiguous()
+                out[mod + ".weight_packed"] = p.view(torch.int32)
+                out[mod + ".weight_shape"] = torch.tensor([*q.shape[:-1], 2 * q.shape[-1]], dtype=torch.int64)
             else:
                 out[mod + ".weight"] = q.contiguous()
     return out, blocks
@@ -292,7 +303,7 @@ def save_quantized_slice(qm: QuantizedNemotronH, path, tokenizer=None, uniform: 
     config["quantization_config"] = ct_quantization_config(spec, blocks)
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / SINGLE), metadata={"format": "pt"})
+        save_tensors(tmp / SINGLE, tensors, {"format": "pt"})  # no serialized copy of the tensors
         if tokenizer is not None:
             shutil.copytree(tokenizer, tmp / "tokenizer")
     return Path(path)

@@ -292,19 +292,22 @@ def budget_plan(cfg, subnet, plan: dict[str, int]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def slice_quantized(model, qstate: dict, plan: dict[str, int], subnet) -> tuple[dict, dict[str, int]]:
+def slice_quantized(model, qstate, plan: dict[str, int], subnet, finish=None) -> tuple[dict, dict[str, int]]:
     """(quantized state of a budget, its plan) from the quantized family ``qstate``
-    (:func:`quantize_state` of ``model``'s state): the slicer's own rule (elastic views, head
-    reordering, skipped layers) applied to the codes and to the scales expanded to one per column,
-    with no arithmetic on either, so the result is exactly the quantized sliced budget.
+    (:func:`quantize_state` of ``model``'s state, or any mapping that produces a tensor's (codes,
+    scales) when asked): the slicer's own rule (elastic views, head reordering, skipped layers)
+    applied to the codes and to the scales expanded to one per column, with no arithmetic on either,
+    so the result is exactly the quantized sliced budget. ``finish(name, codes, scales)``, if given,
+    makes what is kept of each sliced tensor (e.g. int4 codes packed at once).
 
     One tensor at a time: a meta twin of the model gets the one family tensor being sliced (its codes
-    as float32, exact; then its scales expanded per column), the slicer's function for the matching
-    budget tensor runs on it (:func:`elastic_export.slicing.slice_thunks`: each reads only its own
-    views), and the tensor goes back to meta. Memory: the budget's quantized state plus one float32
-    tensor in flight, never a float copy of the family."""
+    as they are, int8 or float8 read as uint8, since the slicer only selects; then its scales expanded
+    per column), the slicer's function for the matching budget tensor runs on it
+    (:func:`elastic_export.slicing.slice_thunks`: each reads only its own views), and the tensor goes
+    back to meta. Memory: the budget's quantized state plus one family tensor in flight (its scales
+    per column at float32), never a float copy of the family."""
     from .hf_io import meta_twin
-    from .slicing import slice_state, slice_thunks
+    from .slicing import slice_thunks
 
     twin = meta_twin(model)
     cfg = model.config
@@ -324,16 +327,19 @@ def slice_quantized(model, qstate: dict, plan: dict[str, int], subnet) -> tuple[
         finally:
             setattr(owner, attr, meta)
 
-    code_dtype = next((qstate[k][0].dtype for k in plan), torch.int8)
-    floats = slice_state(model, subnet)  # the tensors that stay in float, at their own dtypes (quantized: meta)
+    thunks = slice_thunks(model, subnet)  # the budget's tensors in order; quantized ones are meta in ``model``
     out = {}
     with torch.no_grad():
-        for name in floats:
-            if name not in bplan:
-                out[name] = floats[name]
+        for name, f in thunks.items():
+            if name not in bplan:  # kept in float, at its own dtype (slicing.slice_state's copy)
+                out[name] = f().detach().clone().contiguous()
                 continue
             k = source[name]
-            q = through_slicer(k, qstate[k][0].float(), name).to(code_dtype)
-            s = through_slicer(k, qstate[k][1].repeat_interleave(plan[k], -1), name)[..., ::bplan[name]]
-            out[name] = (q, s.contiguous())
+            codes, scales = qstate[k]
+            as_bytes = codes.dtype == torch.float8_e4m3fn  # selections only: the same bytes as uint8
+            q = through_slicer(k, codes.view(torch.uint8) if as_bytes else codes, name)
+            q = q.view(codes.dtype) if as_bytes else q
+            del codes
+            s = through_slicer(k, scales.repeat_interleave(plan[k], -1), name)[..., ::bplan[name]].contiguous()
+            out[name] = (q, s) if finish is None else finish(name, q, s)
     return out, bplan

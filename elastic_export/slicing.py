@@ -149,7 +149,7 @@ def slice_entries(model, subnet: Subnet, layout: str = "compact") -> dict:
     """The standalone budget's state as lazy entries (hf_io.Lazy): dtype and shape known, each tensor
     made from ``model``'s (possibly memory-mapped) weights only when it is written
     (:func:`elastic_export.hf_io.save_entries`). ``layout``: see :func:`slice_budget`."""
-    from .hf_io import Lazy, lazy_entries
+    from .hf_io import Lazy, lazy_entries, zeros_view
     from .padding import PADDED, pad_tensor
 
     def build(m):
@@ -158,7 +158,11 @@ def slice_entries(model, subnet: Subnet, layout: str = "compact") -> dict:
     entries = lazy_entries(build, model)
     if layout == PADDED:
         cfg = sliced_config(model.config, subnet)
-        metas = {n: pad_tensor(cfg, n, torch.empty(e.shape, dtype=e.dtype, device="meta")) for n, e in entries.items()}
+        metas = {}
+        for n, e in entries.items():  # padded shapes from zero probes (hf_io.probe_twin), one at a time
+            t = pad_tensor(cfg, n, zeros_view(e.dtype, e.shape))
+            metas[n] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            del t
         entries = {n: Lazy(metas[n].dtype, tuple(metas[n].shape), lambda n=n, e=e: pad_tensor(cfg, n, e.make()))
                    for n, e in entries.items()}
     return entries

@@ -254,3 +254,39 @@ def test_slice_refuses_an_unpaddable_moe_budget_before_writing(tmp_path):
     with pytest.raises(ee.BudgetError, match="routed experts"):
         save_slice(s, type(full)(full.hidden, tuple(layers)), tmp_path / "x", layout="padded")
     assert not (tmp_path / "x").exists()
+
+
+def test_slicing_imports_no_symbolic_shapes(tmp_path):
+    """Slicing (float, padded layout, and a quantized family) runs no operation on the meta device:
+    torch's first meta operation imports its Python meta kernels with sympy (~900 modules, ~150 MB of
+    a command's resident memory), which a slice of a 100M checkpoint had paid on top of its weights.
+    Checked in a fresh interpreter (this one has imported everything already)."""
+    import subprocess
+    import sys
+
+    from elastic_export import quant
+    from elastic_export.qcheckpoint import quantize_nested
+    from test_onnx_quant import aligned_family
+
+    model = random_model(0, head_order="rank_major", hidden_size=64, mamba_head_dim=16, head_dim=16,
+                         intermediate_size=96).eval()
+    fam = {k: v for k, v in aligned_family(model.config, 16).items() if k != "full"}
+    save_nested(tmp_path / "nested", model, fam)
+    quantize_nested(tmp_path / "nested", tmp_path / "q4", quant.QuantSpec("int4", block=16))
+    code = f"""
+import sys
+import elastic_export as ee
+from elastic_export.nested import load_nested
+from elastic_export.qcheckpoint import slice_quantized_dir
+from elastic_export.slicing import save_slice
+ck = load_nested({str(tmp_path / 'nested')!r})
+m, fam = ck.model, ck.budgets
+for name, s in fam.items():
+    save_slice(m, s, {str(tmp_path)!r} + "/s_" + name, layout="padded")
+slice_quantized_dir({str(tmp_path / 'q4')!r}, "all", {str(tmp_path / 'sq')!r}, layout="compact", echo=lambda *a: None)
+print("sympy" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert (tmp_path / "sq" / "b2" / "model.safetensors").is_file()
