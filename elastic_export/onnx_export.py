@@ -106,6 +106,7 @@ class Projections:
 
     def __init__(self, g: GraphBuilder, D: int, d: int):
         self.g, self.D, self.d = g, D, d
+        self._wide: dict[str, str] = {}  # activation -> its zero-padded [M, D] (widen)
 
     def gemm_rows(self, x2: str, name: str, runs: list[tuple[int, int]]) -> list[str]:
         """x2 [M, d] times rows of a stored [R, D] weight; adjacent runs share one Gemm. A float weight
@@ -130,10 +131,9 @@ class Projections:
         per activation, however many weights read it)."""
         if self.d == self.D:
             return x2
-        wide = self.__dict__.setdefault("_wide", {})
-        if x2 not in wide:
-            wide[x2] = self.g.op("Pad", x2, self.g.const([0, 0, 0, self.D - self.d]))
-        return wide[x2]
+        if x2 not in self._wide:
+            self._wide[x2] = self.g.op("Pad", x2, self.g.const([0, 0, 0, self.D - self.d]))
+        return self._wide[x2]
 
     def narrow(self, x2: str) -> str:
         """[M, D] -> [M, d]."""

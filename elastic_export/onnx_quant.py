@@ -198,8 +198,7 @@ def _stored(g: GraphBuilder, name: str, r0: int, r1: int) -> str:
 def _external(g: GraphBuilder, name: str, dims: tuple[int, ...], r0: int = 0, r1: int | None = None) -> str:
     """Rows [r0, r1) (default: all) of the stored tensor ``name`` under another shape ``dims`` (same
     bytes), e.g. MatMulNBits' B [V, D/b, blob] read as GatherBlockQuantized's [V, D*bits/8]."""
-    off, shape = g.wf.entries[name]
-    r1 = shape[0] if r1 is None else r1
+    r1 = g.wf.entries[name][1][0] if r1 is None else r1
     key = f"{name}[{r0}:{r1}]{list(dims)}"
     if key not in g.inits:
         off, shape = g.wf.row_range(name, r0, r1)
