@@ -131,6 +131,9 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
     directory after the export; its dict's ``files`` join the manifest's checksums and every other key
     joins the manifest, ``target`` included. ``note`` (why an SSM mode was chosen) is printed and recorded.
 
+    ``ssm_op`` (default): ``standard``, or ``decomposed`` for a quantized build (with ``quant``, or from a
+    quantized checkpoint): its decode is 1.3-1.5x the standard form's on a CPU (docs/quantization.md).
+
     ``quant`` (int8 | int4 | fp8): weight-only quantized graphs (elastic_export.onnx_quant), column
     blocks of ``quant_block`` (default: the format's) where every budget keeps them whole; the tensors
     that stay in float are stored at float32 whatever ``dtype`` says. ``quant_accuracy``: MatMulNBits'
@@ -148,9 +151,13 @@ def build(source: str | Path | None, out: str | Path, budgets=("all",), ssm_op: 
     for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
         if parse_dtype(value) not in (None, torch.float32, torch.bfloat16):
             raise ConfigError(f"unsupported build {name} {value!r}", field=name, fix="use fp32 or bf16")
-    ssm_op = ssm_op or "standard"
     from . import onnx_quant
+    from .qcheckpoint import is_quantized_nested
     from .quant import QuantSpec
+
+    if ssm_op is None:  # quantized builds are for CPU speed, where the decomposed form is the faster one
+        quantized = quant is not None or (source is not None and is_quantized_nested(source))
+        ssm_op = "decomposed" if quantized else "standard"
 
     spec = None if quant is None else QuantSpec(quant, block=quant_block)
     onnx_quant.check_accuracy(quant_accuracy)

@@ -375,8 +375,9 @@ def train(recipe, out, fresh, no_progress, parallel):
               help="auto: TensorRT where TensorRT and a CUDA GPU are present, else ONNX. gguf: one GGUF file per "
                    "budget for llama.cpp (Ollama, LM Studio).")
 @click.option("--ssm-op", type=click.Choice(["standard", "decomposed", "plugin"]), default=None,
-              help="How the SSM scan is expressed in ONNX (default: standard for ONNX Runtime; plugin for "
-                   "TensorRT, or decomposed where tensorrt.plugin is missing).")
+              help="How the SSM scan is expressed in ONNX (default: standard for ONNX Runtime, decomposed for "
+                   "--quant builds (faster on a CPU); plugin for TensorRT, or decomposed where tensorrt.plugin is "
+                   "missing).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None,
               help="Stored weight dtype [as the source is stored: bf16 stays bf16; fp16 becomes fp32].")
 @click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default=None,

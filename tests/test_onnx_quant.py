@@ -209,6 +209,7 @@ def test_shipped_model_through_the_engine(tmp_path):
     out = build(None, tmp_path / "b", quant="int4", quant_accuracy=0)
     man = json.loads((out / "build.json").read_text())
     assert man["quant"]["format"] == "int4" and man["quant"]["accuracy_level"] == 0
+    assert man["ssm_op"] == "decomposed"  # a quantized build's default: the faster SSM form on a CPU
     blocks = {n: t["block"] for n, t in man["quant"]["tensors"].items()}
     assert blocks["backbone.layers.0.mixer.out_proj.weight"] == 8 and blocks["lm_head.weight"] == 32
     model, family, _ = load_family(None)
@@ -237,7 +238,9 @@ def test_shipped_model_through_the_engine(tmp_path):
 def test_cli_build_quant_and_run(tmp_path):
     r = CliRunner().invoke(main, ["build", "--quant", "int8", "--out", str(tmp_path / "q8")])
     assert r.exit_code == 0, r.output
-    assert "int8 weights" in r.output
+    assert "int8 weights" in r.output and "decomposed" in r.output
+    r = CliRunner().invoke(main, ["build", "--quant", "int8", "--ssm-op", "standard", "--out", str(tmp_path / "q8s")])
+    assert r.exit_code == 0 and "(onnx, standard," in r.output, r.output  # an explicit form is kept
     r = CliRunner().invoke(main, ["run", str(tmp_path / "q8"), "--prompt", "ab", "--max-new-tokens", "3",
                                   "--budget", "50pct", "--threads", "1"])
     assert r.exit_code == 0, r.output
@@ -316,7 +319,7 @@ def test_validate_judges_a_quantized_build_by_its_format(tmp_path):
     from validation.validate import load_family as val_family, validate
 
     b = build(None, tmp_path / "q4", quant="int4", budgets=["50pct"])
-    rep = validate(val_family(b), None, backends=["ort-standard-int4"], measure_memory=False, progress=False,
+    rep = validate(val_family(b), None, backends=["ort-decomposed-int4"], measure_memory=False, progress=False,
                    eval_kwargs=dict(n_tasks=2, seq_len=32, n_rows=2, n_prompts=1, greedy_tokens=4, decode_steps=2))
     (row,) = rep["parity"]
     assert row["precision"] == "int4" and row["budget"] == "50pct"
@@ -349,7 +352,7 @@ def test_validate_a_build_of_a_quantized_checkpoint_against_its_float_parent(tmp
     b = build(tmp_path / "q4", tmp_path / "bq", budgets=["50pct"])
     r = CliRunner().invoke(main, ["validate", str(b), "--report", str(tmp_path / "r1"), "--quiet", "--no-memory"])
     assert r.exit_code == 2 and "validate FLOAT_NESTED --build" in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(main, ["validate", "--build", str(b), "--budget", "50pct", "--backends", "ort-standard-int4",
+    r = CliRunner().invoke(main, ["validate", "--build", str(b), "--budget", "50pct", "--backends", "ort-decomposed-int4",
                                   "--no-memory",
                                   "--tasks", "2", "--rows", "2", "--seq-len", "32", "--prompts", "1",
                                   "--greedy-tokens", "4", "--decode-steps", "2", "--report", str(tmp_path / "r2"),
