@@ -15,9 +15,9 @@ Dequantization is ``codes.float() * scale`` in float32 (then the compute dtype),
 :func:`elastic_export.quant.dequantize` gives, so this model's logits equal those of the float model
 holding the dequantized weights (:func:`dequantized_model`) up to summation order.
 
-int4 weights on a CPU take torch's own int4 kernel instead (:mod:`elastic_export.qkernels`; on by
-default, :meth:`QuantizedNemotronH.use_kernels` turns it off): each such family tensor is packed once
-into the kernel's layout, the layer hands its views to the model as :class:`QView` objects, and
+int4 and int8 weights on a CPU take torch's own int4 / int8 kernels instead (:mod:`elastic_export.qkernels`;
+on by default, :meth:`QuantizedNemotronH.use_kernels` turns them off): each such family tensor is laid
+out once for its kernel, the layer hands its views to the model as :class:`QView` objects, and
 ``F.linear`` on a QView runs the kernel on the budget's rows and columns of the one packed copy. No
 layer is ever dequantized; anything else done with a QView (a view the kernel cannot take, einsum)
 dequantizes that view first, so the model's code is the same for every path.
@@ -102,7 +102,7 @@ def dequantize_rows(qw: QWeight, view: torch.Tensor, ids: torch.Tensor, dtype=to
 
 
 class QView:
-    """A meta view of a quantized family tensor whose ``F.linear`` runs the int4 kernel. Tensor
+    """A meta view of a quantized family tensor whose ``F.linear`` runs its kernel (int4 / int8). Tensor
     methods act on the meta view (a view of a view stays a QView); any other torch function, or a
     method whose result is not a view of the family tensor, gets the dequantized weights."""
 
@@ -209,11 +209,11 @@ class QuantizedNemotronH(NemotronHForCausalLM):
 
     qweights: dict
     quantization: dict
-    kernels: dict | None = None  # name -> qkernels.PackedInt4 of the tensors packed so far (None: none yet)
+    kernels: dict | None = None  # name -> qkernels.PackedInt4 / PackedInt8 of the tensors laid out so far
     use_kernel: bool = True
 
     def use_kernels(self, on: bool = True) -> "QuantizedNemotronH":
-        """Run int4 weights through torch's int4 CPU kernel (on: the default; each tensor is packed
+        """Run int4 / int8 weights through torch's CPU kernels (on: the default; each tensor is packed
         the first time a layer multiplies by it) or drop the packed copies and dequantize every layer
         instead (off: the exact float32 path)."""
         self.use_kernel, self.kernels = on, {}
@@ -240,18 +240,21 @@ class QuantizedNemotronH(NemotronHForCausalLM):
 
     def _kernel(self, t: torch.Tensor):
         """The packed int4 copy of the family tensor behind meta view ``t`` (packed on first use), or
-        None where the int4 kernel does not apply."""
+        None where no kernel applies (qkernels: int4, int8)."""
         from . import qkernels
 
         qw = self._qweight(t) if self.use_kernel and t.is_meta else None
-        if qw is None or self.device.type != "cpu" or not qkernels.fits(qw):
+        if qw is None or self.device.type != "cpu":
+            return None
+        kind = qkernels.PackedInt4 if qkernels.fits(qw) else qkernels.PackedInt8 if qkernels.fits_int8(qw) else None
+        if kind is None:
             return None
         base = t if t._base is None else t._base
         name = self._param_names[id(base)]
         if self.kernels is None:
             self.kernels = {}
         if name not in self.kernels:
-            self.kernels[name] = qkernels.PackedInt4(qw)
+            self.kernels[name] = kind(qw)
             drop = getattr(self, "_drop_pages", None)
             if drop is not None:  # its codes' file pages: read again only if a fallback path needs them
                 drop(name)
@@ -288,7 +291,7 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         return v, c
 
     def step_plan(self, subnet=None):
-        """The decode step's plan (model.step_plan), its layers already on the int4 kernel where all of a
+        """The decode step's plan (model.step_plan), its layers already on the kernels where all of a
         layer's quantized views take it: their QViews and step constants are made once per budget, not
         once per token (a plan made before use_kernels(False) keeps them)."""
         plan = super().step_plan(subnet)

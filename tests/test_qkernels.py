@@ -163,3 +163,67 @@ def test_validate_judges_the_quantized_torch_engine(tmp_path):
     assert all(0 < x["metrics"]["ppl_rel_delta"] < 0.5 for x in rows)  # quantized: moved, not broken
     r = CliRunner().invoke(main, ["validate", str(q), "--report", str(tmp_path / "rep2")])
     assert r.exit_code == 2 and "--build" in r.output and "Traceback" not in r.output
+
+
+# ---- int8: torch's per-channel int8 kernel, block by block ------------------------------------------
+
+def _qweight8(N, K, block, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
+    codes, scales = quant.quantize(w, quant.QuantSpec("int8"), block)
+    return QWeight(codes, scales, block, False)
+
+
+def _reference8(qw: QWeight, x: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    w = qw.codes.double() * qw.scales.to(torch.bfloat16).double().repeat_interleave(qw.block, -1)
+    return x.to(torch.bfloat16).double() @ w[rows, cols].T
+
+
+@pytest.mark.skipif(not qkernels.int8_available(), reason="this torch has no int8 CPU kernel")
+@pytest.mark.parametrize("N,K,block", [(131, 192, 64), (70, 384, 128), (97, 512, 256)])
+def test_int8_rows_and_columns_of_every_budget(N, K, block):
+    qw = _qweight8(N, K, block, seed=N + K)
+    pk = qkernels.PackedInt8(qw)
+    meta = torch.empty(N, K, device="meta")
+    g = torch.Generator().manual_seed(1)
+    cases = [(slice(0, N), slice(0, K)), (slice(37, N - 5), slice(0, K)), (slice(0, N // 2), slice(0, K - block)),
+             (slice(3, 3 + N // 3), slice(block, K)), (slice(0, 1), slice(0, block))]
+    for rows, cols in cases:
+        view = meta[rows, cols]
+        x = torch.randn(2, 3, view.shape[1], generator=g)  # 6 tokens: a decode batch
+        bias = torch.randn(view.shape[0], generator=g)
+        y = pk.linear(x, view, bias)
+        assert y.shape == (2, 3, view.shape[0])
+        _close(y - bias, _reference8(qw, x.reshape(6, -1), rows, cols).reshape(2, 3, -1))
+    assert pk.nbytes <= N * K * 1.05  # one copy of the codes (plus bf16 scales)
+    assert pk.linear(torch.randn(2, N), meta.T) is None  # not a run of rows of the family tensor
+    assert pk.linear(torch.randn(2, 8), meta[:, 8:16]) is None  # cuts a block
+    assert pk.linear(torch.randn(qkernels.INT8_MAX_ROWS + 1, K), meta) is None  # a prompt: the dense path
+
+
+@pytest.mark.skipif(not qkernels.int8_available(), reason="this torch has no int8 CPU kernel")
+def test_int8_model_on_the_kernel_equals_its_exact_path(tmp_path, monkeypatch):
+    """An int8 nested family through the torch engine: decode steps on the int8 kernel (prompts on the
+    dequantizing path) within bf16 error of the exact path, no decode-step view dequantized."""
+    from engines.torch_engine import TorchEngine
+
+    path = _family(tmp_path)  # int8 blocks 16 and 32 here
+    qc.quantize_nested(tmp_path / "float", tmp_path / "q8", quant.QuantSpec("int8"))
+    fast, exact = ee.load(tmp_path / "q8"), ee.load(tmp_path / "q8").use_kernels(False)
+    assert path.exists() and not any(q.packed for q in fast.qweights.values())
+    P = qkernels.INT8_MAX_ROWS + 4  # a prompt longer than the kernel takes
+    ids = torch.randint(0, fast.config.vocab_size, (1, P + 6), generator=torch.Generator().manual_seed(0))
+    dense, real_dense = [], qmodel.dequantize_view
+    monkeypatch.setattr(qmodel, "dequantize_view", lambda qw, view, *a: dense.append(qw) or real_dense(qw, view, *a))
+    for name in fast.budgets:
+        ef, ex = TorchEngine(fast, fast.budgets), TorchEngine(exact, exact.budgets)
+        ef.set_budget(name), ex.set_budget(name)
+        x, y = ef.prefill(ids[:, :P]), ex.prefill(ids[:, :P])
+        assert (x - y).abs().max() <= 1e-4 * y.abs().max(), name  # prompts: the exact path on both
+        for t in ids[0, P:]:
+            dense.clear()
+            x = ef.decode(t.view(1))
+            assert not dense, f"{name}: {len(dense)} views dequantized in a decode step"
+            y = ex.decode(t.view(1))
+            assert (x - y).abs().max() <= 3e-2 * y.abs().max(), name
+    assert fast.kernels and all(isinstance(k, qkernels.PackedInt8) for k in fast.kernels.values())
