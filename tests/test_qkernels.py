@@ -195,10 +195,14 @@ def test_int8_rows_and_columns_of_every_budget(N, K, block):
         y = pk.linear(x, view, bias)
         assert y.shape == (2, 3, view.shape[0])
         _close(y - bias, _reference8(qw, x.reshape(6, -1), rows, cols).reshape(2, 3, -1))
-    assert pk.nbytes <= N * K * 1.05  # one copy of the codes (plus bf16 scales)
+    assert pk.nbytes <= N * K * (1 + 6 / block)  # one copy of the codes, plus float32 and bf16 scales
     assert pk.linear(torch.randn(2, N), meta.T) is None  # not a run of rows of the family tensor
     assert pk.linear(torch.randn(2, 8), meta[:, 8:16]) is None  # cuts a block
-    assert pk.linear(torch.randn(qkernels.INT8_MAX_ROWS + 1, K), meta) is None  # a prompt: the dense path
+    # a prompt: dequantized from this copy (codes times float32 scales, as quant.dequantize), float32 GEMM
+    x = torch.randn(qkernels.INT8_MAX_ROWS + 1, K // 2 // block * block, generator=g)
+    want = x.double() @ quant.dequantize(qw.codes, qw.scales).double()[5:50, :x.shape[1]].T
+    got = pk.linear(x, meta[5:50, :x.shape[1]])
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.skipif(not qkernels.int8_available(), reason="this torch has no int8 CPU kernel")
