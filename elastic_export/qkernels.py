@@ -97,6 +97,19 @@ def _pack(codes: torch.Tensor, rows: int, n_pad: int) -> torch.Tensor:
     return tiles
 
 
+def _run(view: torch.Tensor, N: int, K: int, g: int) -> tuple[int, int, int, int] | None:
+    """(r0, n, c0, k) of a meta view [n, k] of a family tensor [N, K] that is rows [r0, r0 + n) and
+    columns [c0, c0 + k) with whole groups of ``g`` columns, or None for any other view."""
+    if view.dim() != 2:
+        return None
+    n, k = view.shape
+    r0, c0 = divmod(view.storage_offset(), K)
+    if (n > 1 and view.stride(0) != K) or (k > 1 and view.stride(1) != 1) or c0 % g or k % g or \
+            c0 + k > K or r0 + n > N or n == 0:
+        return None
+    return r0, n, c0, k
+
+
 class PackedInt4:
     """One int4 family tensor [N, K] in the kernel's layout. ``parts``: a block of 32 or more is one
     part; a block of 16 (the kernel's smallest group is 32) is two, the even and the odd 16-column
@@ -146,13 +159,10 @@ class PackedInt4:
         """``F.linear(x, W, bias)`` for the weights W that a (meta) view of the family tensor stands
         for, or None where the view is not a run of whole rows and whole groups of columns."""
         K, g, B = self.K, self.group, self.rows
-        if view.dim() != 2:
+        run = _run(view, self.N, K, g)
+        if run is None:
             return None
-        n, k = view.shape
-        r0, c0 = divmod(view.storage_offset(), K)
-        if (n > 1 and view.stride(0) != K) or (k > 1 and view.stride(1) != 1) or c0 % g or k % g or \
-                c0 + k > K or r0 + n > self.N or n == 0:
-            return None
+        r0, n, c0, k = run
         b0, b1 = r0 // B, -(-(r0 + n) // B)
         mm = _op("_weight_int4pack_mm_for_cpu")
         lead = x.shape[:-1]
@@ -223,14 +233,11 @@ class PackedInt8:
     def linear(self, x: torch.Tensor, view: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """``F.linear(x, W, bias)`` for the weights W that a (meta) view of the family tensor stands
         for, or None where the view is not a run of whole rows and whole blocks of columns."""
-        K, b = self.K, self.group
-        if view.dim() != 2:
+        b = self.group
+        run = _run(view, self.N, self.K, b)
+        if run is None:
             return None
-        n, k = view.shape
-        r0, c0 = divmod(view.storage_offset(), K)
-        if (n > 1 and view.stride(0) != K) or (k > 1 and view.stride(1) != 1) or c0 % b or k % b or \
-                c0 + k > K or r0 + n > self.N or n == 0:
-            return None
+        r0, n, c0, k = run
         mm = _op("_weight_int8pack_mm")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
