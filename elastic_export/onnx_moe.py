@@ -133,9 +133,7 @@ def moe(p, pre: str, m, v: elastic.MoEViews, x2: str, act: str, form: str = "den
     e, f = v.Wup.shape[0], v.Wup.shape[1]
     F = m.experts.up_proj.shape[1]
     e0 = _row0(v.Wup, m.experts.up_proj)
-    quantized = onnx_quant.quantized(g, pre + "experts.up_proj")
-    if quantized and form == "contrib":
-        raise ValueError("the contrib MoE form takes float experts: use form='dense' or 'gather' with --quant")
+    quantized = onnx_quant.quantized(g, pre + "experts.up_proj")  # (contrib + quantized: refused by export_family)
     xw = p.widen(x2)  # [T, D]
     w, idx = routing(g, pre, v, xw, m.gate, m.n_group, m.topk_group, m.norm_topk_prob,
                      float(m.routed_scaling_factor), m.head_order)

@@ -196,12 +196,15 @@ def _stored(g: GraphBuilder, name: str, r0: int, r1: int) -> str:
 
 
 def _external(g: GraphBuilder, name: str, dims: tuple[int, ...], r0: int = 0, r1: int | None = None) -> str:
-    """Rows [r0, r1) (default: all) of the stored tensor ``name`` under another shape ``dims`` (same
-    bytes), e.g. MatMulNBits' B [V, D/b, blob] read as GatherBlockQuantized's [V, D*bits/8]."""
+    """Rows [r0, r1) (default: all) of the stored tensor ``name`` under the shape ``dims`` (same bytes),
+    e.g. MatMulNBits' B [V, D/b, blob] read as GatherBlockQuantized's [V, D*bits/8]; the stored shape
+    itself is the row range's own initializer (:func:`_stored`)."""
     r1 = g.wf.entries[name][1][0] if r1 is None else r1
+    off, shape = g.wf.row_range(name, r0, r1)
+    if tuple(dims) == tuple(shape):
+        return _stored(g, name, r0, r1)
     key = f"{name}[{r0}:{r1}]{list(dims)}"
     if key not in g.inits:
-        off, shape = g.wf.row_range(name, r0, r1)
         nbytes = int(np.prod(shape, dtype=np.int64)) * g.wf.item(name)
         assert int(np.prod(dims)) == int(np.prod(shape)), (name, dims, shape)
         g.inits[key] = external_tensor(key, ONNX_DTYPES[g.wf.dtypes[name]], dims, g.location, off, nbytes)
@@ -251,48 +254,39 @@ def packed_initializers(proto: onnx.ModelProto) -> set[str]:
 
 def gather(g: GraphBuilder, name: str, ids: str) -> str:
     """Rows ``ids`` [b, l] of the quantized embedding table [V, D] -> [b, l, D] float32."""
-    wf = g.wf
-    b = wf.plan[name]
-    V, D = wf.qshape[name]
-    S = _stored(g, name + SCALES, 0, V)
-    if wf.lowering[name] == "MatMulNBits":  # the same uint8 bytes, read as [V, D * bits / 8]
-        bits = quant.FORMATS[wf.spec.format].bits
-        g.domains[MS] = 1
-        data = _external(g, name, (V, D * bits // 8))
-        return g.op("GatherBlockQuantized", data, ids, S, domain=MS, bits=bits, block_size=b, gather_axis=0,
-                    quantize_axis=1)
-    if wf.spec.format == "fp8":  # the Q/DQ form (ONNX Runtime's CPU Gather takes no float8)
-        table = g.op("DequantizeLinear", _stored(g, name, 0, V), S, axis=1, block_size=b)
-        return g.op("Gather", table, ids, axis=0)
-    codes = g.op("Cast", g.op("Gather", _stored(g, name, 0, V), ids, axis=0), to=TensorProto.FLOAT)
-    scales = g.op("Unsqueeze", g.op("Gather", S, ids, axis=0), g.const([-1]))  # [b, l, D/b, 1]
-    w = g.op("Mul", g.op("Reshape", codes, g.const([0, 0, D // b, b])), scales)
-    return g.op("Reshape", w, g.const([0, 0, D]))
+    V = g.wf.qshape[name][0]
+    return _gathered(g, name, ids, 0, V, (V,))
 
 
 def gather_experts(g: GraphBuilder, name: str, e0: int, e: int, idx: str) -> str:
     """Experts ``idx`` [T, k] (positions among the kept e0..e0+e) of the stacked quantized ``name``
     [E, R, K] -> dequantized [T, k, R, K] float32, reading only the chosen experts' codes."""
+    R = g.wf.stacked[name][1]
+    return _gathered(g, name, idx, e0 * R, (e0 + e) * R, (e, R))
+
+
+def _gathered(g: GraphBuilder, name: str, ids: str, r0: int, r1: int, lead: tuple[int, ...]) -> str:
+    """Items ``ids`` [a, c] along the first axis of rows [r0, r1) of the quantized ``name`` [N, K] viewed
+    as [*lead, K] -> [a, c, *lead[1:], K] float32, dequantizing only what is gathered (fp8: the view)."""
     wf = g.wf
-    b = wf.plan[name]
-    E, R = wf.stacked[name]
-    K = wf.qshape[name][1]
-    rows = (e0 * R, (e0 + e) * R)
-    S = _external(g, name + SCALES, (e, R, K // b), *rows)
-    if wf.lowering[name] == "MatMulNBits":
+    b, K = wf.plan[name], wf.qshape[name][1]
+    S = _external(g, name + SCALES, (*lead, K // b), r0, r1)
+    if wf.lowering[name] == "MatMulNBits":  # the same uint8 bytes, read as [*lead, K * bits / 8]
         bits = quant.FORMATS[wf.spec.format].bits
         g.domains[MS] = 1
-        data = _external(g, name, (e, R, K * bits // 8), *rows)
-        return g.op("GatherBlockQuantized", data, idx, S, domain=MS, bits=bits, block_size=b, gather_axis=0,
-                    quantize_axis=2)
-    if wf.spec.format == "fp8":  # ONNX Runtime's CPU Gather takes no float8: the kept experts dequantized
-        table = g.op("DequantizeLinear", _stored(g, name, *rows), _stored(g, name + SCALES, *rows),
-                     axis=1, block_size=b)
-        return g.op("Gather", g.op("Reshape", table, g.const([e, R, K])), idx, axis=0)
-    codes = g.op("Cast", g.op("Gather", _external(g, name, (e, R, K), *rows), idx, axis=0), to=TensorProto.FLOAT)
-    scales = g.op("Unsqueeze", g.op("Gather", S, idx, axis=0), g.const([-1]))  # [T, k, R, K/b, 1]
-    w = g.op("Mul", g.op("Reshape", codes, g.const([0, 0, R, K // b, b])), scales)
-    return g.op("Reshape", w, g.const([0, 0, R, K]))
+        data = _external(g, name, (*lead, K * bits // 8), r0, r1)
+        return g.op("GatherBlockQuantized", data, ids, S, domain=MS, bits=bits, block_size=b, gather_axis=0,
+                    quantize_axis=len(lead))
+    if wf.spec.format == "fp8":  # the Q/DQ form (ONNX Runtime's CPU Gather takes no float8): the view dequantized
+        table = g.op("DequantizeLinear", _stored(g, name, r0, r1), _stored(g, name + SCALES, r0, r1), axis=1,
+                     block_size=b)
+        if len(lead) > 1:
+            table = g.op("Reshape", table, g.const([*lead, K]))
+        return g.op("Gather", table, ids, axis=0)
+    codes = g.op("Cast", g.op("Gather", _external(g, name, (*lead, K), r0, r1), ids, axis=0), to=TensorProto.FLOAT)
+    scales = g.op("Unsqueeze", g.op("Gather", S, ids, axis=0), g.const([-1]))  # [a, c, *lead[1:], K/b, 1]
+    w = g.op("Mul", g.op("Reshape", codes, g.const([0, 0, *lead[1:], K // b, b])), scales)
+    return g.op("Reshape", w, g.const([0, 0, *lead[1:], K]))
 
 
 def dequantized_model(model, wf: QuantWeightFile):

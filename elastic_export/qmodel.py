@@ -239,8 +239,8 @@ class QuantizedNemotronH(NemotronHForCausalLM):
         return None if name is None else self.qweights.get(name)
 
     def _kernel(self, t: torch.Tensor):
-        """The packed int4 copy of the family tensor behind meta view ``t`` (packed on first use), or
-        None where no kernel applies (qkernels: int4, int8)."""
+        """The kernel's copy of the family tensor behind meta view ``t`` (qkernels.PackedInt4 / PackedInt8,
+        made on first use), or None where no kernel applies."""
         from . import qkernels
 
         qw = self._qweight(t) if self.use_kernel and t.is_meta else None
