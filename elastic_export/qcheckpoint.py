@@ -198,10 +198,9 @@ def slice_model(qm: QuantizedNemotronH, subnet) -> QuantizedNemotronH:
     plan = entry["plan"]
     spec = _spec(entry, Path("elastic.json"))
     packed = spec.format == "int4"
-    bplan = quant.budget_plan(qm.config, subnet, plan)
 
-    def finish(name, q, s):  # int4 packed as soon as it is sliced: the budget is held at its own bytes
-        return QWeight(quant.pack_int4(q) if packed else q, s, bplan[name], packed)
+    def finish(name, q, s, block):  # int4 packed as soon as it is sliced: the budget is held at its own bytes
+        return QWeight(quant.pack_int4(q) if packed else q, s, block, packed)
 
     state, bplan = quant.slice_quantized(qm, _Unpacked(qm.qweights), plan, subnet, finish)
     qws = {n: state[n] for n in bplan}

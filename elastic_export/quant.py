@@ -297,8 +297,8 @@ def slice_quantized(model, qstate, plan: dict[str, int], subnet, finish=None) ->
     (:func:`quantize_state` of ``model``'s state, or any mapping that produces a tensor's (codes,
     scales) when asked): the slicer's own rule (elastic views, head reordering, skipped layers)
     applied to the codes and to the scales expanded to one per column, with no arithmetic on either,
-    so the result is exactly the quantized sliced budget. ``finish(name, codes, scales)``, if given,
-    makes what is kept of each sliced tensor (e.g. int4 codes packed at once).
+    so the result is exactly the quantized sliced budget. ``finish(name, codes, scales, block)``, if
+    given, makes what is kept of each sliced tensor (e.g. int4 codes packed at once).
 
     One tensor at a time: a meta twin of the model gets the one family tensor being sliced (its codes
     as they are, int8 or float8 read as uint8, since the slicer only selects; then its scales expanded
@@ -341,5 +341,5 @@ def slice_quantized(model, qstate, plan: dict[str, int], subnet, finish=None) ->
             q = q.view(codes.dtype) if as_bytes else q
             del codes
             s = through_slicer(k, scales.repeat_interleave(plan[k], -1), name)[..., ::bplan[name]].contiguous()
-            out[name] = (q, s) if finish is None else finish(name, q, s)
+            out[name] = (q, s) if finish is None else finish(name, q, s, bplan[name])
     return out, bplan

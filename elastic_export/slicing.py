@@ -158,13 +158,12 @@ def slice_entries(model, subnet: Subnet, layout: str = "compact") -> dict:
     entries = lazy_entries(build, model)
     if layout == PADDED:
         cfg = sliced_config(model.config, subnet)
-        metas = {}
+        specs = {}
         for n, e in entries.items():  # padded shapes from zero probes (hf_io.probe_twin), one at a time
             t = pad_tensor(cfg, n, zeros_view(e.dtype, e.shape))
-            metas[n] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            specs[n] = (t.dtype, tuple(t.shape))
             del t
-        entries = {n: Lazy(metas[n].dtype, tuple(metas[n].shape), lambda n=n, e=e: pad_tensor(cfg, n, e.make()))
-                   for n, e in entries.items()}
+        entries = {n: Lazy(*specs[n], lambda n=n, e=e: pad_tensor(cfg, n, e.make())) for n, e in entries.items()}
     return entries
 
 
