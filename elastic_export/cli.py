@@ -621,10 +621,14 @@ def _csv(values) -> list[str]:
               "[fork on a Linux CPU].")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime [1 for a model "
               "under 20M parameters, whose tiny ops gain nothing from more; else the runtimes' default].")
+@click.option("--ort-weights", type=click.Choice(["stored", "float32"]), default="stored", show_default=True,
+              help="ONNX Runtime over a bf16 build (float32 arithmetic on a CPU): keep the weights bf16 and cast "
+              "them per call (one copy at the stored size; slower), or upcast them once (twice the bytes; "
+              "faster). The logits are the same.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @user_errors
 def validate(source, report_dir, backends, budgets, builds, device, context, batch, thresholds, n_tasks, greedy_tokens,
-             n_prompts, n_rows, seq_len, decode_steps, measure_memory, memory_isolation, threads, quiet):
+             n_prompts, n_rows, seq_len, decode_steps, measure_memory, memory_isolation, threads, ort_weights, quiet):
     """Accuracy and memory parity of every budget across backends; writes a report; exit 1 on a failed check.
 
     SOURCE is a nested checkpoint, a build directory or an HF checkpoint [the shipped default model].
@@ -643,6 +647,7 @@ def validate(source, report_dir, backends, budgets, builds, device, context, bat
         raise ConfigError("--context, --batch, --greedy-tokens, --prompts, --rows, --decode-steps and --threads must "
                           "be positive, --tasks not negative, --seq-len at least 3", field="options")
     family = load_family(source, builds)
+    family.ort_upcast = ort_weights == "float32"
     report = run_validation(family, report_dir, _csv(backends) or None, device, context, batch, overrides,
                             measure_memory, list(budgets) or None, progress=not quiet,
                             eval_kwargs={"n_tasks": n_tasks, "greedy_tokens": greedy_tokens, "n_prompts": n_prompts,

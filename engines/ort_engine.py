@@ -16,6 +16,15 @@ every weight on every call (6x slower decode, and the arena keeps the casts). So
 engine upcasts once: the buffer holds float32 (twice the file's bytes, one copy for every session),
 and each graph is loaded with those initializers retyped float32 and their Casts removed (in memory;
 the files are unchanged). That is one weight copy per process, at the compute dtype.
+
+``upcast=False`` keeps such a build's weights as stored instead: the one shared buffer holds the bf16
+bytes (the file's size, half the upcast buffer), every graph keeps its Casts, ONNX Runtime's constant
+folding is off for those sessions (no folded copy) and so is its arena (which would keep every cast
+alive: the Casts read only initializers, so they are scheduled first), so each call casts the weights
+it reads into short-lived float32 tensors. Same float32 values into the same MatMuls, so the same
+logits (tests/test_bf16_build_validate.py checks bit equality); the price is time (measured at 100M
+parameters, 1 thread: decode ~3.4x slower, docs/RESULTS.md). ``validate`` uses it by default, where memory
+is the bound and the numbers are what is judged.
 States stay ``OrtValue`` between decode steps (no numpy round trip).
 
 Two budgets in one generation (engines.schedule, engines.speculative) go through the same methods as
@@ -53,6 +62,18 @@ def _shared_allocator(ort) -> None:
         mi = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(mi, ort.OrtArenaCfg(0, -1, -1, -1))
         _ENV_ALLOCATOR.append(mi)
+
+
+def _return_large_frees() -> None:
+    """Allocations from 1 MiB up are mapped and unmapped on their own (glibc's M_MMAP_THRESHOLD), for the
+    whole process: without it glibc raises its threshold after the first large free and keeps every
+    freed per-call cast in its heap (100M parameters: +365 MB resident against +238 MB, same speed)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def external_initializers(path: Path, skip_prepacked: bool = False):
@@ -114,7 +135,7 @@ def _read_bf16_as_f32(path: Path, off: int, dst: np.ndarray, chunk: int = 4 << 2
 
 class OrtEngine:
     def __init__(self, build_dir: str | Path, budgets: list[str] | None = None, share_weights: bool = True,
-                 threads: int | None = None, preload: bool = True):
+                 threads: int | None = None, preload: bool = True, upcast: bool = True):
         import onnxruntime as ort
 
         self.ort = ort
@@ -135,8 +156,12 @@ class OrtEngine:
         # float32 weights are shared as stored; bf16 ones computing in float32, upcast once (scale 2: each
         # entry at twice its file offset, offsets staying aligned); bf16 compute (a TensorRT build) is not
         # shared: ONNX Runtime on a CPU runs it only through its own casts
-        self._scale = {("float32", "float32"): 1, ("bfloat16", "float32"): 2}.get((stored, compute))
+        # (upcast=False: bf16 shared as stored, scale 1, the graphs' Casts run per call)
+        self._scale = {("float32", "float32"): 1, ("bfloat16", "float32"): 2 if upcast else 1}.get((stored, compute))
         self.share = share_weights and self._scale is not None
+        self.cast_per_call = self.share and (stored, compute) == ("bfloat16", "float32") and not upcast
+        if self.cast_per_call:
+            _return_large_frees()
         # quantized builds (elastic_export.onnx_quant): MatMulNBits is fast only on the weights it prepacks
         # at session creation, a private copy per session, read by the session from the file itself (never
         # into the shared buffer); every other weight is still shared
@@ -165,9 +190,17 @@ class OrtEngine:
         if self.share:
             if not self.quant:
                 so.add_session_config_entry("session.disable_prepacking", "1")
-            _shared_allocator(self.ort)
-            so.add_session_config_entry("session.use_env_allocators", "1")
+            if self.cast_per_call:  # an arena would keep every cast float32 weight: one more copy
+                so.enable_cpu_mem_arena = False
+            else:
+                _shared_allocator(self.ort)
+                so.add_session_config_entry("session.use_env_allocators", "1")
         return so
+
+    def _session(self, model, so):
+        # casts per call: no constant folding, which would fold each Cast into a float32 copy per session
+        off = ["ConstantFolding"] if self.cast_per_call else None
+        return self.ort.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=off)
 
     def _load(self, name: str) -> dict:
         if name in self.sessions:
@@ -183,20 +216,20 @@ class OrtEngine:
             for init, off, length, dims, dt in _external(proto, bool(self.quant)):
                 if dt == TensorProto.FLOAT8E4M3FN:  # no OrtValue from a float8 numpy array: the session reads it
                     continue
-                if dt not in NP_OF and init not in upcast:
+                if dt not in NP_OF and init not in upcast and not (self.cast_per_call and dt == TensorProto.BFLOAT16):
                     raise CheckpointError(f"reads {init!r} as stored ({dt}), not through a Cast to float32",
                                           path=self.dir / fname, fix="rebuild with elastic-export build, or "
                                           "open the engine with share_weights=False")
                 if init not in self._values:
-                    self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(self._weights(init, off, length, dims, dt,
-                                                                                           init in upcast))
+                    arr = self._weights(init, off, length, dims, dt, init in upcast)
+                    self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr) if dt != TensorProto.BFLOAT16 \
+                        or init in upcast else self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, dt)
                 so.add_initializer(init, self._values[init])
             if upcast:  # a graph retyped in memory: ONNX Runtime resolves its (overridden) external data here
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.dir))
-                sess[kind] = self.ort.InferenceSession(proto.SerializeToString(), so,
-                                                       providers=["CPUExecutionProvider"])
+                sess[kind] = self._session(proto.SerializeToString(), so)
             else:
-                sess[kind] = self.ort.InferenceSession(str(self.dir / fname), so, providers=["CPUExecutionProvider"])
+                sess[kind] = self._session(str(self.dir / fname), so)
         self.sessions[name] = sess
         return sess
 
@@ -218,7 +251,7 @@ class OrtEngine:
                 with open(self.weights_path, "rb") as f:
                     f.seek(off + (a - s * off))
                     f.readinto(memoryview(self.buffer[a:b]))
-        elem = np.float32 if upcast else NP_OF[dt]
+        elem = np.float32 if upcast else np.uint16 if dt == TensorProto.BFLOAT16 else NP_OF[dt]
         return dst.view(elem).reshape(dims)
 
     def _gaps(self, a: int, b: int) -> list[tuple[int, int]]:

@@ -105,3 +105,53 @@ def test_bf16_build_shares_one_float32_buffer(bf16_family):
     np.testing.assert_allclose(unshared.prefill(ids).numpy(), before.numpy(), atol=1e-4)
     oe.buffer[:] = 0  # the sessions see the buffer: proof that nothing was copied
     assert not torch.equal(oe.prefill(ids), before)
+
+
+def test_bf16_build_cast_per_call_is_one_stored_copy_with_the_same_logits(bf16_family):
+    """``upcast=False`` (validate's default): the shared buffer holds the bf16 bytes as stored (the
+    file's size, not twice it), the graphs keep their Casts, and every budget's prefill and decode
+    logits are bit-identical to the upcast engine's (the same float32 values into the same MatMuls)."""
+    model, _, root = bf16_family
+    nbytes = (root / "build" / "weights.bin").stat().st_size
+    up, cast = OrtEngine(root / "build", threads=1), OrtEngine(root / "build", threads=1, upcast=False)
+    assert cast.cast_per_call and not up.cast_per_call and cast._scale == 1
+    assert cast.buffer.nbytes == nbytes and up.buffer.nbytes == 2 * nbytes
+    assert any(v.data_type() == "tensor(bfloat16)" for v in cast._values.values())
+    base, end = cast.buffer.ctypes.data, cast.buffer.ctypes.data + cast.buffer.nbytes
+    assert all(base <= v.data_ptr() < end for v in cast._values.values())
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 13), generator=g)
+    for b in up.budgets:
+        up.set_budget(b)
+        cast.set_budget(b)
+        assert torch.equal(up.prefill(ids), cast.prefill(ids)), b
+        for _ in range(3):
+            tok = torch.randint(3, model.config.vocab_size, (2,), generator=g)
+            assert torch.equal(up.decode(tok), cast.decode(tok)), b
+    cast.buffer[:] = 0  # the sessions read the shared bf16 buffer, not a folded copy of their own
+    cast.set_budget(cast.budgets[0])
+    assert not torch.equal(cast.prefill(ids), up.prefill(ids))
+
+
+def test_validate_cli_ort_weights(bf16_family, tmp_path):
+    """``--ort-weights`` reaches the engine and the report; both settings pass the same rows."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from elastic_export.cli import main
+
+    _, _, root = bf16_family
+    args = ["validate", str(root / "build"), "--backends", "ort-standard", "--budget", "b50", "--no-memory",
+            "--quiet", "--tasks", "1", "--greedy-tokens", "3", "--prompts", "2", "--rows", "2", "--seq-len", "12",
+            "--decode-steps", "2"]
+    metrics = {}
+    for w in ("stored", "float32"):
+        r = CliRunner().invoke(main, args + ["--report", str(tmp_path / w), "--ort-weights", w])
+        assert r.exit_code == 0, r.output
+        rep = _json.loads((tmp_path / w / "report.json").read_text())
+        assert rep["eval"]["ort_weights"] == w
+        metrics[w] = [row["metrics"] for row in rep["parity"] if row["backend"] == "ort-standard"]
+    assert metrics["stored"] == metrics["float32"]
+    r = CliRunner().invoke(main, args + ["--report", str(tmp_path / "x"), "--ort-weights", "fp16"])
+    assert r.exit_code == 2 and "--ort-weights" in r.output

@@ -54,6 +54,9 @@ class Family:
     build: str | None = None
     engines: dict[str, tuple[Callable[[], object], str]] = field(default_factory=dict)
     threads: int | None = None  # CPU threads for the engines (None: each runtime's default)
+    # ONNX Runtime over a bf16 build computing float32: False keeps the weights bf16 and casts per call
+    # (one copy at the stored size, slower), True upcasts them once (twice the bytes, fast); same logits
+    ort_upcast: bool = False
 
 
 class Backend:

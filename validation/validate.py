@@ -151,7 +151,7 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     if manifest.get("target") == "trt":
         name, factory = f"trt{suffix}", lambda: _trt_engine(path)
     else:
-        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}", lambda: _ort_engine(path, fam.threads)
+        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}", lambda: _ort_engine(path, fam.threads, fam.ort_upcast)
     base, k = name, 2
     while name in fam.engines:
         name, k = f"{base}-{k}", k + 1
@@ -214,10 +214,10 @@ def _torch_engine(fam: Family) -> dict:
                              precision_name(fam.model.dtype))}
 
 
-def _ort_engine(path: Path, threads: int | None = None):
+def _ort_engine(path: Path, threads: int | None = None, upcast: bool = False):
     from engines.ort_engine import OrtEngine
 
-    return OrtEngine(path, threads=threads)
+    return OrtEngine(path, threads=threads, upcast=upcast)
 
 
 def _trt_engine(path: Path):
@@ -243,7 +243,7 @@ def _ort_from_export(fam: Family, mode: str):
     from elastic_export.build import build
 
     tmp = tempfile.TemporaryDirectory(prefix=f"ee-validate-{mode}-")
-    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode), fam.threads)
+    engine = _ort_engine(build(fam.path, Path(tmp.name) / "build", ssm_op=mode), fam.threads, fam.ort_upcast)
     engine._validation_tmp = tmp  # the directory lives as long as the engine
     return engine
 
@@ -371,7 +371,8 @@ def _validate(family, report_dir, backends, device, context, batch, limits, meas
                    "budgets": {b: {"params": count_params(cfg, family.budgets[b]), **moe_summary(cfg, family.budgets[b]),
                                    "subnet": family.budgets[b].to_dict()} for b in budget_names}},
         "eval": {"rows": list(data.rows.shape), "decode_steps": data.decode_steps, "n_tasks": len(data.tasks),
-                 "task_source": data.task_source, "greedy_tokens": data.greedy_tokens},
+                 "task_source": data.task_source, "greedy_tokens": data.greedy_tokens,
+                 "ort_weights": "float32" if family.ort_upcast else "stored"},
         "thresholds": {p: limits[p] for p in THRESHOLDS},
         "backends": list(dict.fromkeys(r["backend"] for r in parity["rows"])),
         "skipped_backends": skipped,
