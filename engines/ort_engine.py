@@ -19,12 +19,13 @@ the files are unchanged). That is one weight copy per process, at the compute dt
 
 ``upcast=False`` keeps such a build's weights as stored instead: the one shared buffer holds the bf16
 bytes (the file's size, half the upcast buffer), every graph keeps its Casts, ONNX Runtime's constant
-folding is off for those sessions (no folded copy) and so is its arena (which would keep every cast
-alive: the Casts read only initializers, so they are scheduled first), so each call casts the weights
-it reads into short-lived float32 tensors. Same float32 values into the same MatMuls, so the same
-logits (tests/test_bf16_build_validate.py checks bit equality); the price is time (measured at 100M
-parameters, 1 thread: decode ~3.4x slower, docs/RESULTS.md). ``validate`` uses it by default, where memory
-is the bound and the numbers are what is judged.
+folding is off for those sessions (no folded copy) and so is its arena (which would keep the casts), and
+each Cast is made to wait for its consumer's input (``_cast_late``: a Cast that reads only an
+initializer is otherwise scheduled at the start, and all of a call's casts are alive at once), so each
+call casts the weights it reads into short-lived float32 tensors. The same float32 values go into the
+same MatMuls: the logits agree to float32 rounding (tests/test_bf16_build_validate.py); the price is
+time (benchmarks/ort_weights_bench.py, docs/RESULTS.md). ``validate`` uses it by default, where memory is
+the bound and the numbers are what is judged.
 States stay ``OrtValue`` between decode steps (no numpy round trip).
 
 Two budgets in one generation (engines.schedule, engines.speculative) go through the same methods as
@@ -133,6 +134,54 @@ def _read_bf16_as_f32(path: Path, off: int, dst: np.ndarray, chunk: int = 4 << 2
             np.left_shift(part.astype(np.uint32), 16, out=out[i:i + part.size])
 
 
+def _cast_late(proto, names: set[str]) -> int:
+    """Make each ``Cast(to=FLOAT)`` of a bf16 initializer in ``names`` run just before its first consumer
+    (in ``proto``, in memory). A Cast that reads only an initializer has no data dependency, so ONNX
+    Runtime schedules it at the start of the graph and every weight's float32 cast is alive at once (one
+    more float32 copy at the call's peak). Here the Cast reads ``Reshape(w, Concat(shape(w), Shape(a,
+    0, 0)))``: the same tensor (a view) whose shape waits for ``a``, the consumer's activation input (an
+    empty slice of its shape). Returns how many Casts were moved."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name for t in g.initializer}
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    consumers: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for x in n.input:
+            consumers.setdefault(x, i)
+    before: dict[int, list] = {}
+    moved, deps, cast_at = 0, {}, set()
+    for i, n in enumerate(g.node):
+        if not (n.op_type == "Cast" and n.input[0] in names and n.output[0] in consumers):
+            continue
+        c = g.node[consumers[n.output[0]]]
+        act = next((x for x in c.input if x and x != n.output[0] and x not in inits), None)
+        if act is None:
+            continue
+        w = n.input[0]
+        if act not in deps:
+            deps[act] = f"{act}__late_dep"
+            before.setdefault(consumers[n.output[0]], []).append(
+                helper.make_node("Shape", [act], [deps[act]], start=0, end=0))
+        g.initializer.append(numpy_helper.from_array(np.array(dims[w], dtype=np.int64), f"{w}__late_shape"))
+        late = helper.make_node("Concat", [f"{w}__late_shape", deps[act]], [f"{w}__late_shape_dep"], axis=0)
+        view = helper.make_node("Reshape", [w, f"{w}__late_shape_dep"], [f"{w}__late"])
+        cast = copy.deepcopy(n)
+        cast.input[0] = f"{w}__late"
+        before.setdefault(consumers[n.output[0]], []).extend([late, view, cast])
+        cast_at.add(i)
+        moved += 1
+    nodes = []
+    for i, n in enumerate(g.node):
+        nodes.extend(before.get(i, []))
+        if i not in cast_at:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    return moved
+
+
 class OrtEngine:
     def __init__(self, build_dir: str | Path, budgets: list[str] | None = None, share_weights: bool = True,
                  threads: int | None = None, preload: bool = True, upcast: bool = True):
@@ -213,6 +262,8 @@ class OrtEngine:
                 continue
             proto = onnx.load(str(self.dir / fname), load_external_data=False)
             upcast = _upcast_to_float(proto) if self._scale == 2 else set()
+            late = self.cast_per_call and _cast_late(proto, {t.name for t in proto.graph.initializer
+                                                              if t.data_type == TensorProto.BFLOAT16})
             for init, off, length, dims, dt in _external(proto, bool(self.quant)):
                 if dt == TensorProto.FLOAT8E4M3FN:  # no OrtValue from a float8 numpy array: the session reads it
                     continue
@@ -225,7 +276,7 @@ class OrtEngine:
                     self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr) if dt != TensorProto.BFLOAT16 \
                         or init in upcast else self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, dt)
                 so.add_initializer(init, self._values[init])
-            if upcast:  # a graph retyped in memory: ONNX Runtime resolves its (overridden) external data here
+            if upcast or late:  # a graph changed in memory: ONNX Runtime resolves its external data here
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.dir))
                 sess[kind] = self._session(proto.SerializeToString(), so)
             else:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ pytest.importorskip("onnxruntime")
 from elastic_export.build import build  # noqa: E402
 from elastic_export.nested import save_nested  # noqa: E402
 from elastic_export.tokenizer import ByteTokenizer  # noqa: E402
-from engines.ort_engine import OrtEngine  # noqa: E402
+from engines.ort_engine import OrtEngine, _cast_late  # noqa: E402
 from val_helpers import EVAL, one_thread, small_family  # noqa: E402,F401 (fixture)
 from validation.backends import Sliced, TorchElastic, Upcast, forward_f32  # noqa: E402
 from validation.thresholds import THRESHOLDS  # noqa: E402
@@ -109,8 +111,9 @@ def test_bf16_build_shares_one_float32_buffer(bf16_family):
 
 def test_bf16_build_cast_per_call_is_one_stored_copy_with_the_same_logits(bf16_family):
     """``upcast=False`` (validate's default): the shared buffer holds the bf16 bytes as stored (the
-    file's size, not twice it), the graphs keep their Casts, and every budget's prefill and decode
-    logits are bit-identical to the upcast engine's (the same float32 values into the same MatMuls)."""
+    file's size, not twice it), the graphs keep their Casts (each moved to just before its consumer), and
+    every budget's prefill and decode logits equal the upcast engine's to float32 rounding (the same
+    float32 values into the same MatMuls; a kernel may accumulate in another order)."""
     model, _, root = bf16_family
     nbytes = (root / "build" / "weights.bin").stat().st_size
     up, cast = OrtEngine(root / "build", threads=1), OrtEngine(root / "build", threads=1, upcast=False)
@@ -124,13 +127,21 @@ def test_bf16_build_cast_per_call_is_one_stored_copy_with_the_same_logits(bf16_f
     for b in up.budgets:
         up.set_budget(b)
         cast.set_budget(b)
-        assert torch.equal(up.prefill(ids), cast.prefill(ids)), b
+        torch.testing.assert_close(cast.prefill(ids), up.prefill(ids), atol=2e-5, rtol=0)
         for _ in range(3):
             tok = torch.randint(3, model.config.vocab_size, (2,), generator=g)
-            assert torch.equal(up.decode(tok), cast.decode(tok)), b
+            torch.testing.assert_close(cast.decode(tok), up.decode(tok), atol=2e-5, rtol=0)
     cast.buffer[:] = 0  # the sessions read the shared bf16 buffer, not a folded copy of their own
     cast.set_budget(cast.budgets[0])
-    assert not torch.equal(cast.prefill(ids), up.prefill(ids))
+    assert (cast.prefill(ids) - up.prefill(ids)).abs().max() > 1e-2
+    proto = onnx.load(str(root / "build" / "b50.decode.onnx"), load_external_data=False)
+    bf16 = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16}
+    assert _cast_late(proto, bf16) > 0  # every moved Cast reads a view that waits for its consumer's input
+    order = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
+    for i, n in enumerate(proto.graph.node):
+        if n.op_type == "Cast" and n.input[0].endswith("__late"):
+            assert i == order[n.output[0]] and i > min(i2 for i2, m in enumerate(proto.graph.node)
+                                                        if n.output[0] in m.input) - 4
 
 
 def test_validate_cli_ort_weights(bf16_family, tmp_path):
@@ -152,6 +163,9 @@ def test_validate_cli_ort_weights(bf16_family, tmp_path):
         rep = _json.loads((tmp_path / w / "report.json").read_text())
         assert rep["eval"]["ort_weights"] == w
         metrics[w] = [row["metrics"] for row in rep["parity"] if row["backend"] == "ort-standard"]
-    assert metrics["stored"] == metrics["float32"]
+    for a, b in zip(metrics["stored"], metrics["float32"]):
+        assert a.keys() == b.keys() and a, (a, b)
+        for k in a:
+            assert a[k] == b[k] or math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-5), (k, a[k], b[k])
     r = CliRunner().invoke(main, args + ["--report", str(tmp_path / "x"), "--ort-weights", "fp16"])
     assert r.exit_code == 2 and "--ort-weights" in r.output
