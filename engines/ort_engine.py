@@ -164,11 +164,12 @@ def _cast_late(proto, names: set[str]) -> int:
             deps[act] = f"{act}__late_dep"
             before.setdefault(consumers[n.output[0]], []).append(
                 helper.make_node("Shape", [act], [deps[act]], start=0, end=0))
-        g.initializer.append(numpy_helper.from_array(np.array(dims[w], dtype=np.int64), f"{w}__late_shape"))
-        late = helper.make_node("Concat", [f"{w}__late_shape", deps[act]], [f"{w}__late_shape_dep"], axis=0)
-        view = helper.make_node("Reshape", [w, f"{w}__late_shape_dep"], [f"{w}__late"])
+        tag = f"{w}__late{moved}"  # one weight may have several Casts
+        g.initializer.append(numpy_helper.from_array(np.array(dims[w], dtype=np.int64), f"{tag}_shape"))
+        late = helper.make_node("Concat", [f"{tag}_shape", deps[act]], [f"{tag}_shape_dep"], axis=0)
+        view = helper.make_node("Reshape", [w, f"{tag}_shape_dep"], [tag])
         cast = copy.deepcopy(n)
-        cast.input[0] = f"{w}__late"
+        cast.input[0] = tag
         before.setdefault(consumers[n.output[0]], []).extend([late, view, cast])
         cast_at.add(i)
         moved += 1
