@@ -38,8 +38,7 @@ CHILD = textwrap.dedent("""
     eng = OrtEngine(build, threads=threads, upcast=upcast)
     res = {"load_mb": rss() - r0, "budgets": {}}
     g = torch.Generator().manual_seed(0)
-    vocab = eng.decode_sess.get_outputs()[eng._logits_index].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else 1000
+    vocab = eng.manifest["config"]["vocab_size"]
     ids = torch.randint(0, vocab, (1, prompt), generator=g)
     toks = torch.randint(0, vocab, (steps + 1, 1), generator=g)
     logits = {}

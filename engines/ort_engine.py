@@ -94,6 +94,10 @@ def _external(proto, skip_prepacked: bool = False) -> list:
     return out
 
 
+def _casts_to_float(n) -> bool:
+    return n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)
+
+
 def _upcast_to_float(proto) -> set[str]:
     """Retype (in ``proto``) each external bfloat16 initializer read only through ``Cast(to=FLOAT)`` as
     float32 and drop those Casts, their consumers reading the initializer instead. Returns the names."""
@@ -105,15 +109,12 @@ def _upcast_to_float(proto) -> set[str]:
             if x in ext:
                 users.setdefault(x, []).append(n)
 
-    def to_float(n) -> bool:
-        return n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)
-
-    names = {x for x, ns in users.items() if all(to_float(n) for n in ns)}
+    names = {x for x, ns in users.items() if all(_casts_to_float(n) for n in ns)}
     outputs = {o.name for o in proto.graph.output}
-    rename = {n.output[0]: n.input[0] for n in proto.graph.node if to_float(n) and n.input[0] in names}
+    rename = {n.output[0]: n.input[0] for n in proto.graph.node if _casts_to_float(n) and n.input[0] in names}
     if not names or outputs & set(rename):
         return set()
-    keep = [n for n in proto.graph.node if not (to_float(n) and n.input[0] in names)]
+    keep = [n for n in proto.graph.node if not (_casts_to_float(n) and n.input[0] in names)]
     for n in keep:
         n.input[:] = [rename.get(x, x) for x in n.input]
     del proto.graph.node[:]
@@ -134,8 +135,8 @@ def _read_bf16_as_f32(path: Path, off: int, dst: np.ndarray, chunk: int = 4 << 2
             np.left_shift(part.astype(np.uint32), 16, out=out[i:i + part.size])
 
 
-def _cast_late(proto, names: set[str]) -> int:
-    """Make each ``Cast(to=FLOAT)`` of a bf16 initializer in ``names`` run just before its first consumer
+def _cast_late(proto) -> int:
+    """Make each ``Cast(to=FLOAT)`` of a bf16 initializer run just before its first consumer
     (in ``proto``, in memory). A Cast that reads only an initializer has no data dependency, so ONNX
     Runtime schedules it at the start of the graph and every weight's float32 cast is alive at once (one
     more float32 copy at the call's peak). Here the Cast reads ``Reshape(w, Concat(shape(w), Shape(a,
@@ -144,8 +145,8 @@ def _cast_late(proto, names: set[str]) -> int:
     from onnx import helper, numpy_helper
 
     g = proto.graph
-    inits = {t.name for t in g.initializer}
     dims = {t.name: list(t.dims) for t in g.initializer}
+    bf16 = {t.name for t in g.initializer if t.data_type == TensorProto.BFLOAT16}
     consumers: dict[str, int] = {}
     for i, n in enumerate(g.node):
         for x in n.input:
@@ -153,10 +154,10 @@ def _cast_late(proto, names: set[str]) -> int:
     before: dict[int, list] = {}
     moved, deps, cast_at = 0, {}, set()
     for i, n in enumerate(g.node):
-        if not (n.op_type == "Cast" and n.input[0] in names and n.output[0] in consumers):
+        if not (_casts_to_float(n) and n.input[0] in bf16 and n.output[0] in consumers):
             continue
         c = g.node[consumers[n.output[0]]]
-        act = next((x for x in c.input if x and x != n.output[0] and x not in inits), None)
+        act = next((x for x in c.input if x and x != n.output[0] and x not in dims), None)
         if act is None:
             continue
         w = n.input[0]
@@ -263,19 +264,20 @@ class OrtEngine:
                 continue
             proto = onnx.load(str(self.dir / fname), load_external_data=False)
             upcast = _upcast_to_float(proto) if self._scale == 2 else set()
-            late = self.cast_per_call and _cast_late(proto, {t.name for t in proto.graph.initializer
-                                                              if t.data_type == TensorProto.BFLOAT16})
+            late = self.cast_per_call and _cast_late(proto)
             for init, off, length, dims, dt in _external(proto, bool(self.quant)):
                 if dt == TensorProto.FLOAT8E4M3FN:  # no OrtValue from a float8 numpy array: the session reads it
                     continue
-                if dt not in NP_OF and init not in upcast and not (self.cast_per_call and dt == TensorProto.BFLOAT16):
+                as_stored = dt in NP_OF or (self.cast_per_call and dt == TensorProto.BFLOAT16)
+                if not as_stored and init not in upcast:
                     raise CheckpointError(f"reads {init!r} as stored ({dt}), not through a Cast to float32",
                                           path=self.dir / fname, fix="rebuild with elastic-export build, or "
                                           "open the engine with share_weights=False")
                 if init not in self._values:
                     arr = self._weights(init, off, length, dims, dt, init in upcast)
-                    self._values[init] = self.ort.OrtValue.ortvalue_from_numpy(arr) if dt != TensorProto.BFLOAT16 \
-                        or init in upcast else self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, dt)
+                    bf16 = dt == TensorProto.BFLOAT16 and init not in upcast  # numpy has no bfloat16: uint16 bits
+                    self._values[init] = self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, dt) if bf16 \
+                        else self.ort.OrtValue.ortvalue_from_numpy(arr)
                 so.add_initializer(init, self._values[init])
             if upcast or late:  # a graph changed in memory: ONNX Runtime resolves its external data here
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.dir))

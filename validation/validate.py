@@ -151,7 +151,8 @@ def attach_build(fam: Family, path: Path, manifest: dict | None = None) -> None:
     if manifest.get("target") == "trt":
         name, factory = f"trt{suffix}", lambda: _trt_engine(path)
     else:
-        name, factory = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}", lambda: _ort_engine(path, fam.threads, fam.ort_upcast)
+        name = f"ort-{manifest.get('ssm_op', 'standard')}{suffix}"
+        factory = lambda: _ort_engine(path, fam.threads, fam.ort_upcast)  # noqa: E731
     base, k = name, 2
     while name in fam.engines:
         name, k = f"{base}-{k}", k + 1
