@@ -467,9 +467,13 @@ def build(source, budgets, target, ssm_op, dtype, compute_dtype, opset, gguf_typ
 @click.option("--draft", default=None, help="Self-speculative decoding: this budget drafts, --budget (default: the "
               "largest) verifies; the output is the verify budget's own.")
 @click.option("--draft-len", default="4", show_default=True, help="Tokens drafted per verification, or 'auto'.")
+@click.option("--ort-weights", type=click.Choice(["float32", "stored"]), default=None,
+              help="ONNX Runtime over a bf16 build (float32 arithmetic on a CPU): upcast the weights once (twice "
+              "the file's bytes; fast) [float32], or keep them bf16 and cast each per call (the file's bytes; "
+              "decode several times slower). The tokens are the same.")
 @user_errors
 def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtype, reason_budget, answer_budget,
-        switch_at, draft, draft_len):
+        switch_at, draft, draft_len, ort_weights):
     """Generate text from a build directory (ONNX Runtime / TensorRT) or a checkpoint (torch engine).
 
     With no PATH it runs the shipped default model with the torch engine."""
@@ -501,6 +505,9 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtyp
     if dt is not None and (p / "build.json").is_file():
         raise ConfigError("--dtype applies to the torch engine; a build directory runs at the dtype it was built "
                           "with", field="--dtype", fix="give a nested checkpoint, or rebuild with build --dtype")
+    if ort_weights is not None and not (p / "build.json").is_file():
+        raise ConfigError("--ort-weights applies to ONNX Runtime over a build directory", field="--ort-weights",
+                          fix="give a build directory (elastic-export build), or drop --ort-weights")
     if (p / "build.json").is_file():
         from .build import read_build, verify_build
 
@@ -515,13 +522,16 @@ def run(path, budget, prompt, max_new_tokens, temperature, threads, static, dtyp
             from engines import trt
             from engines.trt.engine import TrtEngine
 
+            if ort_weights is not None:
+                raise ConfigError("--ort-weights applies to ONNX Runtime; this is a TensorRT build",
+                                  path=p / "build.json", field="--ort-weights", fix="drop --ort-weights")
             trt.require(need_plugin=m["ssm_op"] == "plugin")
             engine = TrtEngine(p)
         else:
             from engines.ort_engine import OrtEngine
 
             engine = OrtEngine(p, budgets=[budget] if budget and not (draft or reason_budget) else None,
-                               threads=threads)
+                               threads=threads, upcast=ort_weights != "stored")
         tok_dir = p / m["tokenizer"] if m.get("tokenizer") else None
         eos = m["config"].get("eos_token_id")
     else:

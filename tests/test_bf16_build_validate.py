@@ -168,3 +168,34 @@ def test_validate_cli_ort_weights(bf16_family, tmp_path):
             assert a[k] == b[k] or math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-5), (k, a[k], b[k])
     r = CliRunner().invoke(main, args + ["--report", str(tmp_path / "x"), "--ort-weights", "fp16"])
     assert r.exit_code == 2 and "--ort-weights" in r.output
+
+
+def test_run_cli_ort_weights(bf16_family, tmp_path, monkeypatch):
+    """``run --ort-weights stored`` generates the same greedy text as the upcast default from a bf16 build;
+    on a checkpoint (the torch engine) the option is refused with exit code 2."""
+    from click.testing import CliRunner
+
+    import engines.ort_engine as ort_engine
+    from elastic_export.cli import main
+
+    _, _, root = bf16_family
+    seen = []
+
+    class Spy(OrtEngine):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append(self.cast_per_call)
+
+    monkeypatch.setattr(ort_engine, "OrtEngine", Spy)
+    args = ["run", str(root / "build"), "--budget", "b50", "--prompt", "The cat sat", "--max-new-tokens", "9",
+            "--threads", "1"]
+    text = {}
+    for w in (None, "stored", "float32"):
+        r = CliRunner().invoke(main, args + ([] if w is None else ["--ort-weights", w]))
+        assert r.exit_code == 0, r.output
+        text[w] = r.stdout.splitlines()[0]
+    assert seen == [False, True, False]  # the default and float32 upcast; stored casts per call
+    assert text[None] == text["stored"] == text["float32"] and len(text[None]) > len("The cat sat")
+    r = CliRunner().invoke(main, ["run", str(root / "nested"), "--prompt", "x", "--max-new-tokens", "2",
+                                  "--ort-weights", "stored"])
+    assert r.exit_code == 2 and "--ort-weights" in r.output and "Traceback" not in r.output
